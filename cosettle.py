@@ -1,0 +1,441 @@
+"""Co-Settle in one file: the frozen ViT and its checkpoint loader, PEA, the projection, the two losses and
+the fused cycle-consistency kernel.
+
+Liu et al., "From Static to Dynamic: Exploring Self-supervised Image-to-Video Representation Transfer
+Learning", CVPR 2026. Equation and step numbers refer to the paper and to PAPER.md, which restates what the
+official code (github.com/yafeng19/Co-Settle) computes. Where the two differ we follow the code, which produced
+the published numbers, and say so.
+
+    python cosettle.py --bench      # eager official cycle loss vs the fused (compiled) one, fwd+bwd
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import BadInput
+
+# -----------------------------------------------------------------------------
+# The ViT (DINO's vision_transformer.py, written to be read in one sitting)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, qkv_bias=True):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernel where available
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp_dim, qkv_bias, eps):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Pre-norm ViT returning the last block's patch tokens after the final LayerNorm, CLS dropped (step 2).
+
+    `grid` is the (rows, cols) of the stored positional embedding; inputs of any size divisible by the patch
+    are accepted and the embedding is interpolated to them as DINO does.
+    """
+
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, heads=6, mlp_dim=None, grid=(14, 14),
+                 qkv_bias=True, eps=1e-6):
+        super().__init__()
+        self.patch_size, self.embed_dim, self.grid = patch_size, embed_dim, tuple(grid)
+        self.arch = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, heads=heads,
+                         mlp_dim=mlp_dim or 4 * embed_dim, grid=self.grid, qkv_bias=qkv_bias, eps=eps)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], embed_dim))
+        self.blocks = nn.ModuleList(Block(embed_dim, heads, mlp_dim or 4 * embed_dim, qkv_bias, eps)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def patch_pos_embed(self):
+        """The stored patch positional embedding [1, rows*cols, D], CLS row excluded."""
+        return self.pos_embed[:, 1:]
+
+    def interpolate(self, patch_pos, rows, cols):
+        """Bicubic resize of [b, grid, D] to rows x cols, exactly as DINO's interpolate_pos_encoding.
+
+        DINO passes scale_factor (rows + 0.1) / grid, not a size; the scale factor, not the output size, fixes
+        where bicubic samples, so reproducing it is what makes our tokens equal DINO's at e.g. 480x832.
+        """
+        gr, gc = self.grid
+        if (rows, cols) == (gr, gc):
+            return patch_pos
+        b, _, D = patch_pos.shape
+        x = patch_pos.reshape(b, gr, gc, D).permute(0, 3, 1, 2)
+        x = F.interpolate(x.float(), scale_factor=((rows + 0.1) / gr, (cols + 0.1) / gc), mode="bicubic")
+        assert x.shape[-2:] == (rows, cols), f"positional embedding resized to {tuple(x.shape[-2:])}"
+        return x.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(b, rows * cols, D)
+
+    def forward(self, x, patch_pos_embed=None):
+        """x: [B, 3, H, W] -> patch tokens [B, H/p * W/p, D].
+
+        patch_pos_embed ([1 or B, rows*cols, D] on the stored grid) replaces the patch positional embedding;
+        this is how the PEA stream is encoded (step 3). The CLS positional embedding is never replaced.
+        """
+        B, _, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input {H}x{W} is not divisible by the patch size {p}")
+        patches = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        pos = self.patch_pos_embed() if patch_pos_embed is None else patch_pos_embed
+        pos = self.interpolate(pos, H // p, W // p)
+        cls = self.cls_token + self.pos_embed[:, :1]
+        x = torch.cat([cls.expand(B, -1, -1), patches + pos], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 1:]
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+
+
+def build_vit(arch="vit_small", patch_size=16, seed=0, img_size=224):
+    """A randomly initialised ViT (seeded), for demos, benchmarks and tests."""
+    dim, depth, heads = ARCHS[arch]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        grid = (img_size // patch_size,) * 2
+        return ViT(patch_size, dim, depth, heads, grid=grid)
+
+
+def freeze(module):
+    return module.requires_grad_(False).eval()
+
+
+# -----------------------------------------------------------------------------
+# Loading published checkpoints
+
+CONTAINERS = ("teacher", "model", "state_dict", "student", "encoder")  # searched in this order, as DINO's eval does
+PREFIXES = ("module.", "backbone.")
+IGNORED = ("head.", "fc_norm.")  # projection heads / classifier heads of the pre-training recipe, not backbone
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True, turning every failure into one sentence about the file."""
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and truncation errors all mean the same thing to the user
+        raise BadInput(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def backbone_state_dict(ckpt, path):
+    """Find the ViT inside a published checkpoint: bare, or under teacher/model/state_dict/student/encoder,
+    with module./backbone. prefixes stripped and pre-training heads dropped."""
+    sd = ckpt
+    for key in CONTAINERS:
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise BadInput(f"{path}: no state dict of tensors found (top-level keys: {keys})")
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(PREFIXES):
+            k = k.split(".", 1)[1]
+        if not k.startswith(IGNORED):
+            out[k] = v
+    if "patch_embed.proj.weight" not in out or "pos_embed" not in out:
+        raise BadInput(f"{path}: no ViT in this checkpoint (keys: {', '.join(sorted(out)[:8])}"
+                       f"{', ...' if len(out) > 8 else ''})")
+    return out
+
+
+def infer_arch(sd):
+    """ViT hyper-parameters read off the tensors: patch from the patch conv, width, depth, heads = width/64."""
+    dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
+    n = sd["pos_embed"].shape[1] - 1
+    side = math.isqrt(n)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    return dict(patch_size=patch, embed_dim=dim, depth=depth, heads=dim // 64, grid=(side, side),
+                mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0], qkv_bias="blocks.0.attn.qkv.bias" in sd)
+
+
+def load_encoder(path, verbose=False):
+    """The frozen ViT of a published checkpoint, in eval mode. Every backbone key must be used and every
+    model key present: a mismatch is an error naming the keys (no strict=False)."""
+    sd = backbone_state_dict(read_checkpoint(path), path)
+    arch = infer_arch(sd)
+    model = ViT(**arch)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        what = (f"missing {', '.join(missing[:6])}" if missing else "") + \
+               ("; " if missing and unexpected else "") + \
+               (f"unexpected {', '.join(unexpected[:6])}" if unexpected else "")
+        raise BadInput(f"{path}: checkpoint does not match a ViT with {arch}: {what}")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    if verbose:
+        print(f"{path}: ViT patch {arch['patch_size']}, width {arch['embed_dim']}, depth {arch['depth']}, "
+              f"{arch['heads']} heads, grid {arch['grid']}")
+    return freeze(model)
+
+
+# -----------------------------------------------------------------------------
+# PEA, the projection and the two losses
+
+
+def shifted_pos_embed(pos_embed, ratio=10.0, generator=None):
+    """Asymmetric positional embedding, PEA (step 3): bicubic-upsample the rows x cols patch embedding
+    [1, rows*cols, D] by (1 + ratio) and crop a random rows x cols window (one offset per call).
+
+    With the official ratio 10 the window spans ~1.2 original cells, so the PEA copy carries almost no absolute
+    position and the cycle cannot be closed by matching positions (the shortcut that collapses J&F).
+    """
+    _, n, D = pos_embed.shape
+    side = math.isqrt(n)
+    assert side * side == n, "PEA expects a square grid"
+    up = int((1 + ratio) * side)
+    x = pos_embed.reshape(1, side, side, D).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(up, up), mode="bicubic", align_corners=False)
+    i, j = torch.randint(0, up - side + 1, (2,), generator=generator).tolist()
+    return x[:, :, i:i + side, j:j + side].permute(0, 2, 3, 1).reshape(1, n, D)
+
+
+class Projection(nn.Module):
+    """The trainable g (step 4): LayerNorm(tanh(Linear(z))), eps 1e-5; 0.59M parameters at D = 768.
+
+    The paper text says "linear + LayerNorm"; the official code has the tanh, and so do we.
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        nn.init.trunc_normal_(self.linear.weight, std=0.02)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, z):
+        return self.norm(torch.tanh(self.linear(z)))
+
+
+def load_projection(path):
+    """The trained projection from a train.py checkpoint, in eval mode."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "projection" not in ckpt:
+        raise BadInput(f"{path}: not a Co-Settle checkpoint (no 'projection' entry)")
+    sd = ckpt["projection"]
+    projection = Projection(sd["linear.weight"].shape[0])
+    projection.load_state_dict(sd, strict=True)
+    return freeze(projection)
+
+
+def pool_tokens(p):
+    """2x2 average pooling of [B, side*side, D] tokens on their grid -> [B, side*side/4, D] (not re-normalised)."""
+    B, n, D = p.shape
+    s = math.isqrt(n)
+    return p.view(B, s // 2, 2, s // 2, 2, D).mean(dim=(2, 4)).reshape(B, n // 4, D)
+
+
+def cycle_loss(p1, p2, p1b, temp=0.03):
+    """Temporal cycle-consistency, paper Eq. 2 (step 5) -> (loss, cycle accuracy, sim_identity).
+
+    p1, p2, p1b: L2-normalised projected tokens [B, N, D] of frame t1, frame t2 and frame t1 encoded with PEA.
+    A = softmax(p1 p2^T / temp), A~ = softmax(p2 p1b^T / temp) on 2x2-pooled tokens, M = A A~, and the official
+    loss is cross_entropy(log(M + 1e-6), identity). Rows of M sum to 1, so that equals
+        -mean_i log(M_ii + 1e-6) + log(1 + N 1e-6),   M_ii = sum_j A_ij A~_ji,
+    which needs no N x N x N product. Accuracy and sim_identity (what the official code logs) are read off the
+    full M without autograd state.
+    """
+    q1, q2, q1b = pool_tokens(p1), pool_tokens(p2), pool_tokens(p1b)
+    n = q1.shape[1]
+    A = torch.softmax(q1 @ q2.transpose(1, 2) / temp, dim=-1)
+    A_back = torch.softmax(q2 @ q1b.transpose(1, 2) / temp, dim=-1)
+    M_diag = (A * A_back.transpose(1, 2)).sum(-1)
+    loss = -torch.log(M_diag + 1e-6).mean() + math.log1p(n * 1e-6)
+    M = A.detach() @ A_back.detach()
+    accuracy = (M.argmax(-1) == torch.arange(n, device=M.device)).float().mean()
+    sim_identity = M.diagonal(dim1=1, dim2=2).sum() / (M.norm() * math.sqrt(M.shape[0] * n))
+    return loss, accuracy, sim_identity
+
+
+def reference_cycle_loss(p1, p2, p1b, temp=0.03):
+    """The official formulation, kept as the yardstick for tests and --bench: builds M and its cross-entropy."""
+    q1, q2, q1b = pool_tokens(p1), pool_tokens(p2), pool_tokens(p1b)
+    B, n, _ = q1.shape
+    M = torch.softmax(q1 @ q2.transpose(1, 2) / temp, -1) @ torch.softmax(q2 @ q1b.transpose(1, 2) / temp, -1)
+    target = torch.arange(n, device=M.device).repeat(B)
+    return F.cross_entropy(torch.log(M + 1e-6).flatten(0, 1), target)
+
+
+def separability_loss(p, z):
+    """Separability regulariser, paper Eq. 3 (step 6), on L2-normalised tokens [B, ..., D].
+
+    Official code: F.kl_div(log_softmax(p), softmax(z), reduction='batchmean'), softmax over the feature
+    dimension, summed over every token and feature and divided by B. That is KL(softmax(z) || softmax(p)), the
+    reverse of the direction written in the paper; we follow the code.
+    """
+    log_q, log_t = torch.log_softmax(p, dim=-1), torch.log_softmax(z, dim=-1)
+    return (log_t.exp() * (log_t - log_q)).sum() / p.shape[0]
+
+
+def objective(h, z, temp=0.03, lambda_reg=3.0):
+    """The total loss of Eq. 4, L = L_cyc + lambda L_reg, from the projection output h = g(z) and the frozen
+    tokens z, both [B, 3N, D] with the three streams (t1, t2, t1 with PEA) side by side on the token axis.
+    -> (loss, cycle loss, separability loss, cycle accuracy, sim_identity). This is what gets fused."""
+    p, z = F.normalize(h.float(), dim=-1), F.normalize(z.float(), dim=-1)
+    cyc, accuracy, sim = cycle_loss(*p.chunk(3, dim=1), temp)
+    reg = separability_loss(p, z)
+    return cyc + lambda_reg * reg, cyc.detach(), reg.detach(), accuracy, sim
+
+
+def fuse(fn):
+    """The fused kernel: torch.compile over fn (inductor: Triton on GPU, C++/OpenMP on CPU). Normalisation,
+    pooling, both softmaxes, the cycle diagonal and the separability KL become a handful of loops that read the
+    tokens once, instead of a dozen full-size eager passes. Compiles on a toy input so that a missing compiler
+    fails here, with its reason, and not in the middle of a run."""
+    fused = torch.compile(fn, dynamic=False)
+    probe = torch.randn(1, 3 * 16, 8, requires_grad=True)
+    out = fused(probe, probe.detach())
+    (out[0] if isinstance(out, tuple) else out).backward()
+    return fused
+
+
+class CoSettle(nn.Module):
+    """Frozen encoder f + trainable projection g (Eq. 4), the three streams encoded in one batched forward."""
+
+    def __init__(self, encoder, temp=0.03, lambda_reg=3.0, pea_ratio=10.0, loss_fn=objective):
+        super().__init__()
+        self.encoder = freeze(encoder)
+        self.projection = Projection(encoder.embed_dim)
+        self.temp, self.lambda_reg, self.pea_ratio, self.loss_fn = temp, lambda_reg, pea_ratio, loss_fn
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.eval()  # frozen means frozen: nothing in f changes with the mode
+        return self
+
+    @torch.no_grad()
+    def encode(self, x1, x2, generator=None):
+        """z = [z1, z2, z1b] of step 2 as one [B, 3N, D] tensor, from ONE forward of the 3B images
+        [x1, x2, x1], the last third with the PEA positional embedding."""
+        B = x1.shape[0]
+        pos = self.encoder.patch_pos_embed()
+        pea = shifted_pos_embed(pos.float(), self.pea_ratio, generator).to(pos.dtype)
+        pos = torch.cat([pos.expand(2 * B, -1, -1), pea.expand(B, -1, -1)])
+        z = self.encoder(torch.cat([x1, x2, x1]), patch_pos_embed=pos)
+        return torch.cat(z.chunk(3), dim=1)
+
+    def forward(self, x1, x2, generator=None, projection=None):
+        """-> dict(loss, cycle, reg, accuracy, sim_identity). `projection` lets DDP pass its wrapper."""
+        z = self.encode(x1, x2, generator)
+        h = (projection or self.projection)(z)
+        with torch.autocast(h.device.type, enabled=False):  # logits / 0.03 need fp32, whatever the encoder ran in
+            loss, cyc, reg, accuracy, sim = self.loss_fn(h, z, self.temp, self.lambda_reg)
+        return dict(loss=loss, cycle=cyc, reg=reg, accuracy=accuracy, sim_identity=sim)
+
+
+# -----------------------------------------------------------------------------
+# python cosettle.py --bench
+
+
+def timeit(fn, warmup=3, iters=10, device="cpu"):
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / iters
+
+
+def official_objective(h, z, temp=0.03, lambda_reg=3.0):
+    """Eq. 4 as the official code computes it, eagerly: the yardstick of --bench."""
+    p, z = F.normalize(h, dim=-1), F.normalize(z, dim=-1)
+    reg = F.kl_div(torch.log_softmax(p, -1), torch.softmax(z, -1), reduction="batchmean")
+    return reference_cycle_loss(*p.chunk(3, dim=1), temp) + lambda_reg * reg
+
+
+def bench(batch=64, tokens=196, dim=768, iters=10):
+    """Forward+backward of the loss head on projected tokens [B, 3N, D]: the cycle loss alone, then Eq. 4."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(batch, 3 * tokens, dim, generator=g).to(device).requires_grad_()
+    z = torch.randn(batch, 3 * tokens, dim, generator=g).to(device)
+
+    def cycle_only(loss):
+        return lambda h, z: loss(*F.normalize(h, dim=-1).chunk(3, dim=1))
+
+    def step(fn):
+        def run():
+            h.grad = None
+            out = fn(h, z)
+            (out[0] if isinstance(out, tuple) else out).backward()
+        return run
+
+    print(f"loss head forward+backward, B={batch}, h and z of 3x{tokens}x{dim}, {name}, torch {torch.__version__}")
+    for title, official, ours in [("cycle loss (Eq. 2)", cycle_only(reference_cycle_loss), cycle_only(cycle_loss)),
+                                  ("total loss (Eq. 4)", official_objective, objective)]:
+        t0 = time.perf_counter()
+        fused = fuse(ours)
+        step(fused)()
+        compile_s = time.perf_counter() - t0
+        rows = [("official, eager", official), ("diagonal identity, eager", ours), ("fused (torch.compile)", fused)]
+        times = [timeit(step(fn), iters=iters, device=device) for _, fn in rows]
+        print(f"{title}   (compile {compile_s:.0f} s, once)")
+        for (label, _), t in zip(rows, times):
+            print(f"  {label:28s} {t * 1e3:8.1f} ms   x{times[0] / t:4.1f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", action="store_true", help="time the cycle loss: official eager vs fused")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    if not args.bench:
+        parser.print_help()
+        sys.exit(0)
+    bench(batch=args.batch_size)

@@ -1,0 +1,438 @@
+"""Frames for Co-Settle: video folders, the frame-pair sampler, the shared crop/flip, synthetic videos.
+
+Implements PAPER.md step 1 ("Frames"): from one video of `n` frames take two frames `g = int(0.15·n)` apart,
+give both the same random-resized crop and the same horizontal flip, normalise with ImageNet statistics.
+Where the official code (github.com/yafeng19/Co-Settle, util/video_datasets.py, util/video/*.py) and the paper
+text differ we follow the code, and say so where it happens.
+
+Also here: synthetic videos with ground-truth object masks (for the demo, the tests and the DAVIS evaluator),
+a DAVIS-2017 folder writer, and a small CLI:
+    python data.py --make-davis DIR [--seqs N --frames N --height H --width W --seed S]
+    python data.py --make-videos DIR [--videos N --frames N --height H --width W --seed S]
+"""
+
+import argparse
+import math
+import os
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+FRAME_SUFFIXES = ('.jpg', '.jpeg', '.png')  # matched case-insensitively
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BadInput(Exception):
+    """Input the program cannot use; the message is one sentence naming the file (or setting) and the problem.
+
+    Scripts catch it, print the message and exit non-zero. cosettle.py re-exports it (`from data import BadInput`).
+    """
+
+
+# -----------------------------------------------------------------------------
+# finding videos
+
+def is_frame(name):
+    return name.lower().endswith(FRAME_SUFFIXES)
+
+
+def list_frames(folder):
+    """The frame files of one video folder, sorted by name (the official code sorts os.listdir the same way)."""
+    try:
+        with os.scandir(folder) as entries:
+            names = [e.name for e in entries if is_frame(e.name) and e.is_file()]
+    except OSError as e:
+        raise BadInput(f"{folder}: cannot list the video folder ({e.strerror or e}).") from e
+    return [Path(folder) / name for name in sorted(names)]
+
+
+def count_frames(folder):
+    """Number of frame files in `folder`; 0 when it is missing or unreadable (a listed folder that vanished)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sum(1 for e in entries if is_frame(e.name))
+    except OSError:
+        return 0
+
+
+def find_videos(path):
+    """Video folders for PAPER.md step 1: every folder under `path` that holds frames, or those listed in a .txt.
+
+    `path` is a directory (searched recursively, so both Kinetics `class/video/00000.jpg` and flat
+    `video/00000.jpg` layouts work) or a .txt file with one folder per line (relative paths are resolved against
+    the .txt's folder, not the working directory as in the official code; blank lines and `#` lines ignored).
+    Folders with fewer than 2 frames are skipped with one warning on stderr. Returns a sorted list of Paths.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file or directory.")
+    if path.is_dir():
+        # os.walk reads each directory once with scandir and needs no per-file stat: fine for 240k folders.
+        # followlinks: dataset trees are often assembled from symlinked class folders.
+        found = []
+        for dirpath, _, filenames in os.walk(path, followlinks=True):
+            n = sum(1 for name in filenames if is_frame(name))
+            if n > 0:
+                found.append((Path(dirpath), n))
+    elif path.suffix.lower() == '.txt':
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"{path}: cannot read the list of video folders ({e}).") from e
+        folders = [path.parent / s for s in (line.strip() for line in lines) if s and not s.startswith('#')]
+        found = [(folder, count_frames(folder)) for folder in folders]
+    else:
+        raise BadInput(f"{path}: expected a folder of video folders or a .txt list of them.")
+    if not found:
+        raise BadInput(f"{path}: holds no folders with frames ({', '.join(FRAME_SUFFIXES)}).")
+
+    videos = sorted(folder for folder, n in found if n >= 2)
+    skipped = len(found) - len(videos)
+    if skipped:
+        missing = " (or missing)" if path.is_file() else ""
+        print(f"warning: {path}: skipped {skipped} of {len(found)} video folders with fewer than 2 frames"
+              f"{missing}.", file=sys.stderr)
+    if not videos:
+        raise BadInput(f"{path}: no video folder with at least 2 frames is left after skipping {skipped}.")
+    return videos
+
+
+# -----------------------------------------------------------------------------
+# the random choices of one sample
+
+def sample_pair(n, clip_gap, rng):
+    """0-based indices (i, j) of the two frames of PAPER.md step 1, as the official code draws them.
+
+    Official `sample_two_frames_tuple` (the path the published runs take: train.sh passes --use_adapter):
+      g = int(clip_gap·n); if n <= 4 or g < 1: i, j independent uniform on {0..n-1} (may coincide, any order);
+      else i ~ U{1, ..., n-g-1}, j = i + g.
+    Those indices are already 0-based (`np.random.randint(1, n - g)` into the sorted file list), so frame 0 is
+    never the first frame and j can be the last frame. (The unused non-adapter `sample_two_frames` falls back
+    when n <= 2 or g <= 1 instead.)
+    """
+    g = int(clip_gap * n)
+    if n <= 4 or g < 1:
+        return rng.randint(0, n - 1), rng.randint(0, n - 1)
+    i = rng.randint(1, n - g - 1)  # random.randint includes both ends, numpy's excludes the upper one
+    return i, i + g
+
+
+def random_resized_crop_box(width, height, rng, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """(left, top, crop_w, crop_h) of a random-resized crop, the official way (util/video/image_utils.py `RRC`).
+
+    The official crop is the BYOL/TF variant, not torchvision's 10-attempt loop: one draw of area fraction
+    U(scale) and log-uniform aspect ratio, w = round(sqrt(area·r)), h = round(sqrt(area/r)), each clamped to
+    the image, then a uniform position. On a square image (the official code crops a 224×224 frame) the clamped
+    box keeps its area fraction in `scale` and its ratio in `ratio`.
+    """
+    area = width * height * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    crop_w = max(1, min(int(round(math.sqrt(area * aspect))), width))
+    crop_h = max(1, min(int(round(math.sqrt(area / aspect))), height))
+    left = rng.randint(0, width - crop_w)
+    top = rng.randint(0, height - crop_h)
+    return left, top, crop_w, crop_h
+
+
+# -----------------------------------------------------------------------------
+# decoding and normalising
+
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)  # what PIL raises
+
+
+def load_rgb(path, draft_size=None):
+    """Decode one frame to an RGB PIL image; an unreadable or corrupt file raises BadInput naming it.
+
+    Modes: alpha (LA, RGBA, PA, P with transparency) is dropped, colours kept as stored (no compositing), like
+    the official `img.convert("RGB")`; 16-bit grey (I;16*, I) is scaled to 8 bits (PIL's convert would clip);
+    CMYK, L and the rest go through PIL's convert.
+    draft_size: (w, h) the caller still needs; JPEGs are then decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
+    when the result stays at least that large (a big speed-up on large frames, no effect on small ones).
+    """
+    try:
+        with Image.open(path) as img:
+            if draft_size is not None:
+                img.draft('RGB', draft_size)  # no-op for non-JPEG files
+            img.load()  # decode now, so a truncated file fails here and not somewhere downstream
+            if img.mode.startswith('I;16') or img.mode == 'I':
+                grey = (np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+                return Image.fromarray(grey).convert('RGB')
+            if img.mode == 'P':
+                img = img.convert('RGBA')  # PIL warns on P -> RGB when the palette has transparency
+            return img.convert('RGB')
+    except DECODE_ERRORS as e:
+        raise BadInput(f"{path}: cannot decode the image ({e}).") from e
+
+
+def to_tensor(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """RGB PIL image (or uint8 H×W×3 array) -> normalised float tensor [3, H, W]: (x/255 - mean) / std."""
+    # normalise in numpy on H×W×3, then one contiguous copy to 3×H×W (torch on the permuted view is ~20× slower)
+    x = (np.asarray(img, dtype=np.float32) / 255.0 - np.array(mean, np.float32)) / np.array(std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+# -----------------------------------------------------------------------------
+# the training dataset
+
+class FramePairs(torch.utils.data.Dataset):
+    """PAPER.md step 1: item idx = two frames of video idx, same crop, same flip, ImageNet-normalised.
+
+    Randomness is a pure function of (seed, epoch, idx), so a sample does not depend on the number of DataLoader
+    workers and is reproduced after a resume. Call set_epoch(e) before building the epoch's iterator (workers
+    copy the dataset when they start, so with persistent_workers=True a later set_epoch would not reach them).
+    """
+
+    def __init__(self, videos, size=224, clip_gap=0.15, seed=0):
+        self.videos = [Path(v) for v in videos]
+        self.size = size
+        self.clip_gap = clip_gap
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.videos)
+
+    def draw(self, idx, n_frames):
+        """The random choices of item idx: frame indices (i, j), relative crop window (l, t, w, h), flip."""
+        rng = random.Random(f"{self.seed}-{self.epoch}-{idx}")
+        i, j = sample_pair(n_frames, self.clip_gap, rng)
+        # The official loader squashes every frame to 224×224 and draws the crop on that square, so its window is
+        # a fixed fraction of the frame: draw it on a size×size grid the same way and keep it relative.
+        left, top, w, h = random_resized_crop_box(self.size, self.size, rng)
+        box = (left / self.size, top / self.size, w / self.size, h / self.size)
+        flip = rng.random() < 0.5
+        return i, j, box, flip
+
+    def crop(self, img, box, flip):
+        """Cut the relative window out of the frame at its own resolution and resize it (bicubic) to size×size.
+
+        The official code resamples twice (frame -> 224×224, then crop -> 224×224, upsampling the crop); one
+        resample from the original frame shows the same window without that loss of detail.
+        """
+        W, H = img.size
+        left, top, w, h = box
+        img = img.resize((self.size, self.size), Image.Resampling.BICUBIC,
+                         box=(left * W, top * H, (left + w) * W, (top + h) * H))
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(img)
+
+    def load(self, idx):
+        frames = list_frames(self.videos[idx])
+        if len(frames) < 2:
+            raise BadInput(f"{self.videos[idx]}: has {len(frames)} frames, needs at least 2.")
+        i, j, box, flip = self.draw(idx, len(frames))
+        # Decode only frames i and j (the official code also decodes i-1 and j-1 and never uses them). The
+        # draft size keeps the crop at least size×size after JPEG DCT-domain downscaling.
+        draft_size = (math.ceil(self.size / box[2]), math.ceil(self.size / box[3]))
+        return tuple(self.crop(load_rgb(frames[t], draft_size), box, flip) for t in (i, j))
+
+    def __getitem__(self, idx):
+        if not 0 <= idx < len(self.videos):
+            raise IndexError(idx)  # also ends `for x in dataset`, which the wrap-around below would not
+        # A bad video must not end a 5-epoch run: warn and take the next video (deterministically).
+        tries = min(len(self.videos), 10)
+        for k in range(tries):
+            v = (idx + k) % len(self.videos)
+            try:
+                return self.load(v)
+            except BadInput as e:
+                warnings.warn(f"{e} Using video {(v + 1) % len(self.videos)} instead.")
+        raise BadInput(f"{self.videos[idx]}: this and the next {tries - 1} videos all failed to load.")
+
+
+# -----------------------------------------------------------------------------
+# synthetic videos with object masks
+
+def saturated_colour(hue):
+    """RGB in [0, 255] of a bright colour on the hue circle (HSV with S=0.8, V=0.9)."""
+    k = (np.array([5.0, 3.0, 1.0]) + 6.0 * hue) % 6.0
+    return 255.0 * 0.9 * (1.0 - 0.8 * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
+
+
+def synthetic_video(seed, n_frames=16, height=96, width=128, n_objects=2):
+    """A small textured video with known objects: (frames uint8 [T,H,W,3], masks uint8 [T,H,W]).
+
+    The background is smooth coloured stripes that pan over time; each object (ellipse, rectangle or blob) has
+    its own colour and stripe/checker texture fixed to its body, moves on a smooth bounded path, rotates and
+    breathes slightly. Objects occlude in a fixed depth order (id k+1 covers id k); masks give the visible owner
+    of each pixel (0 = background). Deterministic in `seed` (anything numpy's default_rng accepts).
+    """
+    if n_frames < 1 or height < 16 or width < 16 or not 1 <= n_objects <= 255:
+        raise BadInput(f"synthetic video: need n_frames >= 1, height and width >= 16 and 1..255 objects, "
+                       f"got {n_frames}, {height}x{width}, {n_objects}.")
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_frames, dtype=np.float32)[:, None, None]  # [T,1,1]
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)  # [H,W]
+
+    # background: three oriented sine waves per channel, evaluated at panned coordinates (a camera pan)
+    pan = rng.uniform(0.5, 1.5, 2) * rng.choice([-1.0, 1.0], 2)  # pixels per frame along x and y
+    bx, by = x + pan[0] * t, y + pan[1] * t  # [T,H,W]
+    frames = np.empty((n_frames, height, width, 3), dtype=np.float32)
+    for c in range(3):
+        value = rng.uniform(70, 180)
+        for _ in range(3):
+            angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(0.02, 0.07), rng.uniform(0, 2 * np.pi)
+            value = value + rng.uniform(8, 20) * np.sin(
+                2 * np.pi * freq * (np.cos(angle) * bx + np.sin(angle) * by) + phase)
+        frames[..., c] = value
+
+    masks = np.zeros((n_frames, height, width), dtype=np.uint8)
+    hue0 = rng.uniform()
+    for k in range(n_objects):
+        colour = saturated_colour((hue0 + k / n_objects) % 1.0)  # hues spread apart: distinct colours
+        rx, ry = min(height, width) * rng.uniform(0.12, 0.2, 2)  # half-axes in pixels
+        # centre: c0 + amp·sin(2πt/period + phase), bounded for any video length and inside the frame
+        c0 = rng.uniform(0.35, 0.65, 2) * (width, height)
+        amp = rng.uniform(0.08, 0.16, 2) * (width, height)
+        period, phase = rng.uniform(20, 40, 2), rng.uniform(0, 2 * np.pi, 2)
+        cx = c0[0] + amp[0] * np.sin(2 * np.pi * t / period[0] + phase[0])
+        cy = c0[1] + amp[1] * np.sin(2 * np.pi * t / period[1] + phase[1])
+        theta = rng.uniform(0, 2 * np.pi) + rng.uniform(-0.08, 0.08) * t  # slow rotation
+        s = 1.0 + 0.1 * np.sin(2 * np.pi * t / rng.uniform(15, 30) + rng.uniform(0, 2 * np.pi))  # breathing
+        # object-body coordinates in pixels: the texture rotates and scales with the object
+        u = (np.cos(theta) * (x - cx) + np.sin(theta) * (y - cy)) / s
+        v = (-np.sin(theta) * (x - cx) + np.cos(theta) * (y - cy)) / s
+        shape = rng.integers(3)
+        if shape == 0:  # ellipse
+            inside = (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
+        elif shape == 1:  # rectangle
+            inside = np.maximum(np.abs(u) / rx, np.abs(v) / ry) <= 1.0
+        else:  # blob: an ellipse with a wavy rim
+            lobes, rim_phase = rng.integers(3, 6), rng.uniform(0, 2 * np.pi)
+            rim = 1.0 + 0.25 * np.sin(lobes * np.arctan2(v, u) + rim_phase)
+            inside = np.sqrt((u / rx) ** 2 + (v / ry) ** 2) <= rim
+        wavelength = rng.uniform(4, 9)
+        if rng.uniform() < 0.5:  # stripes at an angle of their own
+            beta = rng.uniform(0, np.pi)
+            texture = np.sin(2 * np.pi * (np.cos(beta) * u + np.sin(beta) * v) / wavelength)
+        else:  # checker
+            texture = np.sin(2 * np.pi * u / wavelength) * np.sin(2 * np.pi * v / wavelength)
+        frames[inside] = colour * (0.7 + 0.3 * texture[inside])[:, None]
+        masks[inside] = k + 1
+    return np.clip(frames + 0.5, 0, 255).astype(np.uint8), masks
+
+
+def save_atomic(img, path, **params):
+    """Save a PIL image via a temporary name + os.replace, so no half-written file is ever visible."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    img.save(tmp, format='PNG' if path.suffix.lower() == '.png' else 'JPEG', **params)
+    os.replace(tmp, path)
+
+
+def prepare_root(root):
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise BadInput(f"{root}: exists and is not a folder.")
+    return root
+
+
+def write_synthetic_videos(root, n_videos=8, n_frames=16, height=96, width=128, seed=0):
+    """Write synthetic videos as root/video_000/00000.jpg … (JPEG quality 95); returns the video folders."""
+    root = prepare_root(root)
+    if n_videos < 1:
+        raise BadInput(f"synthetic videos: need at least 1 video, got {n_videos}.")
+    folders = []
+    for v in range(n_videos):
+        frames, _ = synthetic_video((seed, 0, v), n_frames, height, width)
+        folder = root / f"video_{v:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for t, frame in enumerate(frames):
+            save_atomic(Image.fromarray(frame), folder / f"{t:05d}.jpg", quality=95)
+        folders.append(folder)
+    return folders
+
+
+def davis_palette():
+    """The DAVIS / PASCAL VOC colour map as 768 ints (index 0 black, 1 (128,0,0), 2 (0,128,0), 3 (128,128,0), …).
+
+    Bits 0, 1, 2 of the index go to the top bit of R, G, B; bits 3, 4, 5 to the next bit; and so on.
+    """
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for bit in range(7, -1, -1):
+            r |= (c & 1) << bit
+            g |= ((c >> 1) & 1) << bit
+            b |= ((c >> 2) & 1) << bit
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
+    """Write a synthetic DAVIS-2017 folder and return it.
+
+    root/ImageSets/2017/val.txt (one sequence name per line), root/JPEGImages/480p/<seq>/00000.jpg … and
+    root/Annotations/480p/<seq>/00000.png … for every frame (palette PNGs, DAVIS palette, pixel = object id).
+    Sequence s has 1 + s % 3 objects.
+    """
+    root = prepare_root(root)
+    if n_seqs < 1:
+        raise BadInput(f"synthetic DAVIS: need at least 1 sequence, got {n_seqs}.")
+    palette = davis_palette()
+    names = [f"synth-{s:03d}" for s in range(n_seqs)]
+    for s, name in enumerate(names):
+        frames, masks = synthetic_video((seed, 1, s), n_frames, height, width, n_objects=1 + s % 3)
+        image_dir = root / 'JPEGImages' / '480p' / name
+        annotation_dir = root / 'Annotations' / '480p' / name
+        image_dir.mkdir(parents=True, exist_ok=True)
+        annotation_dir.mkdir(parents=True, exist_ok=True)
+        for t in range(n_frames):
+            save_atomic(Image.fromarray(frames[t]), image_dir / f"{t:05d}.jpg", quality=95)
+            annotation = Image.frombytes('P', (width, height), masks[t].tobytes())
+            annotation.putpalette(palette)
+            save_atomic(annotation, annotation_dir / f"{t:05d}.png")
+    sets = root / 'ImageSets' / '2017'
+    sets.mkdir(parents=True, exist_ok=True)
+    tmp = sets / f".val.txt.{os.getpid()}.tmp"
+    tmp.write_text(''.join(name + '\n' for name in names))
+    os.replace(tmp, sets / 'val.txt')
+    return root
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write synthetic data for Co-Settle (see PAPER.md step 1).")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument('--make-davis', metavar='DIR', help='write a synthetic DAVIS-2017 folder')
+    target.add_argument('--make-videos', metavar='DIR', help='write synthetic training videos (frame folders)')
+    parser.add_argument('--seqs', type=int, default=3, help='DAVIS sequences')
+    parser.add_argument('--videos', type=int, default=8, help='training videos')
+    parser.add_argument('--frames', type=int, default=None, help='frames per video (default 12 DAVIS, 16 videos)')
+    parser.add_argument('--height', type=int, default=96)
+    parser.add_argument('--width', type=int, default=128)
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        if args.make_davis:
+            n_frames = 12 if args.frames is None else args.frames
+            root = make_davis(args.make_davis, args.seqs, n_frames, args.height, args.width, args.seed)
+            print(f"wrote {args.seqs} synthetic DAVIS-2017 sequences ({n_frames} frames, "
+                  f"{args.height}x{args.width}) to {root}")
+        else:
+            n_frames = 16 if args.frames is None else args.frames
+            folders = write_synthetic_videos(args.make_videos, args.videos, n_frames, args.height, args.width,
+                                             args.seed)
+            print(f"wrote {len(folders)} synthetic videos ({n_frames} frames, {args.height}x{args.width}) "
+                  f"to {args.make_videos}")
+    except (BadInput, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Train the Co-Settle projection on video with a frozen image ViT.
+
+    python train.py --weights dino_vitb16.pth --videos kinetics/            # the official recipe
+    torchrun --nproc_per_node=4 train.py --weights ... --videos ...          # 4 GPUs x 128 = the paper's 512
+    python train.py                                                          # embedded demo (synthetic, random ViT)
+    python train.py --bench [--weights W.pth] [--batch-size 8]              # training clips/s, ours vs official step
+
+The defaults are the official recipe (PAPER.md, "Training recipe"): 5 epochs (1 warm-up), 128 clips per process,
+lr = blr * global_batch / 256 with blr 1e-4, AdamW (0.9, 0.95), weight decay 0.05 on the linear weight only,
+per-iteration linear warm-up then half-cosine to 0, tau 0.03, lambda 3, PEA ratio 10, clip gap 0.15.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel
+
+from cosettle import (BadInput, CoSettle, build_vit, fuse, load_encoder, objective, reference_cycle_loss,
+                      shifted_pos_embed, timeit)
+from data import FramePairs, find_videos, write_synthetic_videos
+
+LOG_EVERY = 10           # steps between progress lines / log.jsonl records
+SAVE_EVERY_S = 15 * 60   # besides each epoch end and SIGTERM/SIGINT: a checkpoint at least this often
+DEMO_VIDEOS, DEMO_FRAMES = 32, 16
+DEMO_ARGS = ["--epochs", "6", "--batch-size", "8", "--blr", "2e-3", "--out", "out/demo"]  # before the user's flags
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", help="image-pretrained ViT checkpoint (.pth); omit for a random ViT-S/16 demo")
+    p.add_argument("--videos", help="folder of frame folders (searched recursively) or a .txt list of them")
+    p.add_argument("--out", default="out", help="checkpoint cosettle.pth and log.jsonl go here")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128, help="clips per process")
+    p.add_argument("--blr", type=float, default=1e-4, help="lr = blr * global batch / 256")
+    p.add_argument("--warmup-epochs", type=float, default=1)
+    p.add_argument("--temp", type=float, default=0.03, help="softmax temperature tau of the cycle loss")
+    p.add_argument("--lambda-reg", type=float, default=3.0, help="weight of the separability regulariser")
+    p.add_argument("--pea-ratio", type=float, default=10.0, help="PEA upsampling ratio alpha")
+    p.add_argument("--clip-gap", type=float, default=0.15, help="frame gap as a fraction of the clip length")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/cosettle.pth")
+    p.add_argument("--no-compile", action="store_true", help="use the eager loss instead of the fused kernel")
+    p.add_argument("--bench", action="store_true", help="measure training clips/s and exit")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Small pieces
+
+
+def lr_at(step, total_steps, warmup_steps, lr):
+    """Per-iteration linear warm-up from 0, then half-cosine to 0 (the official schedule)."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(projection, lr):
+    """AdamW (0.9, 0.95); weight decay 0.05 on the linear weight only, 0 on its bias and the LayerNorm."""
+    decay = [p for n, p in projection.named_parameters() if n == "linear.weight"]
+    rest = [p for n, p in projection.named_parameters() if n != "linear.weight"]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def autocast_dtype(device):
+    """bf16 on CUDA, and on CPUs with AMX tiles, where oneDNN's bf16 matmuls beat fp32. Measured on a 2-core
+    AVX512-BF16 CPU without AMX, bf16 autocast made the ViT 1.5x *slower*, so there it stays fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return torch.bfloat16 if "amx_bf16" in flags else None
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process. NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def encoder_from_args(args, rank):
+    """The frozen encoder and how a checkpoint records it (path and size, so --resume can check it)."""
+    if args.weights:
+        encoder = load_encoder(args.weights, verbose=rank == 0)
+        return encoder, dict(path=os.path.abspath(args.weights), size=os.path.getsize(args.weights))
+    return build_vit("vit_small", 16, seed=args.seed), dict(path=f"random vit_small/16 seed {args.seed}", size=0)
+
+
+def vit_flops(encoder, tokens):
+    """Forward FLOPs of one image: 2 x (matmul params x tokens) + attention's two N x N x D products per block."""
+    a = encoder.arch
+    per_block = 2 * tokens * (4 * a["embed_dim"] ** 2 + 2 * a["embed_dim"] * a["mlp_dim"]) + 4 * tokens ** 2 * a["embed_dim"]
+    return a["depth"] * per_block
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+@torch.no_grad()
+def cycle_accuracy(model, videos, device, dtype, seed, batch_size=8):
+    """Mean cycle accuracy (step 5) of the current projection on fixed pairs of `videos`: same frames, crops and
+    PEA offsets every call, so 'before' and 'after' are measured on identical inputs."""
+    data = FramePairs(videos, seed=seed + 1)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
+    g = torch.Generator().manual_seed(seed + 1)
+    accs = []
+    for x1, x2 in loader:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            accs.append(model(x1.to(device), x2.to(device), generator=g)["accuracy"].item())
+    return sum(accs) / len(accs)
+
+
+def train(args):
+    rank, world, device = setup_distributed()
+    os.makedirs(args.out, exist_ok=True)
+    encoder, encoder_info = encoder_from_args(args, rank)
+    loss_fn = objective
+    if not args.no_compile:
+        try:
+            loss_fn = fuse(objective)
+        except Exception as e:  # no C++ compiler, unsupported platform, ...: say it, run eager
+            print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                  f"using the eager loss (pass --no-compile to skip the attempt)", file=sys.stderr)
+    torch.manual_seed(args.seed)  # the projection's initial weights
+    model = CoSettle(encoder, args.temp, args.lambda_reg, args.pea_ratio, loss_fn).to(device)
+    projection = model.projection
+    if world > 1:  # only the 0.59M trainable parameters are synchronised; the encoder never sees DDP
+        projection = DistributedDataParallel(projection, device_ids=[device.index] if device.type == "cuda" else None)
+    dtype = autocast_dtype(device)
+
+    videos = find_videos(args.videos)
+    data = FramePairs(videos, clip_gap=args.clip_gap, seed=args.seed)
+    steps_per_epoch = len(data) // (args.batch_size * world)
+    if steps_per_epoch == 0:
+        raise BadInput(f"{args.videos}: {len(data)} videos cannot fill one global batch of {args.batch_size * world}")
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+    base_lr = args.blr * args.batch_size * world / 256
+    optimizer = make_optimizer(model.projection, base_lr)
+
+    ckpt_path = os.path.join(args.out, "cosettle.pth")
+    step = 0
+    if args.resume:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if os.path.exists(ckpt_path) else None
+        if ckpt is None:
+            raise BadInput(f"{ckpt_path}: --resume given but there is no checkpoint")
+        if ckpt["encoder"]["size"] != encoder_info["size"]:
+            raise BadInput(f"{ckpt_path}: trained on encoder {ckpt['encoder']['path']}, not {encoder_info['path']}")
+        model.projection.load_state_dict(ckpt["projection"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+
+    def checkpoint():
+        if rank == 0:
+            save_atomic(dict(projection=model.projection.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                             epoch=step // steps_per_epoch, args=vars(args), encoder=encoder_info), ckpt_path)
+
+    stop = []  # SIGTERM (preemption) or Ctrl-C: finish the step, save, exit
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w") if rank == 0 else None
+    if rank == 0:
+        print(f"{len(videos)} videos, {world} process(es) x {args.batch_size} clips, {steps_per_epoch} steps/epoch, "
+              f"lr {base_lr:.2e}, {device}{', bf16 autocast' if dtype else ''}, "
+              f"{'fused' if loss_fn is not objective else 'eager'} loss, starting at step {step}")
+    model.train()
+    t_start, step_start, last_save = time.time(), step, time.time()
+    while step < total_steps and not stop:
+        epoch, skip = divmod(step, steps_per_epoch)
+        data.set_epoch(epoch)
+        sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        order = list(sampler)[skip * args.batch_size: steps_per_epoch * args.batch_size]  # resume mid-epoch
+        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=order, drop_last=True,
+                                             num_workers=args.workers, pin_memory=device.type == "cuda")
+        for x1, x2 in loader:
+            lr = lr_at(step, total_steps, warmup_steps, base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # one PEA offset per step, all ranks
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), g, projection)
+            loss = out["loss"].item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopped, {ckpt_path} keeps the last "
+                                         f"good state" + ("" if os.path.exists(ckpt_path) else " (none was saved yet)"))
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            step += 1
+            if world > 1:  # a signal seen by any rank stops every rank after the same step
+                flag = torch.tensor(float(bool(stop)), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if flag.item() and not stop:
+                    stop.append(signal.SIGTERM)
+            if rank == 0 and (step % LOG_EVERY == 0 or step == total_steps):
+                rate = (step - step_start) * args.batch_size * world / (time.time() - t_start)
+                eta = (total_steps - step) * args.batch_size * world / rate
+                rec = dict(step=step, epoch=epoch, lr=lr, clips_per_s=round(rate, 2),
+                           **{k: round(v.item(), 5) for k, v in out.items()})
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                print(f"step {step}/{total_steps} ep {epoch} | loss {rec['loss']:.4f} (cyc {rec['cycle']:.4f} "
+                      f"reg {rec['reg']:.4f}) | cycle acc {rec['accuracy']:.3f} | lr {lr:.2e} | "
+                      f"{rate:.1f} clips/s | eta {eta / 60:.1f} min", flush=True)
+            if stop or step % steps_per_epoch == 0 or time.time() - last_save > SAVE_EVERY_S:
+                checkpoint()
+                last_save = time.time()
+            if stop:
+                break
+    if rank == 0:
+        print(("interrupted: " if stop else "done: ") + f"step {step}/{total_steps}, checkpoint {ckpt_path}")
+    if world > 1:
+        dist.destroy_process_group()
+    return model, step
+
+
+# -----------------------------------------------------------------------------
+# The embedded default and --bench
+
+
+def demo(args):
+    """No --weights and no --videos: synthetic videos, a seeded random ViT-S/16, a short run, before vs after."""
+    print("No --weights and no --videos: embedded demo. It writes synthetic videos (data.py), trains the projection "
+          "on a randomly initialised ViT-S/16 (seed 0), NOT on pretrained weights, and reports cycle accuracy and "
+          "DAVIS-style J&F on synthetic sequences before and after. Expect small numbers: the point is the mechanics.")
+    args.videos = os.path.join(args.out, "synthetic_videos")
+    write_synthetic_videos(args.videos, n_videos=DEMO_VIDEOS, n_frames=DEMO_FRAMES, seed=args.seed)
+    videos = find_videos(args.videos)
+    device, dtype = torch.device("cpu"), autocast_dtype(torch.device("cpu"))
+    torch.manual_seed(args.seed)  # the projection train() will start from
+    model = CoSettle(build_vit("vit_small", 16, seed=args.seed), args.temp, args.lambda_reg, args.pea_ratio)
+    before = cycle_accuracy(model.eval(), videos, device, dtype, args.seed)
+    trained, _ = train(args)
+    after = cycle_accuracy(trained.eval(), videos, device, dtype, args.seed)
+    print(f"cycle accuracy on fixed synthetic pairs: before {before:.3f} -> after {after:.3f}")
+
+
+def bench(args):
+    """Training clips/s: the official step (three separate fp32 forwards, explicit attention, eager loss with the
+    N^3 product) against ours (one batched forward, bf16 autocast, fused SDPA, fused loss), on random clips."""
+    rank, world, device = setup_distributed()
+    encoder, _ = encoder_from_args(args, rank)
+    encoder = encoder.to(device)
+    B, size = args.batch_size, 224
+    x1, x2 = torch.randn(B, 3, size, size, device=device), torch.randn(B, 3, size, size, device=device)
+    dtype = autocast_dtype(device)
+
+    def official_step(model, optimizer):
+        with sdpa_kernel(SDPBackend.MATH), torch.no_grad():  # the math backend is softmax(q k^T) v, spelled out
+            pos = model.encoder.patch_pos_embed()
+            z = [model.encoder(x1), model.encoder(x2), model.encoder(x1, shifted_pos_embed(pos, args.pea_ratio))]
+        p = [F.normalize(model.projection(zi), dim=-1) for zi in z]
+        loss = reference_cycle_loss(*p, args.temp) + args.lambda_reg * sum(
+            F.kl_div(torch.log_softmax(pi, -1), torch.softmax(F.normalize(zi, dim=-1), -1), reduction="batchmean")
+            for pi, zi in zip(p, z))
+        return loss
+
+    def our_step(model, optimizer):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model(x1, x2)["loss"]
+
+    print(f"training step, ViT patch {encoder.patch_size} width {encoder.embed_dim}, batch {B} clips at {size}px, "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU {torch.get_num_threads()} threads'}")
+    flops = 3 * vit_flops(encoder, (size // encoder.patch_size) ** 2 + 1)  # per clip: 3 images, forward only
+    rates = []
+    for label, step_fn, loss_fn in [("official step", official_step, objective),
+                                    ("Co-Settle-ref step", our_step, objective if args.no_compile else fuse(objective))]:
+        model = CoSettle(encoder, args.temp, args.lambda_reg, args.pea_ratio, loss_fn).to(device).train()
+        optimizer = make_optimizer(model.projection, 1e-4)
+
+        def one():
+            loss = step_fn(model, optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        t = timeit(one, warmup=2, iters=5, device=device.type)
+        rates.append(B / t)
+        print(f"  {label:20s} {B / t:8.1f} clips/s   {flops * B / t / 1e12:6.2f} TFLOP/s in the encoder")
+    print(f"  speed-up x{rates[1] / rates[0]:.1f}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if not args.bench and args.weights is None and args.videos is None:
+        args = parse_args(DEMO_ARGS + argv)
+    try:
+        if args.bench:
+            bench(args)
+        elif args.weights is None and args.videos is None:
+            demo(args)
+        elif args.weights is None or args.videos is None:
+            raise BadInput("give both --weights and --videos (or neither, for the synthetic demo)")
+        else:
+            train(args)
+    except (BadInput, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
