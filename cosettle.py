@@ -11,14 +11,16 @@ the published numbers, and say so.
 import argparse
 import math
 import os
+import re
 import sys
 import time
+import zipfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import BadInput
+from data import IMAGENET_MEAN, IMAGENET_STD, BadInput
 
 # -----------------------------------------------------------------------------
 # The ViT (DINO's vision_transformer.py, written to be read in one sitting)
@@ -28,7 +30,7 @@ class Attention(nn.Module):
     def __init__(self, dim, heads, qkv_bias=True):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # q, k, v packed, heads contiguous (CLIP's in_proj too)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
@@ -38,62 +40,91 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+def quick_gelu(x):
+    """CLIP's activation, x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 class MLP(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, act):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.act = act
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, mlp_dim, qkv_bias, eps):
+    def __init__(self, dim, heads, mlp_dim, qkv_bias, eps, act, layerscale):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, qkv_bias)
+        self.ls1 = LayerScale(dim) if layerscale else nn.Identity()  # DINOv2
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, mlp_dim)
+        self.mlp = MLP(dim, mlp_dim, act)
+        self.ls2 = LayerScale(dim) if layerscale else nn.Identity()
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class ViT(nn.Module):
-    """Pre-norm ViT returning the last block's patch tokens after the final LayerNorm, CLS dropped (step 2).
+    """Pre-norm ViT returning the last block's patch tokens after the final LayerNorm, CLS and register tokens
+    dropped (step 2). One class for all eight families; what differs is a handful of switches:
+    cls_token (I-JEPA has none), registers (DINOv2), layerscale (DINOv2), ln_pre (CLIP), patch_bias (CLIP has
+    none), act and eps (CLIP: QuickGELU, 1e-5).
 
-    `grid` is the (rows, cols) of the stored positional embedding; inputs of any size divisible by the patch
-    are accepted and the embedding is interpolated to them as DINO does.
+    `grid` is the (rows, cols) of the stored positional embedding; inputs of any size divisible by the patch are
+    accepted and the embedding is interpolated to them as DINO does, for every family.
     """
 
-    def __init__(self, patch_size=16, embed_dim=384, depth=12, heads=6, mlp_dim=None, grid=(14, 14),
-                 qkv_bias=True, eps=1e-6):
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, heads=6, mlp_dim=None, grid=(14, 14), qkv_bias=True,
+                 eps=1e-6, cls_token=True, registers=0, layerscale=False, ln_pre=False, patch_bias=True, act="gelu"):
         super().__init__()
+        mlp_dim = mlp_dim or 4 * embed_dim
+        self.arch = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, heads=heads, mlp_dim=mlp_dim,
+                         grid=tuple(grid), qkv_bias=qkv_bias, eps=eps, cls_token=cls_token, registers=registers,
+                         layerscale=layerscale, ln_pre=ln_pre, patch_bias=patch_bias, act=act)
         self.patch_size, self.embed_dim, self.grid = patch_size, embed_dim, tuple(grid)
-        self.arch = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, heads=heads,
-                         mlp_dim=mlp_dim or 4 * embed_dim, grid=self.grid, qkv_bias=qkv_bias, eps=eps)
+        self.family, self.native_stats = "vit", (IMAGENET_MEAN, IMAGENET_STD)  # load_encoder sets the real ones
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], embed_dim))
-        self.blocks = nn.ModuleList(Block(embed_dim, heads, mlp_dim or 4 * embed_dim, qkv_bias, eps)
+        self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size, bias=patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, int(cls_token) + grid[0] * grid[1], embed_dim))
+        self.register_tokens = nn.Parameter(torch.zeros(1, registers, embed_dim)) if registers else None
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=eps) if ln_pre else nn.Identity()
+        act_fn = {"gelu": F.gelu, "quick_gelu": quick_gelu}[act]
+        self.blocks = nn.ModuleList(Block(embed_dim, heads, mlp_dim, qkv_bias, eps, act_fn, layerscale)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.apply(_init_weights)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for p in (self.pos_embed, self.cls_token, self.register_tokens):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
 
     def patch_pos_embed(self):
         """The stored patch positional embedding [1, rows*cols, D], CLS row excluded."""
-        return self.pos_embed[:, 1:]
+        return self.pos_embed[:, 1:] if self.cls_token is not None else self.pos_embed
 
     def interpolate(self, patch_pos, rows, cols):
         """Bicubic resize of [b, grid, D] to rows x cols, exactly as DINO's interpolate_pos_encoding.
 
         DINO passes scale_factor (rows + 0.1) / grid, not a size; the scale factor, not the output size, fixes
         where bicubic samples, so reproducing it is what makes our tokens equal DINO's at e.g. 480x832.
+        (CLIP/BLIP/DINOv2-reg code resizes with size= and antialias; we use DINO's rule for every family, as the
+        DINO evaluation protocol does.)
         """
         gr, gc = self.grid
         if (rows, cols) == (gr, gc):
@@ -108,20 +139,25 @@ class ViT(nn.Module):
         """x: [B, 3, H, W] -> patch tokens [B, H/p * W/p, D].
 
         patch_pos_embed ([1 or B, rows*cols, D] on the stored grid) replaces the patch positional embedding;
-        this is how the PEA stream is encoded (step 3). The CLS positional embedding is never replaced.
+        this is how the PEA stream is encoded (step 3). The CLS positional row is never replaced, registers are
+        inserted after the positional embedding (DINOv2) and ln_pre comes after both (CLIP), so PEA lands where
+        each family's own code puts it.
         """
         B, _, H, W = x.shape
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"input {H}x{W} is not divisible by the patch size {p}")
-        patches = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         pos = self.patch_pos_embed() if patch_pos_embed is None else patch_pos_embed
-        pos = self.interpolate(pos, H // p, W // p)
-        cls = self.cls_token + self.pos_embed[:, :1]
-        x = torch.cat([cls.expand(B, -1, -1), patches + pos], dim=1)
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.interpolate(pos, H // p, W // p)
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append((self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1))
+        if self.register_tokens is not None:
+            prefix.append(self.register_tokens.expand(B, -1, -1))
+        x = self.norm_pre(torch.cat(prefix + [x], dim=1))
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)[:, 1:]
+        return self.norm(x[:, x.shape[1] - (H // p) * (W // p):])  # LayerNorm is per token: drop prefix first
 
 
 def _init_weights(m):
@@ -151,73 +187,158 @@ def freeze(module):
 
 
 # -----------------------------------------------------------------------------
-# Loading published checkpoints
+# Loading published checkpoints of the eight families (PAPER.md, "Checkpoint formats")
+#
+# Each family is a row: where its backbone sits in the file, how its key names map onto ours, and how its
+# architecture differs. DINO, iBOT, MAE, MoCo v3 and BLIP share DINO's names once the prefix is stripped; the
+# family label of those comes from the container (and matters only for the printout and the native statistics).
 
-CONTAINERS = ("teacher", "model", "state_dict", "student", "encoder")  # searched in this order, as DINO's eval does
-PREFIXES = ("module.", "backbone.")
-IGNORED = ("head.", "fc_norm.")  # projection heads / classifier heads of the pre-training recipe, not backbone
+IMAGENET_STATS = (IMAGENET_MEAN, IMAGENET_STD)
+CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CLIP and BLIP
+CLIP_RENAMES = [("conv1.", "patch_embed.proj."), ("class_embedding", "cls_token"), ("positional_embedding", "pos_embed"),
+                ("ln_pre.", "norm_pre."), ("transformer.resblocks.", "blocks."), (".ln_1.", ".norm1."),
+                (".ln_2.", ".norm2."), (".attn.in_proj_", ".attn.qkv."), (".attn.out_proj.", ".attn.proj."),
+                (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2."), ("ln_post.", "norm.")]
+FAMILIES = {  # name: (backbone prefix kept and stripped, key renames, architecture switches, native statistics)
+    "dino": ("", [], {}, IMAGENET_STATS),
+    "ibot": ("", [], {}, IMAGENET_STATS),
+    "mae": ("", [], {}, IMAGENET_STATS),
+    # Co-Settle trains on the momentum encoder (upstream's DeiT conversion takes base_encoder); we follow the code.
+    "mocov3": ("momentum_encoder.", [], {}, IMAGENET_STATS),
+    # No CLS token: the positional table has no CLS row. The official code skips the final norm on z1, z2 and
+    # in evaluation but applies it on the PEA stream; we apply it on all three, as I-JEPA's own forward does.
+    "ijepa": ("", [], dict(cls_token=False), IMAGENET_STATS),
+    "dinov2": ("", [], dict(layerscale=True), IMAGENET_STATS),
+    "clip": ("visual.", CLIP_RENAMES, dict(eps=1e-5, act="quick_gelu", ln_pre=True, patch_bias=False), CLIP_STATS),
+    "blip": ("visual_encoder.", [], {}, CLIP_STATS),
+}
+DROPPED = ("head.", "dino_head.", "ibot_head.", "fc_norm.", "decoder", "mask_token", "masked_embed", "proj")
+CONTAINERS = ("teacher", "model", "state_dict", "encoder", "student")  # searched in this order
 
 
 def read_checkpoint(path):
-    """torch.load with weights_only=True, turning every failure into one sentence about the file."""
+    """The tensors and dicts in a file: torch.load(weights_only=True), or the state dict of a TorchScript
+    archive (CLIP's ViT-B-16.pt). Every failure becomes one sentence about the file."""
     if not os.path.isfile(path):
         raise BadInput(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
+            return torch.jit.load(path, map_location="cpu").state_dict()  # weights_only cannot read TorchScript
+        with torch.serialization.safe_globals([argparse.Namespace]):  # DINO/iBOT/MAE training runs pickle args
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and truncation errors all mean the same thing to the user
         raise BadInput(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
 
 
-def backbone_state_dict(ckpt, path):
-    """Find the ViT inside a published checkpoint: bare, or under teacher/model/state_dict/student/encoder,
-    with module./backbone. prefixes stripped and pre-training heads dropped."""
-    sd = ckpt
-    for key in CONTAINERS:
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise BadInput(f"{path}: no state dict of tensors found (top-level keys: {keys})")
+def detect_family(ckpt):
+    """(family, state dict) from the file's structure and key names."""
+    container = next((k for k in CONTAINERS if isinstance(ckpt.get(k), dict)), None)
+    sd = ckpt[container] if container else ckpt
+    keys = " ".join(sd)
+    if "conv1.weight" in keys and "class_embedding" in keys:
+        return "clip", sd
+    if "visual_encoder." in keys:
+        return "blip", sd
+    if "momentum_encoder." in keys:
+        return "mocov3", sd
+    if "register_tokens" in keys or ".ls1.gamma" in keys:
+        return "dinov2", sd
+    if container == "encoder" or ("pos_embed" in keys and "cls_token" not in keys):
+        return "ijepa", sd
+    if "decoder" in keys or container == "model":
+        return "mae", sd
+    return ("ibot" if container == "state_dict" else "dino"), sd
+
+
+def backbone_state_dict(sd, family, path):
+    """Our key names for the family's backbone: prefixes stripped, renames applied, heads/decoders dropped."""
+    keep, renames = FAMILIES[family][:2]
     out = {}
     for k, v in sd.items():
-        while k.startswith(PREFIXES):
-            k = k.split(".", 1)[1]
-        if not k.startswith(IGNORED):
-            out[k] = v
+        if not isinstance(v, torch.Tensor):
+            continue
+        k = re.sub(r"^((module|backbone)\.)+", "", k)
+        if keep:
+            if not k.startswith(keep):
+                continue  # the text tower, the other encoder, the predictor...
+            k = k[len(keep):]
+        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)  # DINOv2's chunked blocks.<chunk>.<i>
+        for old, new in renames:
+            k = k.replace(old, new)
+        if not k.startswith(DROPPED):
+            out[k] = v.float()  # CLIP ships fp16
     if "patch_embed.proj.weight" not in out or "pos_embed" not in out:
-        raise BadInput(f"{path}: no ViT in this checkpoint (keys: {', '.join(sorted(out)[:8])}"
-                       f"{', ...' if len(out) > 8 else ''})")
+        raise BadInput(f"{path}: no ViT in this checkpoint (keys: {', '.join(sorted(sd)[:8])}"
+                       f"{', ...' if len(sd) > 8 else ''})")
+    if family == "clip":  # CLIP stores [D] and [1+N, D]
+        out["cls_token"], out["pos_embed"] = out["cls_token"].view(1, 1, -1), out["pos_embed"][None]
     return out
 
 
-def infer_arch(sd):
-    """ViT hyper-parameters read off the tensors: patch from the patch conv, width, depth, heads = width/64."""
+def infer_arch(sd, family="dino", path="checkpoint"):
+    """ViT hyper-parameters read off the tensors: patch from the patch conv, width, depth, grid, registers,
+    heads = width/64 (MoCo v3's ViT-S has 12 heads, ViT-H 16), plus the family's switches."""
     dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
-    n = sd["pos_embed"].shape[1] - 1
+    switches = FAMILIES[family][2]
+    n = sd["pos_embed"].shape[1] - switches.get("cls_token", True)
     side = math.isqrt(n)
+    if side * side != n:
+        raise BadInput(f"{path}: positional embedding of {n} patch rows is not a square grid")
+    if "blocks.0.mlp.fc1.weight" not in sd:
+        raise BadInput(f"{path}: {family} ViT without transformer blocks (no blocks.0.mlp.fc1.weight)")
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    return dict(patch_size=patch, embed_dim=dim, depth=depth, heads=dim // 64, grid=(side, side),
-                mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0], qkv_bias="blocks.0.attn.qkv.bias" in sd)
+    heads = 12 if (family, dim) == ("mocov3", 384) else 16 if dim == 1280 else dim // 64
+    registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    return dict(patch_size=patch, embed_dim=dim, depth=depth, heads=heads, grid=(side, side),
+                mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0], qkv_bias="blocks.0.attn.qkv.bias" in sd,
+                registers=registers, **switches)
 
 
-def load_encoder(path, verbose=False):
-    """The frozen ViT of a published checkpoint, in eval mode. Every backbone key must be used and every
-    model key present: a mismatch is an error naming the keys (no strict=False)."""
-    sd = backbone_state_dict(read_checkpoint(path), path)
-    arch = infer_arch(sd)
+def resize_pos_embed(sd, model):
+    """BLIP ships a 384-px (24x24) table for a 224-px model: resize it bicubically to the model's grid once, at
+    load, as BLIP's own loader does. PEA and later interpolation start from there."""
+    pos, rows = sd["pos_embed"], model.grid
+    n_cls = int(model.cls_token is not None)
+    side = math.isqrt(pos.shape[1] - n_cls)
+    grid = pos[:, n_cls:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=rows, mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+    sd["pos_embed"] = torch.cat([pos[:, :n_cls], grid], dim=1)
+
+
+def load_encoder(path, family=None, verbose=False):
+    """The frozen ViT of a published checkpoint of any of the eight families, in eval mode.
+
+    The family is detected from the file (or forced with `family`). Every backbone key must be used and every
+    model key present: a mismatch is an error naming the keys (no strict=False). The encoder carries
+    `.family` and `.native_stats` (mean, std) of its pre-training.
+    """
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise BadInput(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
+    detected, sd = detect_family(ckpt)
+    family = family or detected
+    if family not in FAMILIES:
+        raise BadInput(f"{path}: unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    sd = backbone_state_dict(sd, family, path)
+    arch = infer_arch(sd, family, path)
+    if family == "blip":
+        arch["grid"] = (224 // arch["patch_size"],) * 2
     model = ViT(**arch)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or unexpected:
-        what = (f"missing {', '.join(missing[:6])}" if missing else "") + \
-               ("; " if missing and unexpected else "") + \
-               (f"unexpected {', '.join(unexpected[:6])}" if unexpected else "")
-        raise BadInput(f"{path}: checkpoint does not match a ViT with {arch}: {what}")
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    if family == "blip":
+        resize_pos_embed(sd, model)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        what = "; ".join(f"{label} {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+                         for label, keys in [("missing", missing), ("unexpected", unexpected),
+                                             ("wrong shape", wrong)] if keys)
+        raise BadInput(f"{path}: not a complete {family} ViT ({what})")
+    model.load_state_dict(sd, strict=True)
+    model.family, model.native_stats = family, FAMILIES[family][3]
     if verbose:
-        print(f"{path}: ViT patch {arch['patch_size']}, width {arch['embed_dim']}, depth {arch['depth']}, "
-              f"{arch['heads']} heads, grid {arch['grid']}")
+        print(f"{path}: {family} ViT, patch {arch['patch_size']}, width {arch['embed_dim']}, depth {arch['depth']}, "
+              f"{arch['heads']} heads, grid {arch['grid']}" + (f", {arch['registers']} registers" if arch["registers"] else ""))
     return freeze(model)
 
 

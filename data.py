@@ -188,9 +188,9 @@ class FramePairs(torch.utils.data.Dataset):
     copy the dataset when they start, so with persistent_workers=True a later set_epoch would not reach them).
     """
 
-    def __init__(self, videos, size=224, clip_gap=0.15, seed=0):
+    def __init__(self, videos, size=224, clip_gap=0.15, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.videos = [Path(v) for v in videos]
-        self.size = size
+        self.size, self.mean, self.std = size, mean, std
         self.clip_gap = clip_gap
         self.seed = seed
         self.epoch = 0
@@ -224,7 +224,7 @@ class FramePairs(torch.utils.data.Dataset):
                          box=(left * W, top * H, (left + w) * W, (top + h) * H))
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(img)
+        return to_tensor(img, self.mean, self.std)
 
     def load(self, idx):
         frames = list_frames(self.videos[idx])

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
-from cosettle import (BadInput, CoSettle, build_vit, fuse, load_encoder, objective, reference_cycle_loss,
-                      shifted_pos_embed, timeit)
+from cosettle import (FAMILIES, IMAGENET_STATS, BadInput, CoSettle, build_vit, fuse, load_encoder, objective,
+                      reference_cycle_loss, shifted_pos_embed, timeit)
 from data import FramePairs, find_videos, write_synthetic_videos
 
 LOG_EVERY = 10           # steps between progress lines / log.jsonl records
@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", help="image-pretrained ViT checkpoint (.pth); omit for a random ViT-S/16 demo")
     p.add_argument("--videos", help="folder of frame folders (searched recursively) or a .txt list of them")
+    p.add_argument("--family", choices=FAMILIES, help="force the checkpoint family instead of detecting it")
+    p.add_argument("--native-stats", action="store_true",
+                   help="normalise with the family's own mean/std (CLIP, BLIP) instead of ImageNet's, as the paper did")
     p.add_argument("--out", default="out", help="checkpoint cosettle.pth and log.jsonl go here")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128, help="clips per process")
@@ -96,6 +99,13 @@ def autocast_dtype(device):
     return torch.bfloat16 if "amx_bf16" in flags else None
 
 
+def input_stats(encoder, args):
+    """ImageNet mean/std for every family, as the official training and evaluation did; --native-stats
+    switches to the family's own (CLIP's for CLIP and BLIP)."""
+    mean, std = encoder.native_stats if args.native_stats else IMAGENET_STATS
+    return dict(mean=mean, std=std)
+
+
 def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process. NCCL on GPUs, gloo on CPU."""
     if "RANK" not in os.environ:
@@ -113,7 +123,7 @@ def setup_distributed():
 def encoder_from_args(args, rank):
     """The frozen encoder and how a checkpoint records it (path and size, so --resume can check it)."""
     if args.weights:
-        encoder = load_encoder(args.weights, verbose=rank == 0)
+        encoder = load_encoder(args.weights, args.family, verbose=rank == 0)
         return encoder, dict(path=os.path.abspath(args.weights), size=os.path.getsize(args.weights))
     return build_vit("vit_small", 16, seed=args.seed), dict(path=f"random vit_small/16 seed {args.seed}", size=0)
 
@@ -162,7 +172,7 @@ def train(args):
     dtype = autocast_dtype(device)
 
     videos = find_videos(args.videos)
-    data = FramePairs(videos, clip_gap=args.clip_gap, seed=args.seed)
+    data = FramePairs(videos, clip_gap=args.clip_gap, seed=args.seed, **input_stats(encoder, args))
     steps_per_epoch = len(data) // (args.batch_size * world)
     if steps_per_epoch == 0:
         raise BadInput(f"{args.videos}: {len(data)} videos cannot fill one global batch of {args.batch_size * world}")
