@@ -208,7 +208,7 @@ FAMILIES = {  # name: (backbone prefix kept and stripped, key renames, architect
     # No CLS token: the positional table has no CLS row. The official code skips the final norm on z1, z2 and
     # in evaluation but applies it on the PEA stream; we apply it on all three, as I-JEPA's own forward does.
     "ijepa": ("", [], dict(cls_token=False), IMAGENET_STATS),
-    "dinov2": ("", [], dict(layerscale=True), IMAGENET_STATS),
+    "dinov2": ("", [], {}, IMAGENET_STATS),
     "clip": ("visual.", CLIP_RENAMES, dict(eps=1e-5, act="quick_gelu", ln_pre=True, patch_bias=False), CLIP_STATS),
     "blip": ("visual_encoder.", [], {}, CLIP_STATS),
 }
@@ -239,9 +239,9 @@ def detect_family(ckpt):
         return "clip", sd
     if "visual_encoder." in keys:
         return "blip", sd
-    if "momentum_encoder." in keys:
+    if "momentum_encoder." in keys or "base_encoder." in keys:
         return "mocov3", sd
-    if "register_tokens" in keys or ".ls1.gamma" in keys:
+    if "register_tokens" in keys or ".ls1.gamma" in keys or ".ls2.gamma" in keys:
         return "dinov2", sd
     if container == "encoder" or ("pos_embed" in keys and "cls_token" not in keys):
         return "ijepa", sd
@@ -253,6 +253,8 @@ def detect_family(ckpt):
 def backbone_state_dict(sd, family, path):
     """Our key names for the family's backbone: prefixes stripped, renames applied, heads/decoders dropped."""
     keep, renames = FAMILIES[family][:2]
+    if family == "mocov3" and not any("momentum_encoder." in k for k in sd):
+        keep = "base_encoder."  # a file holding only the online encoder (upstream's DeiT conversion input)
     out = {}
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
@@ -263,12 +265,13 @@ def backbone_state_dict(sd, family, path):
                 continue  # the text tower, the other encoder, the predictor...
             k = k[len(keep):]
         k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)  # DINOv2's chunked blocks.<chunk>.<i>
-        for old, new in renames:
+        for old, new in renames + [(".gamma_1", ".ls1.gamma"), (".gamma_2", ".ls2.gamma")]:  # iBOT LayerScale
             k = k.replace(old, new)
         if not k.startswith(DROPPED):
             out[k] = v.float()  # CLIP ships fp16
     if "patch_embed.proj.weight" not in out or "pos_embed" not in out:
-        raise BadInput(f"{path}: no ViT in this checkpoint (keys: {', '.join(sorted(sd)[:8])}"
+        raise BadInput(f"{path}: no {family} ViT in this checkpoint{f' (nothing under {keep!r})' if keep else ''} "
+                       f"(keys: {', '.join(sorted(sd)[:8])}"
                        f"{', ...' if len(sd) > 8 else ''})")
     if family == "clip":  # CLIP stores [D] and [1+N, D]
         out["cls_token"], out["pos_embed"] = out["cls_token"].view(1, 1, -1), out["pos_embed"][None]
@@ -280,10 +283,15 @@ def infer_arch(sd, family="dino", path="checkpoint"):
     heads = width/64 (MoCo v3's ViT-S has 12 heads, ViT-H 16), plus the family's switches."""
     dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
     switches = FAMILIES[family][2]
-    n = sd["pos_embed"].shape[1] - switches.get("cls_token", True)
+    has_cls = switches.get("cls_token", True)
+    n = sd["pos_embed"].shape[1] - has_cls
     side = math.isqrt(n)
-    if side * side != n:
-        raise BadInput(f"{path}: positional embedding of {n} patch rows is not a square grid")
+    if side * side != n:  # usually a token we do not know (DeiT's dist_token) or the wrong --family
+        ours = ("patch_embed.", "pos_embed", "cls_token", "register_tokens", "norm_pre.", "norm.", "blocks.")
+        odd = [k for k in sd if not k.startswith(ours) or (k == "cls_token" and not has_cls)]
+        odd += ["missing cls_token"] if has_cls and "cls_token" not in sd else []
+        raise BadInput(f"{path}: not a {family} ViT: positional embedding of {n} patch rows (after {int(has_cls)} "
+                       f"CLS row) is not a square grid" + (f"; check {', '.join(sorted(odd)[:6])}" if odd else ""))
     if "blocks.0.mlp.fc1.weight" not in sd:
         raise BadInput(f"{path}: {family} ViT without transformer blocks (no blocks.0.mlp.fc1.weight)")
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
@@ -291,7 +299,7 @@ def infer_arch(sd, family="dino", path="checkpoint"):
     registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
     return dict(patch_size=patch, embed_dim=dim, depth=depth, heads=heads, grid=(side, side),
                 mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0], qkv_bias="blocks.0.attn.qkv.bias" in sd,
-                registers=registers, **switches)
+                registers=registers, layerscale="blocks.0.ls1.gamma" in sd, **switches)
 
 
 def resize_pos_embed(sd, model):
