@@ -331,7 +331,8 @@ def load_encoder(path, family=None, verbose=False):
     arch = infer_arch(sd, family, path)
     if family == "blip":
         arch["grid"] = (224 // arch["patch_size"],) * 2
-    model = ViT(**arch)
+    with torch.device("meta"):  # shapes only: every value comes from the file (assign=True below)
+        model = ViT(**arch)
     if family == "blip":
         resize_pos_embed(sd, model)
     expected = model.state_dict()
@@ -342,7 +343,7 @@ def load_encoder(path, family=None, verbose=False):
                          for label, keys in [("missing", missing), ("unexpected", unexpected),
                                              ("wrong shape", wrong)] if keys)
         raise BadInput(f"{path}: not a complete {family} ViT ({what})")
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=True)
     model.family, model.native_stats = family, FAMILIES[family][3]
     if verbose:
         print(f"{path}: {family} ViT, patch {arch['patch_size']}, width {arch['embed_dim']}, depth {arch['depth']}, "

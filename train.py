@@ -10,6 +10,8 @@ lr = blr * global_batch / 256 with blr 1e-4, AdamW (0.9, 0.95), weight decay 0.0
 per-iteration linear warm-up then half-cosine to 0, tau 0.03, lambda 3, PEA ratio 10, clip gap 0.15.
 """
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -121,11 +123,31 @@ def setup_distributed():
 
 
 def encoder_from_args(args, rank):
-    """The frozen encoder and how a checkpoint records it (path and size, so --resume can check it)."""
+    """The frozen encoder and how a checkpoint records it: path, size and a fingerprint of its weights, so that
+    --resume refuses to continue on another encoder."""
     if args.weights:
         encoder = load_encoder(args.weights, args.family, verbose=rank == 0)
-        return encoder, dict(path=os.path.abspath(args.weights), size=os.path.getsize(args.weights))
-    return build_vit("vit_small", 16, seed=args.seed), dict(path=f"random vit_small/16 seed {args.seed}", size=0)
+        path, size = os.path.abspath(args.weights), os.path.getsize(args.weights)
+    else:
+        encoder, path, size = build_vit("vit_small", 16, seed=args.seed), f"random vit_small/16 seed {args.seed}", 0
+    digest = hashlib.sha1()
+    for p in (encoder.patch_embed.proj.weight, encoder.pos_embed, encoder.norm.weight):
+        digest.update(p.detach().float().numpy().tobytes())
+    return encoder, dict(path=path, size=size, fingerprint=digest.hexdigest())
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (preemption) or Ctrl-C while training: finish the step, save, return. The previous handlers are
+    restored on the way out."""
+    stop, old = [], {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in old:
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    try:
+        yield stop
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def vit_flops(encoder, tokens):
@@ -187,75 +209,84 @@ def train(args):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if os.path.exists(ckpt_path) else None
         if ckpt is None:
             raise BadInput(f"{ckpt_path}: --resume given but there is no checkpoint")
-        if ckpt["encoder"]["size"] != encoder_info["size"]:
+        if ckpt["encoder"]["fingerprint"] != encoder_info["fingerprint"]:
             raise BadInput(f"{ckpt_path}: trained on encoder {ckpt['encoder']['path']}, not {encoder_info['path']}")
         model.projection.load_state_dict(ckpt["projection"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
 
+    def diverged(what):
+        kept = "keeps the last good state" if os.path.exists(ckpt_path) else "was not written (none was saved yet)"
+        return FloatingPointError(f"{what}; stopped, {ckpt_path} {kept}")
+
     def checkpoint():
+        if not all(p.isfinite().all() for p in model.projection.parameters()):
+            raise diverged(f"the projection's weights are not finite after step {step}")
         if rank == 0:
             save_atomic(dict(projection=model.projection.state_dict(), optimizer=optimizer.state_dict(), step=step,
                              epoch=step // steps_per_epoch, args=vars(args), encoder=encoder_info), ckpt_path)
 
-    stop = []  # SIGTERM (preemption) or Ctrl-C: finish the step, save, exit
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
-    log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w") if rank == 0 else None
     if rank == 0:
         print(f"{len(videos)} videos, {world} process(es) x {args.batch_size} clips, {steps_per_epoch} steps/epoch, "
               f"lr {base_lr:.2e}, {device}{', bf16 autocast' if dtype else ''}, "
               f"{'fused' if loss_fn is not objective else 'eager'} loss, starting at step {step}")
     model.train()
-    t_start, step_start, last_save = time.time(), step, time.time()
-    while step < total_steps and not stop:
-        epoch, skip = divmod(step, steps_per_epoch)
-        data.set_epoch(epoch)
-        sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        order = list(sampler)[skip * args.batch_size: steps_per_epoch * args.batch_size]  # resume mid-epoch
-        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=order, drop_last=True,
-                                             num_workers=args.workers, pin_memory=device.type == "cuda")
-        for x1, x2 in loader:
-            lr = lr_at(step, total_steps, warmup_steps, base_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # one PEA offset per step, all ranks
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), g, projection)
-            loss = out["loss"].item()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopped, {ckpt_path} keeps the last "
-                                         f"good state" + ("" if os.path.exists(ckpt_path) else " (none was saved yet)"))
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
-            step += 1
-            if world > 1:  # a signal seen by any rank stops every rank after the same step
-                flag = torch.tensor(float(bool(stop)), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if flag.item() and not stop:
-                    stop.append(signal.SIGTERM)
-            if rank == 0 and (step % LOG_EVERY == 0 or step == total_steps):
-                rate = (step - step_start) * args.batch_size * world / (time.time() - t_start)
-                eta = (total_steps - step) * args.batch_size * world / rate
-                rec = dict(step=step, epoch=epoch, lr=lr, clips_per_s=round(rate, 2),
-                           **{k: round(v.item(), 5) for k, v in out.items()})
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                print(f"step {step}/{total_steps} ep {epoch} | loss {rec['loss']:.4f} (cyc {rec['cycle']:.4f} "
-                      f"reg {rec['reg']:.4f}) | cycle acc {rec['accuracy']:.3f} | lr {lr:.2e} | "
-                      f"{rate:.1f} clips/s | eta {eta / 60:.1f} min", flush=True)
-            if stop or step % steps_per_epoch == 0 or time.time() - last_save > SAVE_EVERY_S:
-                checkpoint()
-                last_save = time.time()
-            if stop:
-                break
+    log_path = os.path.join(args.out, "log.jsonl")
+    with stop_signals() as stop, (open(log_path, "a" if args.resume else "w") if rank == 0 else
+                                  contextlib.nullcontext()) as log:
+        t_start, step_start, last_save = time.time(), step, time.time()
+        while step < total_steps and not stop:
+            epoch, skip = divmod(step, steps_per_epoch)
+            for x1, x2 in epoch_loader(data, epoch, skip, steps_per_epoch, args, rank, world, device):
+                lr = lr_at(step, total_steps, warmup_steps, base_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # one PEA offset per step, all ranks
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    out = model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), g, projection)
+                loss = out["loss"].item()
+                if not math.isfinite(loss):
+                    raise diverged(f"loss is {loss} at step {step + 1}")
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                optimizer.step()
+                step += 1
+                if world > 1:  # a signal seen by any rank stops every rank after the same step
+                    flag = torch.tensor(float(bool(stop)), device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    if flag.item() and not stop:
+                        stop.append(signal.SIGTERM)
+                if rank == 0 and (step % LOG_EVERY == 0 or step == total_steps):
+                    rate = (step - step_start) * args.batch_size * world / (time.time() - t_start)
+                    eta = (total_steps - step) * args.batch_size * world / rate
+                    rec = dict(step=step, epoch=epoch, lr=lr, clips_per_s=round(rate, 2),
+                               **{k: round(v.item(), 5) for k, v in out.items()})
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    print(f"step {step}/{total_steps} ep {epoch} | loss {rec['loss']:.4f} (cyc {rec['cycle']:.4f} "
+                          f"reg {rec['reg']:.4f}) | cycle acc {rec['accuracy']:.3f} | lr {lr:.2e} | "
+                          f"{rate:.1f} clips/s | eta {eta / 60:.1f} min", flush=True)
+                if stop or step % steps_per_epoch == 0 or time.time() - last_save > SAVE_EVERY_S:
+                    checkpoint()
+                    last_save = time.time()
+                if stop:
+                    break
     if rank == 0:
         print(("interrupted: " if stop else "done: ") + f"step {step}/{total_steps}, checkpoint {ckpt_path}")
     if world > 1:
         dist.destroy_process_group()
     return model, step
+
+
+def epoch_loader(data, epoch, skip, steps_per_epoch, args, rank, world, device):
+    """This rank's batches of `epoch`, from batch `skip` on (a resumed run re-enters mid-epoch). The order is
+    DistributedSampler's (seeded by seed and epoch), so 2 ranks x b clips see what 1 rank x 2b clips sees."""
+    data.set_epoch(epoch)
+    sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    order = list(sampler)[skip * args.batch_size: steps_per_epoch * args.batch_size]
+    return torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=order, drop_last=True,
+                                       num_workers=args.workers, pin_memory=device.type == "cuda")
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,2730 @@
+"""Tests for Co-Settle-ref: data.py, cosettle.py, train.py, eval_davis.py (CPU only, tiny models, ~minutes).
+
+Every claim in PAPER.md that the code makes is checked against an independent computation written here:
+explicit-attention ViTs per checkpoint family, the official cycle-loss formulation, slow loop versions of the DAVIS
+boundary metric. Nothing here reads ../shared.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import cosettle
+import data
+import eval_davis as ed
+import train
+from cosettle import BadInput, Projection, build_vit, infer_arch, load_encoder
+from data import davis_palette, make_davis, synthetic_video, write_synthetic_videos
+
+
+# =============================================================================
+# data.py: frames, sampling, augmentation, synthetic videos
+# Tests for data.py (PAPER.md step 1 "Frames", synthetic videos, DAVIS writer, CLI).
+
+
+MEAN = np.array(data.IMAGENET_MEAN)
+STD = np.array(data.IMAGENET_STD)
+
+
+def write_video(folder, frames, suffix='.png'):
+    """Write uint8 frames (H×W×3 or H×W) as folder/00000<suffix> …; returns the file paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for t, frame in enumerate(frames):
+        path = folder / f"{t:05d}{suffix}"
+        Image.fromarray(np.asarray(frame, dtype=np.uint8)).save(path, quality=95)
+        paths.append(path)
+    return paths
+
+
+def noise_frame(seed, height=48, width=64):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# find_videos
+
+def test_find_videos_kinetics_layout(tmp_path):
+    write_video(tmp_path / 'b_class' / 'vid2', [noise_frame(0, 8, 8)] * 3, '.jpg')
+    write_video(tmp_path / 'a_class' / 'vid9', [noise_frame(0, 8, 8)] * 2, '.JPG')  # suffix case ignored
+    write_video(tmp_path / 'a_class' / 'vid1', [noise_frame(0, 8, 8)] * 2, '.png')
+    (tmp_path / 'a_class' / 'vid1' / 'notes.txt').write_text('not a frame')
+    (tmp_path / 'a_class' / 'readme.md').write_text('class folders hold no frames')
+    videos = data.find_videos(tmp_path)
+    assert videos == [tmp_path / 'a_class' / 'vid1', tmp_path / 'a_class' / 'vid9', tmp_path / 'b_class' / 'vid2']
+    assert [p.name for p in data.list_frames(videos[1])] == ['00000.JPG', '00001.JPG']
+    assert [p.name for p in data.list_frames(videos[0])] == ['00000.png', '00001.png']
+
+
+def test_find_videos_flat_layout_and_single_folder(tmp_path):
+    for name in ['v10', 'v02', 'v01']:
+        write_video(tmp_path / name, [noise_frame(0, 8, 8)] * 4, '.jpeg')
+    assert [v.name for v in data.find_videos(tmp_path)] == ['v01', 'v02', 'v10']
+    assert data.find_videos(tmp_path / 'v02') == [tmp_path / 'v02']  # a video folder on its own
+
+
+def test_find_videos_txt_list(tmp_path):
+    lists = tmp_path / 'lists'
+    lists.mkdir()
+    write_video(lists / 'rel' / 'x', [noise_frame(0, 8, 8)] * 2)
+    write_video(tmp_path / 'abs_video', [noise_frame(0, 8, 8)] * 2)
+    txt = lists / 'train.txt'
+    txt.write_text(f"# header comment\n\nrel/x\n  {tmp_path / 'abs_video'}  \n")
+    assert data.find_videos(txt) == sorted([lists / 'rel' / 'x', tmp_path / 'abs_video'])
+
+
+def test_find_videos_skips_short_folders_with_one_warning(tmp_path, capsys):
+    write_video(tmp_path / 'good1', [noise_frame(0, 8, 8)] * 2)
+    write_video(tmp_path / 'good2', [noise_frame(0, 8, 8)] * 5)
+    write_video(tmp_path / 'one_a', [noise_frame(0, 8, 8)])
+    write_video(tmp_path / 'one_b', [noise_frame(0, 8, 8)])
+    assert [v.name for v in data.find_videos(tmp_path)] == ['good1', 'good2']
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'skipped 2 of 4' in err[0]
+
+    txt = tmp_path / 'list.txt'  # a listed folder that does not exist counts as skipped
+    txt.write_text('good1\nmissing\none_a\n')
+    assert [v.name for v in data.find_videos(txt)] == ['good1']
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'skipped 2 of 3' in err[0]
+
+
+def test_find_videos_errors_name_the_path(tmp_path, capsys):
+    missing = tmp_path / 'nope'
+    with pytest.raises(BadInput, match='nope'):
+        data.find_videos(missing)
+
+    empty = tmp_path / 'empty'
+    (empty / 'sub').mkdir(parents=True)
+    (empty / 'sub' / 'a.txt').write_text('x')
+    with pytest.raises(BadInput, match='no folders with frames'):
+        data.find_videos(empty)
+
+    short = tmp_path / 'short'
+    write_video(short / 'a', [noise_frame(0, 8, 8)])
+    write_video(short / 'b', [noise_frame(0, 8, 8)])
+    with pytest.raises(BadInput, match='no video folder with at least 2 frames'):
+        data.find_videos(short)
+
+    txt = tmp_path / 'only_comments.txt'
+    txt.write_text('# nothing\n\n')
+    with pytest.raises(BadInput, match='only_comments.txt'):
+        data.find_videos(txt)
+
+    other = tmp_path / 'videos.csv'
+    other.write_text('a\n')
+    with pytest.raises(BadInput, match='videos.csv'):
+        data.find_videos(other)
+
+
+# -----------------------------------------------------------------------------
+# sample_pair and random_resized_crop_box
+
+def test_sample_pair_follows_the_official_rule_exhaustively():
+    for n in range(2, 41):
+        g = int(0.15 * n)
+        rng = random.Random(n)
+        pairs = [data.sample_pair(n, 0.15, rng) for _ in range(3000)]
+        if n <= 4 or g < 1:  # official fallback: two independent uniform frames, ties and any order allowed
+            assert n <= 6
+            assert set(pairs) == {(a, b) for a in range(n) for b in range(n)}
+        else:
+            assert g >= 1 and all(j - i == g for i, j in pairs)
+            # 0-based i in {1, ..., n-g-1}: frame 0 is never first, the last frame can be second
+            assert {i for i, _ in pairs} == set(range(1, n - g))
+            assert max(j for _, j in pairs) == n - 1
+    assert int(0.15 * 20) == 3  # a 2-fps Kinetics clip of 20 frames: frames 1..16 paired with 4..19
+    assert {data.sample_pair(20, 0.15, random.Random(s)) for s in range(2000)} == {(i, i + 3) for i in range(1, 17)}
+    assert data.sample_pair(7, 0.15, random.Random(0))[1] - data.sample_pair(7, 0.15, random.Random(0))[0] == 1
+
+
+def test_random_resized_crop_box_statistics():
+    rng = random.Random(0)
+    fractions, ratios = [], []
+    for _ in range(5000):
+        left, top, w, h = data.random_resized_crop_box(224, 224, rng)
+        assert 0 <= left and left + w <= 224 and 0 <= top and top + h <= 224 and w >= 1 and h >= 1
+        fractions.append(w * h / 224 ** 2)
+        ratios.append(w / h)
+    fractions, ratios = np.array(fractions), np.array(ratios)
+    assert fractions.min() >= 0.5 - 0.01 and fractions.max() <= 1.0
+    assert ratios.min() >= 3 / 4 - 0.01 and ratios.max() <= 4 / 3 + 0.01
+    assert 0.70 < fractions.mean() < 0.78  # uniform(0.5, 1) pulled down a little by the clamp to the image
+    assert abs(np.log(ratios).mean()) < 0.01  # log-uniform ratio: symmetric around 1
+    assert 0.05 < (ratios > 1.2).mean() < 0.3 and 0.05 < (ratios < 1 / 1.2).mean() < 0.3
+    # non-square images: still always inside
+    for _ in range(2000):
+        left, top, w, h = data.random_resized_crop_box(340, 256, rng)
+        assert 0 <= left and left + w <= 340 and 0 <= top and top + h <= 256
+    # degenerate ranges give exactly the whole image; the same rng state gives the same box
+    assert data.random_resized_crop_box(100, 100, rng, scale=(1, 1), ratio=(1, 1)) == (0, 0, 100, 100)
+    assert data.random_resized_crop_box(224, 224, random.Random(5)) == \
+        data.random_resized_crop_box(224, 224, random.Random(5))
+
+
+# -----------------------------------------------------------------------------
+# load_rgb and to_tensor
+
+def test_load_rgb_every_mode(tmp_path):
+    Image.new('L', (4, 3), 100).save(tmp_path / 'l.png')
+    Image.new('LA', (4, 3), (200, 0)).save(tmp_path / 'la.png')
+    Image.new('RGBA', (4, 3), (10, 20, 30, 0)).save(tmp_path / 'rgba.png')
+    Image.new('CMYK', (4, 3), (0, 255, 255, 0)).save(tmp_path / 'cmyk.jpg', quality=100)
+    p = Image.new('P', (4, 3), 1)
+    p.putpalette([0, 0, 0, 250, 5, 7] + [0] * 762)
+    p.save(tmp_path / 'p.png', transparency=bytes([255, 128]))  # per-index alpha, stored as bytes
+    Image.fromarray(np.array([[32768, 65535], [0, 256]], dtype=np.uint16)).save(tmp_path / 'i16.png')
+    assert Image.open(tmp_path / 'i16.png').mode == 'I;16'
+
+    def px(name):
+        img = data.load_rgb(tmp_path / name)
+        assert img.mode == 'RGB'
+        return np.asarray(img)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no PIL palette-transparency warning either
+        assert (px('l.png') == 100).all()
+        assert (px('la.png') == 200).all()
+        assert (px('rgba.png') == [10, 20, 30]).all()  # alpha dropped, colour kept (no compositing)
+        assert np.abs(px('cmyk.jpg').astype(int) - [255, 0, 0]).max() <= 3  # cyan-free, magenta+yellow = red
+        assert (px('p.png') == [250, 5, 7]).all()
+        assert px('i16.png')[..., 0].tolist() == [[128, 255], [0, 1]]  # 16 -> 8 bits, not clipped
+
+
+def test_load_rgb_corrupt_file_raises_badinput_naming_it(tmp_path):
+    good = tmp_path / 'good.jpg'
+    Image.fromarray(noise_frame(0, 64, 64)).save(good, quality=95)
+    raw = good.read_bytes()
+    (tmp_path / 'cut.jpg').write_bytes(raw[:len(raw) // 2])
+    (tmp_path / 'junk.jpg').write_bytes(b'not an image at all')
+    for name in ['cut.jpg', 'junk.jpg', 'absent.jpg']:
+        with pytest.raises(BadInput, match=name):
+            data.load_rgb(tmp_path / name)
+
+
+def test_load_rgb_draft_downscales_large_jpegs_only_as_far_as_needed(tmp_path):
+    path = tmp_path / 'big.jpg'
+    Image.fromarray(noise_frame(1, 768, 1024)).save(path, quality=90)
+    assert data.load_rgb(path).size == (1024, 768)
+    assert data.load_rgb(path, (100, 100)).size == (256, 192)  # 1/8 would give 96 rows < 100: 1/4 it is
+    assert data.load_rgb(path, (600, 300)).size == (1024, 768)  # no reduction keeps 600 columns
+
+
+def test_to_tensor_white_and_black_numbers():
+    white = data.to_tensor(Image.new('RGB', (5, 4), (255, 255, 255)))
+    black = data.to_tensor(np.zeros((4, 5, 3), dtype=np.uint8))
+    assert white.shape == (3, 4, 5) and white.dtype == torch.float32
+    expected = (1 - MEAN) / STD  # 2.2489, 2.4286, 2.6400
+    assert np.allclose(white[:, 0, 0].numpy(), expected, atol=1e-5)
+    assert np.allclose(white[:, 0, 0].numpy(), [2.2489083, 2.4285715, 2.64], atol=1e-5)
+    assert np.allclose(black[:, 2, 3].numpy(), -MEAN / STD, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# FramePairs
+
+def test_frame_pairs_white_frames_give_normalised_constants(tmp_path):
+    write_video(tmp_path / 'v', [np.full((30, 40, 3), 255)] * 6, '.jpg')
+    x1, x2 = data.FramePairs([tmp_path / 'v'], size=16)[0]
+    assert x1.shape == x2.shape == (3, 16, 16)
+    assert np.allclose(x1.numpy(), ((1 - MEAN) / STD)[:, None, None], atol=1e-5)
+
+
+def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
+    # identical frames: any difference in crop or flip would show
+    frame = noise_frame(3, 40, 56)
+    videos = [p.parent for p in (write_video(tmp_path / f"v{k}", [frame] * 8)[0] for k in range(3))]
+    ds = data.FramePairs(videos, size=24)
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        for idx in range(3):
+            x1, x2 = ds[idx]
+            assert x1.shape == (3, 24, 24) and torch.equal(x1, x2)
+
+    # a left-to-right ramp: flipped outputs fall from left to right, about half of them
+    ramp = np.repeat(np.repeat(np.linspace(0, 255, 64)[None, :, None], 48, 0), 3, 2)
+    ds = data.FramePairs([write_video(tmp_path / 'ramp', [ramp] * 5)[0].parent], size=16)
+    flips = []
+    for epoch in range(40):
+        ds.set_epoch(epoch)
+        x1, x2 = ds[0]
+        falling = (x1[0, :, -1] < x1[0, :, 0]).all().item()
+        assert falling == ds.draw(0, 5)[3]
+        assert falling == (x2[0, :, -1] < x2[0, :, 0]).all().item()
+        flips.append(falling)
+    assert 8 <= sum(flips) <= 32
+
+
+def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
+    # frame k shows a smooth texture moved right by k·d pixels, so frames i -> j move (j - i)·d pixels;
+    # in the output that is (j - i)·d·size / crop_width pixels, to the left when flipped
+    H, W, n, d, size = 48, 64, 8, 5, 48
+    big = np.random.default_rng(0).random((H // 4, (W + (n - 1) * d) // 4, 3))
+    big = np.asarray(Image.fromarray((big * 255).astype(np.uint8)).resize(((W + (n - 1) * d), H), Image.BICUBIC))
+    frames = [big[:, (n - 1 - k) * d:(n - 1 - k) * d + W] for k in range(n)]
+    ds = data.FramePairs([write_video(tmp_path / 'v', frames)[0].parent], size=size)
+    checked = 0
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        i, j, box, flip = ds.draw(0, n)
+        assert j - i == int(0.15 * n) == 1
+        expected = (j - i) * d * size / (box[2] * W) * (-1 if flip else 1)
+        x1, x2 = (x.numpy() for x in ds[0])
+        m = 14  # ignore the margins where new content enters
+        errors = {s: np.abs(x2[:, :, m:-m] - x1[:, :, m - s:size - m - s]).mean() for s in range(-13, 14)}
+        best = min(errors, key=errors.get)
+        assert abs(best - expected) <= 1, (epoch, best, expected)
+        assert errors[best] < 0.5 * errors[0]
+        checked += 1
+    assert checked == 12
+
+
+def test_frame_pairs_deterministic_in_seed_epoch_idx(tmp_path):
+    videos = [write_video(tmp_path / f"v{k}", [noise_frame(10 * k + t) for t in range(10)])[0].parent
+              for k in range(4)]
+    ds = data.FramePairs(videos, size=20, seed=7)
+    first = [ds[idx] for idx in range(4)]
+    again = data.FramePairs(videos, size=20, seed=7)
+    for idx in range(4):
+        assert all(torch.equal(a, b) for a, b in zip(first[idx], again[idx]))
+    ds.set_epoch(1)
+    assert sum(not torch.equal(first[idx][0], ds[idx][0]) for idx in range(4)) >= 3
+    other_seed = data.FramePairs(videos, size=20, seed=8)
+    assert sum(not torch.equal(first[idx][0], other_seed[idx][0]) for idx in range(4)) >= 3
+
+    # the same items whatever the number of DataLoader workers
+    def collect(workers):
+        loader = torch.utils.data.DataLoader(data.FramePairs(videos, size=20, seed=7), batch_size=2,
+                                             num_workers=workers)
+        return torch.cat([x1 for x1, _ in loader])
+
+    assert torch.equal(collect(0), collect(2))
+    assert len(ds) == 4 and len(list(ds)) == 4  # plain iteration stops at the end
+    with pytest.raises(IndexError):
+        ds[4]
+    assert torch.equal(collect(0), torch.stack([x1 for x1, _ in first]))
+
+
+def test_frame_pairs_decodes_only_the_two_sampled_frames(tmp_path, monkeypatch):
+    paths = write_video(tmp_path / 'v', [noise_frame(t, 16, 16) for t in range(20)], '.jpg')
+    opened = []
+    real_load_rgb = data.load_rgb
+
+    def counting_load_rgb(path, *args, **kwargs):
+        opened.append(Path(path))
+        return real_load_rgb(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, 'load_rgb', counting_load_rgb)
+    ds = data.FramePairs([tmp_path / 'v'], size=16)
+    for epoch in range(5):
+        ds.set_epoch(epoch)
+        opened.clear()
+        ds[0]
+        i, j, _, _ = ds.draw(0, 20)
+        assert opened == [paths[i], paths[j]] and j - i == 3
+
+
+def test_frame_pairs_corrupt_frames_warn_and_fall_back(tmp_path):
+    bad = write_video(tmp_path / 'a_bad', [noise_frame(t, 32, 32) for t in range(6)], '.jpg')
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:300])  # truncated JPEGs
+    write_video(tmp_path / 'b_good', [noise_frame(t, 32, 32) for t in range(6)], '.jpg')
+    ds = data.FramePairs(data.find_videos(tmp_path), size=16)
+    with pytest.warns(UserWarning, match='a_bad'):
+        x1, x2 = ds[0]
+    assert torch.isfinite(x1).all() and x1.shape == (3, 16, 16)
+    good1, good2 = ds[1]
+    assert torch.equal(x1, good1) and torch.equal(x2, good2)  # the fallback is video 1's own sample
+
+    only_bad = data.FramePairs([tmp_path / 'a_bad', tmp_path / 'gone'], size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with pytest.raises(BadInput, match='a_bad'):
+            only_bad[0]
+
+
+# -----------------------------------------------------------------------------
+# synthetic data
+
+def test_synthetic_video_deterministic_moving_textured_objects():
+    import time
+    start = time.perf_counter()
+    frames, masks = data.synthetic_video(3, n_frames=16, height=96, width=128, n_objects=2)
+    assert time.perf_counter() - start < 0.5
+    assert frames.shape == (16, 96, 128, 3) and frames.dtype == np.uint8
+    assert masks.shape == (16, 96, 128) and masks.dtype == np.uint8
+    same_frames, same_masks = data.synthetic_video(3, n_frames=16, height=96, width=128, n_objects=2)
+    assert np.array_equal(frames, same_frames) and np.array_equal(masks, same_masks)
+    assert not np.array_equal(frames, data.synthetic_video(4)[0])
+
+    assert set(np.unique(masks)) == {0, 1, 2}
+    f3, m3 = data.synthetic_video(5, n_frames=8, n_objects=3)
+    assert set(np.unique(m3)) == {0, 1, 2, 3}
+    for t in range(16):
+        for k in (1, 2):
+            area = (masks[t] == k).mean()
+            assert 0.005 < area < 0.3  # visible in every frame, never the whole frame
+    assert frames.reshape(16, -1, 3).std(axis=1).min() > 10  # textured, not flat
+
+    def centroid(t, k):
+        ys, xs = np.nonzero(masks[t] == k)
+        return np.array([xs.mean(), ys.mean()])
+
+    for k in (1, 2):
+        assert np.linalg.norm(centroid(0, k) - centroid(15, k)) > 3  # objects move
+        steps = [np.linalg.norm(centroid(t + 1, k) - centroid(t, k)) for t in range(15)]
+        assert max(steps) < 10  # smoothly
+    # the background pans: background pixels drift further from frame 0 as time goes on
+    def background_change(t):
+        background = (masks[0] == 0) & (masks[t] == 0)
+        return np.abs(frames[t].astype(int) - frames[0].astype(int))[background].mean()
+
+    assert 0.5 < background_change(1) < background_change(4) < background_change(8) and background_change(8) > 5
+    # objects have their own colour: mean colour inside each mask differs from the other object's
+    colour = [frames[0][masks[0] == k].mean(axis=0) for k in (1, 2)]
+    assert np.abs(colour[0] - colour[1]).max() > 30
+
+
+def test_write_synthetic_videos_is_found_and_loads(tmp_path):
+    folders = data.write_synthetic_videos(tmp_path, n_videos=3, n_frames=8, height=32, width=40, seed=1)
+    assert folders == [tmp_path / f"video_{v:03d}" for v in range(3)]
+    assert data.find_videos(tmp_path) == folders
+    assert [p.name for p in data.list_frames(folders[0])] == [f"{t:05d}.jpg" for t in range(8)]
+    assert Image.open(folders[0] / '00000.jpg').size == (40, 32)
+    assert not list(tmp_path.rglob('*.tmp'))
+    x1, x2 = data.FramePairs(folders, size=16)[2]  # 8 frames: gap int(1.2) = 1, two different frames
+    assert x1.shape == (3, 16, 16) and not torch.equal(x1, x2)
+
+
+def test_davis_palette_is_the_voc_colour_map():
+    palette = data.davis_palette()
+    assert len(palette) == 768 and all(0 <= c <= 255 for c in palette)
+    colour = [tuple(palette[3 * i:3 * i + 3]) for i in range(256)]
+    assert colour[:9] == [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128), (128, 0, 128),
+                          (0, 128, 128), (128, 128, 128), (64, 0, 0)]
+    assert colour[255] == (224, 224, 192)  # the VOC "void" colour
+    assert len(set(colour)) == 256
+
+
+def test_make_davis_layout(tmp_path):
+    root = data.make_davis(tmp_path / 'davis', n_seqs=3, n_frames=5, height=32, width=48, seed=2)
+    assert root == tmp_path / 'davis'
+    names = (root / 'ImageSets' / '2017' / 'val.txt').read_text().splitlines()
+    assert names == ['synth-000', 'synth-001', 'synth-002']
+    for s, name in enumerate(names):
+        images = sorted((root / 'JPEGImages' / '480p' / name).iterdir())
+        annotations = sorted((root / 'Annotations' / '480p' / name).iterdir())
+        assert [p.name for p in images] == [f"{t:05d}.jpg" for t in range(5)]
+        assert [p.name for p in annotations] == [f"{t:05d}.png" for t in range(5)]
+        _, masks = data.synthetic_video((2, 1, s), 5, 32, 48, n_objects=1 + s % 3)
+        for t, path in enumerate(annotations):
+            annotation = Image.open(path)
+            assert annotation.mode == 'P' and annotation.size == (48, 32)
+            assert annotation.getpalette()[:12] == [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0]
+            assert np.array_equal(np.asarray(annotation), masks[t])
+        assert set(np.unique(np.asarray(Image.open(annotations[0])))) == set(range(2 + s % 3))
+        assert Image.open(images[0]).mode == 'RGB' and Image.open(images[0]).size == (48, 32)
+    assert not list(root.rglob('*.tmp'))
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def test_cli_writes_and_rejects_bad_input(tmp_path, capsys):
+    assert data.main(['--make-davis', str(tmp_path / 'd'), '--seqs', '2', '--frames', '3', '--height', '24',
+                      '--width', '32']) == 0
+    assert 'wrote 2 synthetic DAVIS-2017 sequences' in capsys.readouterr().out
+    assert len(list((tmp_path / 'd' / 'Annotations' / '480p' / 'synth-001').iterdir())) == 3
+    assert data.main(['--make-videos', str(tmp_path / 'v'), '--videos', '2', '--frames', '4']) == 0
+    assert len(data.find_videos(tmp_path / 'v')) == 2
+
+    assert data.main(['--make-videos', str(tmp_path / 'x'), '--frames', '0']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error:')
+
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('x')
+    script = Path(data.__file__).resolve()
+    result = subprocess.run([sys.executable, str(script), '--make-davis', str(blocker)],
+                            capture_output=True, text=True, cwd=script.parent, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'a_file' in lines[0] and 'not a folder' in lines[0]
+
+
+# =============================================================================
+# cosettle.py and train.py: ViT, PEA, losses, fused kernel, training, resume, DDP
+# Tests for the training side: cosettle.py (ViT + loader, PEA, projection, losses, fused kernel) and train.py
+# (training loop, resume, DDP, bad inputs). PAPER.md steps 2-7 and "Training recipe".
+#
+# Everything here is CPU-only and uses tiny ViTs; data.py itself is covered by test_part_data.py.
+
+
+REPO = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_signals():
+    """One intra-op thread (these tensors are tiny: on a busy 2-core box two OpenMP threads are ~10x slower, not
+    faster), and SIGTERM/SIGINT handlers put back after each test (train() installs its own and keeps them)."""
+    threads = torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+# -----------------------------------------------------------------------------
+# helpers: random DINO-layout state dicts, an explicit DINO forward, an explicit official cycle loss
+
+def random_vit_state_dict(dim, depth, patch, grid, seed=0, dtype=torch.float32):
+    """A DINO vision_transformer.py state dict with random weights of sensible scale (attention neither uniform
+    nor one-hot, positional and CLS embeddings large enough to matter)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, std=1.0, mean=0.0):
+        return (mean + std * torch.randn(*shape, generator=g)).to(dtype)
+
+    hidden = 4 * dim
+    sd = {"cls_token": r(1, 1, dim, std=0.5), "pos_embed": r(1, 1 + grid * grid, dim, std=0.5),
+          "patch_embed.proj.weight": r(dim, 3, patch, patch, std=(3 * patch * patch) ** -0.5),
+          "patch_embed.proj.bias": r(dim, std=0.1)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": r(dim, mean=1.0, std=0.1), b + "norm1.bias": r(dim, std=0.1),
+                   b + "attn.qkv.weight": r(3 * dim, dim, std=dim ** -0.5), b + "attn.qkv.bias": r(3 * dim, std=0.1),
+                   b + "attn.proj.weight": r(dim, dim, std=dim ** -0.5), b + "attn.proj.bias": r(dim, std=0.1),
+                   b + "norm2.weight": r(dim, mean=1.0, std=0.1), b + "norm2.bias": r(dim, std=0.1),
+                   b + "mlp.fc1.weight": r(hidden, dim, std=dim ** -0.5), b + "mlp.fc1.bias": r(hidden, std=0.1),
+                   b + "mlp.fc2.weight": r(dim, hidden, std=hidden ** -0.5), b + "mlp.fc2.bias": r(dim, std=0.1)})
+    sd["norm.weight"] = r(dim, mean=1.0, std=0.1)
+    sd["norm.bias"] = r(dim, std=0.1)
+    return sd
+
+
+def dino_head(dim, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"head.mlp.0.weight": torch.randn(32, dim, generator=g), "head.mlp.0.bias": torch.randn(32, generator=g),
+            "head.last_layer.weight_g": torch.randn(16, 1, generator=g),
+            "head.last_layer.weight_v": torch.randn(16, 32, generator=g)}
+
+
+def dino_layer_norm(x, w, b, eps=1e-6):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w + b
+
+
+def dino_interpolate_pos_encoding(pos_embed, x, w, h, patch_size, use_size=False):
+    """DINO's ViT.interpolate_pos_encoding, line by line (w, h are x.shape[2], x.shape[3], as DINO names them)."""
+    npatch = x.shape[1] - 1
+    N = pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return pos_embed
+    class_pos_embed = pos_embed[:, 0]
+    patch_pos_embed = pos_embed[:, 1:]
+    dim = x.shape[-1]
+    w0 = w // patch_size
+    h0 = h // patch_size
+    grid = patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2)
+    if use_size:  # what a naive port would do; only used to show the test can tell the difference
+        patch_pos_embed = F.interpolate(grid, size=(w0, h0), mode="bicubic")
+    else:
+        w0, h0 = w0 + 0.1, h0 + 0.1  # DINO: "a small number to avoid floating point error in the interpolation"
+        patch_pos_embed = F.interpolate(grid, scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)), mode="bicubic")
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+def dino_reference_tokens(sd, img, heads, use_size=False):
+    """facebookresearch/dino vision_transformer.py, get_intermediate_layers(img, 1)[0][:, 1:], written out with
+    explicit attention (q k^T * scale, softmax, @ v), exact GELU and LayerNorm eps 1e-6, in float64."""
+    sd = {k: v.double() for k, v in sd.items()}
+    x = img.double()
+    B, nc, w, h = x.shape
+    weight = sd["patch_embed.proj.weight"]
+    patch = weight.shape[-1]
+    x = F.conv2d(x, weight, sd["patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    x = torch.cat((sd["cls_token"].expand(B, -1, -1), x), dim=1)
+    x = x + dino_interpolate_pos_encoding(sd["pos_embed"], x, w, h, patch, use_size)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for i in range(depth):
+        p = f"blocks.{i}."
+        y = dino_layer_norm(x, sd[p + "norm1.weight"], sd[p + "norm1.bias"])
+        Bn, N, C = y.shape
+        qkv = (y @ sd[p + "attn.qkv.weight"].T + sd[p + "attn.qkv.bias"]).reshape(Bn, N, 3, heads, C // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (C // heads) ** -0.5).softmax(dim=-1)
+        y = (attn @ v).transpose(1, 2).reshape(Bn, N, C)
+        x = x + (y @ sd[p + "attn.proj.weight"].T + sd[p + "attn.proj.bias"])
+        y = dino_layer_norm(x, sd[p + "norm2.weight"], sd[p + "norm2.bias"])
+        y = y @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"]
+        y = 0.5 * y * (1.0 + torch.erf(y / math.sqrt(2.0)))
+        x = x + (y @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"])
+    return dino_layer_norm(x, sd["norm.weight"], sd["norm.bias"])[:, 1:]
+
+
+def grid_pool(p):
+    """2x2 average pooling of row-major grid tokens [B, s*s, D] via avg_pool2d (independent of pool_tokens)."""
+    B, n, D = p.shape
+    s = math.isqrt(n)
+    return F.avg_pool2d(p.transpose(1, 2).reshape(B, D, s, s), 2).flatten(2).transpose(1, 2)
+
+
+def official_cycle(p1, p2, p1b, temp=0.03):
+    """Official Eq. 2: M = softmax(q1 q2^T/t) softmax(q2 q1b^T/t); cross_entropy(log(M + 1e-6), identity)."""
+    q1, q2, q1b = grid_pool(p1), grid_pool(p2), grid_pool(p1b)
+    M = torch.softmax(q1 @ q2.transpose(1, 2) / temp, -1) @ torch.softmax(q2 @ q1b.transpose(1, 2) / temp, -1)
+    B, n, _ = M.shape
+    return F.cross_entropy(torch.log(M + 1e-6).reshape(B * n, n), torch.arange(n).repeat(B)), M
+
+
+def assert_rel_close(actual, expected, rel):
+    """max |a - e| <= rel * max |e| (relative error in the max norm)."""
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= rel * scale, f"max error {err:.3e} > {rel:g} x {scale:.3e}"
+
+
+def unit(*shape, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=dtype), dim=-1)
+
+
+def run_main(argv, capsys):
+    """train.main in-process -> (exit code, stdout, stderr)."""
+    try:
+        train.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -----------------------------------------------------------------------------
+# shared fixtures: a tiny ViT checkpoint (width 128 = 2 heads of 64, depth 2, patch 16, 14x14 grid) and videos
+
+TINY_DIM, TINY_DEPTH = 128, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A randomly initialised (ViT's own init, seed 0) tiny ViT saved as a bare state dict."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vit = cosettle.ViT(16, TINY_DIM, TINY_DEPTH, TINY_DIM // 64, grid=(14, 14))
+    path = tmp_path_factory.mktemp("weights") / "tiny_vit.pth"
+    torch.save(vit.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rich_weights(tmp_path_factory):
+    """A tiny ViT with random weights of sensible scale, saved bare: (path, state dict)."""
+    sd = random_vit_state_dict(TINY_DIM, TINY_DEPTH, 16, 14, seed=3)
+    path = tmp_path_factory.mktemp("weights") / "rich_vit.pth"
+    torch.save(sd, path)
+    return path, sd
+
+
+@pytest.fixture(scope="module")
+def small_videos(tmp_path_factory):
+    """8 synthetic videos of 8 frames, 64x80."""
+    root = tmp_path_factory.mktemp("videos") / "small"
+    data.write_synthetic_videos(root, n_videos=8, n_frames=8, height=64, width=80, seed=0)
+    return root
+
+
+# -----------------------------------------------------------------------------
+# 1. checkpoint layouts and architecture inference
+
+ARCHS = {  # name: (width, patch, grid, heads), depth 12, mlp 4x
+    "S/16": (384, 16, 14, 6),
+    "B/16": (768, 16, 14, 12),
+    "S/8": (384, 8, 28, 6),
+}
+
+
+def make_layout(sd, layout, dim):
+    head = dino_head(dim)
+    if layout == "bare":
+        return sd
+    if layout == "teacher":  # a DINO full checkpoint: teacher and a *different* student, plus training state
+        teacher = {**{f"backbone.{k}": v for k, v in sd.items()}, **head}
+        student = {f"module.backbone.{k}": -v for k, v in sd.items()}
+        return {"student": student, "teacher": teacher, "epoch": 100, "args": argparse.Namespace(arch="vit")}
+    if layout == "student":
+        return {"student": {**{f"module.backbone.{k}": v for k, v in sd.items()},
+                            **{f"module.{k}": v for k, v in head.items()}}}
+    if layout == "model":
+        return {"model": dict(sd)}
+    if layout == "state_dict":
+        return {"state_dict": {f"module.{k}": v for k, v in sd.items()}}
+    raise ValueError(layout)
+
+
+# every layout goes through the full load_encoder at least once, every arch at least once (a ViT-B/16 load costs
+# seconds, mostly in ViT.__init__'s weight init); the others check the loader's state dict and inferred arch
+FULL_LOAD = {"S/16": ("teacher", "state_dict"), "B/16": ("bare",), "S/8": ("student", "model")}
+
+
+def loader_view(path):
+    """What the loader makes of a file before building the model: (backbone state dict, inferred arch)."""
+    ckpt = cosettle.read_checkpoint(str(path))
+    family, sd = cosettle.detect_family(ckpt)
+    found = cosettle.backbone_state_dict(sd, family, str(path))
+    return found, cosettle.infer_arch(found, family, str(path))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_checkpoint_layouts_and_arch_inference(arch, tmp_path):
+    dim, patch, grid, heads = ARCHS[arch]
+    dtype = torch.float16 if arch == "B/16" else torch.float32  # halves the B/16 file; also checks the upcast
+    sd = random_vit_state_dict(dim, 12, patch, grid, seed=0, dtype=dtype)
+    expected_arch = dict(patch_size=patch, embed_dim=dim, depth=12, heads=heads, grid=(grid, grid),
+                         mlp_dim=4 * dim, qkv_bias=True)
+    for layout in ("bare", "teacher", "student", "model", "state_dict"):
+        path = tmp_path / f"{layout}.pth"
+        torch.save(make_layout(sd, layout, dim), path)
+        found, inferred = loader_view(path)
+        assert set(found) == set(sd), layout  # prefixes stripped, DINO head dropped, nothing else lost
+        for k, v in sd.items():  # the teacher, not the negated student; fp16 upcast exactly
+            assert torch.equal(found[k].float(), v.float()), (layout, k)
+        assert {k: inferred[k] for k in expected_arch} == expected_arch, layout
+        assert inferred.get("registers", 0) == 0 and inferred.get("cls_token", True)
+        if layout in FULL_LOAD[arch]:
+            model = cosettle.load_encoder(str(path))
+            assert {k: model.arch[k] for k in expected_arch} == expected_arch
+            assert model.arch["eps"] == 1e-6 and model.arch.get("act", "gelu") == "gelu"
+            assert (model.patch_size, model.embed_dim, model.grid) == (patch, dim, (grid, grid))
+            assert len(model.blocks) == 12 and model.blocks[0].attn.heads == heads
+            assert model.patch_embed.proj.stride == (patch, patch)
+            loaded = model.state_dict()
+            assert set(loaded) == set(sd)
+            for k, v in sd.items():
+                assert loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float()), (layout, k)
+            assert not any(p.requires_grad for p in model.parameters())
+            assert not any(m.training for m in model.modules())
+        path.unlink()
+
+
+# -----------------------------------------------------------------------------
+# 2. the ViT equals DINO's forward (explicit attention), with and without positional interpolation
+
+@pytest.mark.parametrize("size", [(224, 224), (480, 832)])
+def test_vit_matches_explicit_dino_forward(rich_weights, size):
+    path, sd = rich_weights
+    model = cosettle.load_encoder(str(path))
+    assert model.arch["heads"] == 2
+    img = torch.randn(1 if size[0] > 224 else 2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(img)
+    ref = dino_reference_tokens(sd, img, heads=2)
+    assert ours.shape == (img.shape[0], (size[0] // 16) * (size[1] // 16), TINY_DIM)
+    torch.testing.assert_close(ours.double(), ref, rtol=0, atol=1e-4)
+    if size != (224, 224):
+        # the +0.1 scale-factor trick matters: a size-based resize gives visibly different tokens
+        naive = dino_reference_tokens(sd, img, heads=2, use_size=True)
+        assert (naive - ref).abs().max() > 1e-2
+
+
+def test_vit_rejects_size_not_divisible_by_patch(rich_weights):
+    model = cosettle.load_encoder(str(rich_weights[0]))
+    with pytest.raises(ValueError, match="not divisible"):
+        model(torch.zeros(1, 3, 224, 200))
+
+
+# -----------------------------------------------------------------------------
+# 3. PEA
+
+def pos_grid(pos):  # [1, s*s, D] -> [D, s, s]
+    _, n, D = pos.shape
+    s = math.isqrt(n)
+    return pos[0].reshape(s, s, D).permute(2, 0, 1)
+
+
+def find_window(up, window):
+    """Offset (i, j) of the s x s `window` [D, s, s] inside `up` [D, U, U], found by matching its corner."""
+    s, U = window.shape[-1], up.shape[-1]
+    d = ((up[:, :U - s + 1, :U - s + 1] - window[:, :1, :1]) ** 2).sum(0)
+    return divmod(int(d.argmin()), U - s + 1)
+
+
+@pytest.mark.parametrize("ratio", [10.0, 1.0])
+def test_pea_is_a_window_of_the_bicubic_upsample(ratio):
+    pos = torch.randn(1, 196, 16, generator=torch.Generator().manual_seed(0))
+    up_side = int((1 + ratio) * 14)
+    up = F.interpolate(pos_grid(pos).double()[None], size=(up_side, up_side), mode="bicubic",
+                       align_corners=False)[0]
+    offsets = []
+    for seed in range(6):
+        out = cosettle.shifted_pos_embed(pos, ratio, torch.Generator().manual_seed(seed))
+        assert out.shape == pos.shape
+        window = pos_grid(out).double()
+        i, j = find_window(up, window)
+        torch.testing.assert_close(window, up[:, i:i + 14, j:j + 14], rtol=0, atol=1e-5)
+        offsets.append((i, j))
+        again = cosettle.shifted_pos_embed(pos, ratio, torch.Generator().manual_seed(seed))
+        assert torch.equal(again, out)  # same seed, same window
+    assert len(set(offsets)) >= 4  # different generators, different windows
+    assert any(o != (0, 0) for o in offsets)
+
+
+def test_pea_ratio_zero_is_identity():
+    pos = torch.randn(1, 196, 16, generator=torch.Generator().manual_seed(0))
+    out = cosettle.shifted_pos_embed(pos, 0.0, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(out, pos, rtol=0, atol=1e-6)
+
+
+def test_encode_streams_equal_separate_calls_and_keep_cls_position(rich_weights):
+    path, sd = rich_weights
+    model = cosettle.CoSettle(cosettle.load_encoder(str(path)))
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(2, 3, 224, 224, generator=g), torch.randn(2, 3, 224, 224, generator=g)
+    z = model.encode(x1, x2, generator=torch.Generator().manual_seed(7))
+    assert z.shape == (2, 3 * 196, TINY_DIM)
+    f = model.encoder
+    pea = cosettle.shifted_pos_embed(f.patch_pos_embed(), 10.0, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        z1, z2, z1b = f(x1), f(x2), f(x1, patch_pos_embed=pea)
+    for mine, part in zip((z1, z2, z1b), z.chunk(3, dim=1)):
+        torch.testing.assert_close(part, mine, rtol=0, atol=1e-5)
+    assert (z1b - z1).abs().max() > 1e-2  # the PEA stream really differs
+    # the PEA stream is DINO's forward with the patch rows of pos_embed replaced and the CLS row kept
+    pea_sd = dict(sd, pos_embed=torch.cat([sd["pos_embed"][:, :1], pea], dim=1))
+    ref = dino_reference_tokens(pea_sd, x1, heads=2)
+    torch.testing.assert_close(z.chunk(3, dim=1)[2].double(), ref, rtol=0, atol=1e-4)
+    moved_cls = dict(pea_sd, pos_embed=torch.cat([torch.zeros_like(sd["pos_embed"][:, :1]), pea], dim=1))
+    assert (dino_reference_tokens(moved_cls, x1, heads=2) - ref).abs().max() > 1e-2  # the CLS row matters
+
+
+# -----------------------------------------------------------------------------
+# 4. the cycle loss
+
+def orthonormal_tokens(B, D, seed):
+    """[B, 196, D] tokens whose 2x2-pooled 7x7 grid is 49 orthonormal vectors (each repeated over its 2x2 cell)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(B):
+        q, _ = torch.linalg.qr(torch.randn(D, 49, generator=g, dtype=torch.float64))  # columns orthonormal
+        cells = q.T.reshape(7, 7, D)
+        out.append(cells.repeat_interleave(2, 0).repeat_interleave(2, 1).reshape(196, D))
+    return torch.stack(out)
+
+
+def check_cycle(p1, p2, p1b, rel, grad_atol=0.0):
+    leaves = [p.detach().clone().requires_grad_() for p in (p1, p2, p1b)]
+    loss, acc, sim = cosettle.cycle_loss(*leaves)
+    loss.backward()
+    ref_leaves = [p.detach().clone().requires_grad_() for p in (p1, p2, p1b)]
+    ref, M = official_cycle(*ref_leaves)
+    ref.backward()
+    assert_rel_close(loss.detach(), ref.detach(), rel)
+    for a, b in zip(leaves, ref_leaves):
+        if grad_atol:  # gradients at float64 noise level: both must be ~0
+            assert a.grad.abs().max() < grad_atol and b.grad.abs().max() < grad_atol
+        else:
+            assert_rel_close(a.grad, b.grad, rel)
+    # cosettle's own yardstick agrees with ours
+    assert_rel_close(cosettle.reference_cycle_loss(p1, p2, p1b), ref.detach(), 1e-9)
+    # accuracy and sim_identity read off the full M
+    M = M.detach()
+    B, n, _ = M.shape
+    explicit_acc = np.mean([int(torch.argmax(M[b, i])) == i for b in range(B) for i in range(n)])
+    assert acc.item() == pytest.approx(explicit_acc, abs=1e-6)
+    eye = torch.eye(n, dtype=M.dtype).expand(B, n, n)
+    explicit_sim = F.cosine_similarity(M.flatten(), eye.flatten(), dim=0)
+    assert sim.item() == pytest.approx(explicit_sim.item(), rel=1e-6)
+    return loss.item(), acc.item(), sim.item()
+
+
+def test_cycle_loss_random_inputs_is_chance_level():
+    p1, p2, p1b = (unit(6, 196, 16, seed=s) for s in (0, 1, 2))
+    loss, acc, sim = check_cycle(p1, p2, p1b, rel=1e-9)
+    assert acc < 0.15  # chance is 1/49
+    assert loss > math.log(49) * 0.5
+
+
+def test_cycle_loss_perfect_inputs():
+    """p1 = p2 = p1b with 49 orthonormal pooled tokens: M is the identity to ~1e-13, loss ~ 49e-6 - 1e-6."""
+    t = orthonormal_tokens(3, 64, seed=0)
+    loss, acc, sim = check_cycle(t, t, t, rel=1e-9, grad_atol=1e-12)
+    assert acc == 1.0
+    assert sim > 0.999
+    assert loss == pytest.approx(math.log1p(49e-6) - math.log1p(1e-6), rel=1e-6)
+
+
+def test_cycle_loss_near_perfect_inputs():
+    p1 = unit(3, 196, 64, seed=0)
+    p2 = F.normalize(p1 + 0.1 * unit(3, 196, 64, seed=1), dim=-1)
+    loss, acc, sim = check_cycle(p1, p2, p1.clone(), rel=1e-6)
+    assert acc > 0.9 and sim > 0.5
+    assert loss < 0.5
+
+
+def test_cycle_loss_batch_of_one_and_realistic():
+    p1 = unit(1, 196, 32, seed=0)
+    p2 = F.normalize(p1 + 0.3 * unit(1, 196, 32, seed=1), dim=-1)  # a correlated second frame
+    p1b = F.normalize(p1 + 0.3 * unit(1, 196, 32, seed=2), dim=-1)
+    loss, acc, sim = check_cycle(p1, p2, p1b, rel=1e-9)
+    assert acc > 0.5  # correlated frames: well above chance
+
+
+def test_cycle_loss_float32_matches_float64_official():
+    p1, p2, p1b = (unit(4, 196, 32, seed=s) for s in (3, 4, 5))
+    p2 = F.normalize(p1 + 0.5 * p2, dim=-1)
+    loss32, _, _ = cosettle.cycle_loss(p1.float(), p2.float(), p1b.float())
+    ref, _ = official_cycle(p1, p2, p1b)
+    assert_rel_close(loss32.double(), ref, 1e-5)
+
+
+def test_cycle_accuracy_one_for_distinct_orthonormal_tokens_and_pooling():
+    t = orthonormal_tokens(2, 64, seed=1).float()
+    _, acc, _ = cosettle.cycle_loss(t, t, t)
+    assert acc.item() == 1.0
+    p = unit(3, 196, 8, seed=9)
+    torch.testing.assert_close(cosettle.pool_tokens(p), grid_pool(p), rtol=0, atol=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# 5. fused (compiled) objective equals the eager one
+
+def test_fused_objective_equals_eager():
+    fused = cosettle.fuse(cosettle.objective)
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(2, 3 * 16, 32, generator=g)  # 4x4 grid per stream
+    z = torch.randn(2, 3 * 16, 32, generator=g)
+    outs, grads = [], []
+    for fn in (cosettle.objective, fused):
+        h = h0.clone().requires_grad_()
+        out = fn(h, z)
+        out[0].backward()
+        outs.append([o.detach() for o in out])
+        grads.append(h.grad)
+    for eager, compiled in zip(*outs):
+        assert_rel_close(compiled, eager, 1e-5)
+    assert_rel_close(grads[1], grads[0], 1e-5)
+    assert grads[0].abs().max() > 0
+
+
+# -----------------------------------------------------------------------------
+# 6. separability loss
+
+def test_separability_loss_hand_computation():
+    rng = np.random.default_rng(0)
+    B, T, D = 2, 3, 4
+    p, z = rng.normal(size=(B, T, D)), rng.normal(size=(B, T, D))
+
+    def softmax(v):
+        e = [math.exp(x) for x in v]
+        return [x / sum(e) for x in e]
+
+    def kl(a, b):  # KL(softmax(a) || softmax(b)), summed over every token, divided by B
+        total = 0.0
+        for bi in range(B):
+            for t in range(T):
+                sa, sb = softmax(a[bi, t]), softmax(b[bi, t])
+                total += sum(x * (math.log(x) - math.log(y)) for x, y in zip(sa, sb))
+        return total / B
+
+    ours = cosettle.separability_loss(torch.from_numpy(p), torch.from_numpy(z)).item()
+    assert ours == pytest.approx(kl(z, p), rel=1e-12)  # KL(softmax(z) || softmax(p)): the code's direction
+    assert abs(ours - kl(p, z)) > 1e-3  # not the paper's written direction
+    swapped = cosettle.separability_loss(torch.from_numpy(z), torch.from_numpy(p)).item()
+    assert swapped == pytest.approx(kl(p, z), rel=1e-12)
+
+
+def test_separability_loss_equals_kl_div_batchmean():
+    p, z = unit(3, 3 * 16, 32, seed=0), unit(3, 3 * 16, 32, seed=1)
+    expected = F.kl_div(torch.log_softmax(p, -1), torch.softmax(z, -1), reduction="batchmean")
+    assert cosettle.separability_loss(p, z).item() == pytest.approx(expected.item(), rel=1e-10)
+    assert abs(cosettle.separability_loss(z, p).item() - expected.item()) > 1e-6 * expected.item()
+    assert abs(cosettle.separability_loss(p, p).item()) < 1e-12
+
+
+def test_objective_is_cycle_plus_lambda_kl():
+    g = torch.Generator().manual_seed(2)
+    h, z = torch.randn(2, 3 * 196, 16, generator=g, dtype=torch.float64), torch.randn(2, 3 * 196, 16, generator=g,
+                                                                                   dtype=torch.float64)
+    loss, cyc, reg, acc, sim = cosettle.objective(h, z, temp=0.05, lambda_reg=2.5)
+    p, zn = F.normalize(h, dim=-1), F.normalize(z, dim=-1)
+    ref_cyc, _ = official_cycle(*p.chunk(3, dim=1), temp=0.05)
+    ref_reg = F.kl_div(torch.log_softmax(p, -1), torch.softmax(zn, -1), reduction="batchmean")
+    assert cyc.item() == pytest.approx(ref_cyc.item(), rel=1e-6)
+    assert reg.item() == pytest.approx(ref_reg.item(), rel=1e-6)  # objective computes in float32
+    assert loss.item() == pytest.approx(ref_cyc.item() + 2.5 * ref_reg.item(), rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# 7. projection
+
+def test_projection_structure_and_size():
+    proj = cosettle.Projection(768)
+    D = 768
+    assert sum(p.numel() for p in proj.parameters()) == D * D + D + 2 * D == 592_128  # 0.59M
+    assert round(sum(p.numel() for p in proj.parameters()) / 1e6, 2) == 0.59
+    assert isinstance(proj.linear, nn.Linear) and isinstance(proj.norm, nn.LayerNorm)
+    assert proj.norm.eps == 1e-5 and proj.norm.elementwise_affine
+    assert torch.count_nonzero(proj.linear.bias) == 0
+    assert 0.018 < proj.linear.weight.std().item() < 0.022  # trunc_normal std 0.02
+    small = cosettle.Projection(32)
+    with torch.no_grad():
+        for prm in small.parameters():
+            prm.add_(torch.randn(prm.shape, generator=torch.Generator().manual_seed(prm.numel())))
+    z = torch.randn(4, 10, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.tanh(z @ small.linear.weight.T + small.linear.bias)
+    mu, var = y.mean(-1, keepdim=True), y.var(-1, unbiased=False, keepdim=True)
+    expected = (y - mu) / torch.sqrt(var + 1e-5) * small.norm.weight + small.norm.bias
+    torch.testing.assert_close(small(z), expected, rtol=0, atol=1e-5)
+
+
+def test_only_projection_trains(rich_weights):
+    model = cosettle.CoSettle(cosettle.load_encoder(str(rich_weights[0])))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"projection.linear.weight", "projection.linear.bias", "projection.norm.weight",
+                         "projection.norm.bias"}
+    model.train()
+    assert model.projection.training and not model.encoder.training
+    assert not any(m.training for m in model.encoder.modules())
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(2, 3, 224, 224, generator=g), torch.randn(2, 3, 224, 224, generator=g)
+    out = model(x1, x2, generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"loss", "cycle", "reg", "accuracy", "sim_identity"}
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.projection.parameters())
+
+
+# -----------------------------------------------------------------------------
+# 8. a short synthetic run raises cycle accuracy
+
+def test_short_training_run_raises_cycle_accuracy(tiny_weights, tmp_path, capsys):
+    """Random tiny ViT, 16 synthetic videos, 100 steps of 4 clips at 224 px. lambda_reg = 0: on a *random* ViT
+    the regulariser pins g(z) to z, whose own cycle accuracy is about that of the fresh projection (~0.10), so
+    with the default lambda 3 the gain is only ~+0.02; the cycle term alone takes it from ~0.1 to ~0.4."""
+    videos_root = tmp_path / "videos"
+    data.write_synthetic_videos(videos_root, n_videos=16, n_frames=8, height=96, width=128, seed=0)
+    videos = data.find_videos(videos_root)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)  # the projection train() starts from (it seeds with --seed before building CoSettle)
+    fresh = cosettle.CoSettle(cosettle.load_encoder(str(tiny_weights)))
+    before = train.cycle_accuracy(fresh.eval(), videos, cpu, None, 0)
+    args = train.parse_args(["--weights", str(tiny_weights), "--videos", str(videos_root), "--out",
+                             str(tmp_path / "out"), "--no-compile", "--workers", "0", "--batch-size", "4",
+                             "--epochs", "25", "--blr", "1", "--lambda-reg", "0"])
+    trained, steps = train.train(args)
+    assert steps == 25 * (16 // 4)
+    assert torch.equal(torch.load(tmp_path / "out" / "cosettle.pth", weights_only=True)["projection"]["linear.weight"],
+                       trained.projection.linear.weight)
+    after = train.cycle_accuracy(trained.eval(), videos, cpu, None, 0)
+    assert after > before + 0.15 and after > 2 * before, (before, after)
+
+
+# -----------------------------------------------------------------------------
+# 9. resume equality, log and checkpoint contents
+
+LOG_KEYS = {"step", "epoch", "lr", "clips_per_s", "loss", "cycle", "reg", "accuracy", "sim_identity"}
+
+
+def test_resume_after_sigterm_equals_uninterrupted(tiny_weights, small_videos, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "LOG_EVERY", 1)
+    common = ["--weights", tiny_weights, "--videos", small_videos, "--no-compile", "--workers", "0",
+              "--batch-size", "2", "--epochs", "2", "--blr", "1", "--warmup-epochs", "0.5"]  # 4 steps/epoch
+    code, out, _ = run_main(common + ["--out", tmp_path / "a"], capsys)
+    assert code == 0 and "done: step 8/8" in out
+
+    real_lr_at = train.lr_at
+    calls = []
+
+    def sigterm_at(k):  # deliver SIGTERM while the k-th step of this run is in progress
+        def lr_at(*a):
+            calls.append(1)
+            if len(calls) == k:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_lr_at(*a)
+        calls.clear()
+        monkeypatch.setattr(train, "lr_at", lr_at)
+
+    guard = []
+    signal.signal(signal.SIGTERM, lambda *a: guard.append(a))  # if train() did not catch it, pytest must survive
+    b = tmp_path / "b"
+    sigterm_at(3)
+    code, out, _ = run_main(common + ["--out", b], capsys)
+    assert code == 0 and "interrupted: step 3/8" in out and not guard
+    ckpt = torch.load(b / "cosettle.pth", map_location="cpu", weights_only=True)
+    assert set(ckpt) == {"projection", "optimizer", "step", "epoch", "args", "encoder"}
+    assert ckpt["step"] == 3 and ckpt["epoch"] == 0
+    assert {k: ckpt["encoder"][k] for k in ("path", "size")} == dict(path=os.path.abspath(tiny_weights),
+                                                                      size=os.path.getsize(tiny_weights))
+    assert re.fullmatch(r"[0-9a-f]{40}", ckpt["encoder"]["fingerprint"])
+    assert ckpt["args"]["blr"] == 1.0 and ckpt["args"]["batch_size"] == 2
+    assert set(ckpt["projection"]) == {"linear.weight", "linear.bias", "norm.weight", "norm.bias"}
+    assert len(ckpt["optimizer"]["state"]) == 4
+    proj = cosettle.load_projection(str(b / "cosettle.pth"))
+    assert torch.equal(proj.linear.weight, ckpt["projection"]["linear.weight"])
+
+    sigterm_at(3)  # resume, and interrupt again mid-epoch 1 (global step 6)
+    code, out, _ = run_main(common + ["--out", b, "--resume"], capsys)
+    assert code == 0 and "starting at step 3" in out and "interrupted: step 6/8" in out
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    code, out, _ = run_main(common + ["--out", b, "--resume"], capsys)
+    assert code == 0 and "starting at step 6" in out and "done: step 8/8" in out
+
+    ca = torch.load(tmp_path / "a" / "cosettle.pth", weights_only=True)
+    cb = torch.load(b / "cosettle.pth", weights_only=True)
+    assert ca["step"] == cb["step"] == 8 and ca["epoch"] == cb["epoch"] == 2
+    for k, v in ca["projection"].items():
+        assert torch.equal(cb["projection"][k], v), k
+    for i, state in ca["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(cb["optimizer"]["state"][i][k], v), (i, k)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        init = cosettle.Projection(TINY_DIM)
+    assert (init.linear.weight - ca["projection"]["linear.weight"]).abs().max() > 1e-2  # it did train
+
+    logs = {}
+    for run in ("a", "b"):
+        lines = (tmp_path / run / "log.jsonl").read_text().splitlines()
+        recs = [json.loads(line) for line in lines]
+        assert all(set(r) == LOG_KEYS for r in recs)
+        logs[run] = recs
+    assert [r["step"] for r in logs["a"]] == [r["step"] for r in logs["b"]] == list(range(1, 9))
+    for ra, rb in zip(logs["a"], logs["b"]):
+        assert all(ra[k] == rb[k] for k in ("epoch", "lr", "loss", "cycle", "reg", "accuracy")), (ra, rb)
+    assert all(math.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in logs["a"])
+    assert not list(b.glob("*.tmp"))
+
+
+# -----------------------------------------------------------------------------
+# 10. DDP (2 gloo processes) equals one process on the same global batch
+
+WRAPPER = """import sys
+sys.path.insert(0, {repo!r})
+import train
+train.autocast_dtype = lambda device: None  # fp32 even on AMX CPUs: the comparison is about gradient averaging
+train.main(sys.argv[1:])
+"""
+
+
+def test_ddp_two_processes_equal_one(tiny_weights, small_videos, tmp_path):
+    wrapper = tmp_path / "run_train.py"
+    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    common = ["--weights", str(tiny_weights), "--videos", str(small_videos), "--no-compile", "--workers", "0",
+              "--epochs", "1", "--blr", "1", "--warmup-epochs", "0", "--seed", "3"]  # 8 videos: 2 steps of 4
+    for attempt in range(3):  # the free port can be taken between free_port() and torchrun's bind: retry then
+        ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(wrapper), *common,
+                              "--batch-size", "2", "--out", str(tmp_path / "ddp")],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        if ddp.returncode == 0 or "address already in use" not in ddp.stderr.lower():
+            break
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es) x 2 clips, 2 steps/epoch" in ddp.stdout
+    one = subprocess.run([sys.executable, str(wrapper), *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "1 process(es) x 4 clips, 2 steps/epoch" in one.stdout
+    a = torch.load(tmp_path / "ddp" / "cosettle.pth", weights_only=True)
+    b = torch.load(tmp_path / "one" / "cosettle.pth", weights_only=True)
+    assert a["step"] == b["step"] == 2
+    for k, v in b["projection"].items():
+        torch.testing.assert_close(a["projection"][k], v, rtol=0, atol=1e-5)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        init = cosettle.Projection(TINY_DIM)
+    assert (init.linear.weight - b["projection"]["linear.weight"]).abs().max() > 1e-3  # not vacuous
+    ra = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    rb = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [2]
+    assert ra[0]["lr"] == pytest.approx(rb[0]["lr"], rel=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# 11. bad inputs: one clear line naming the file, exit 2, nothing written
+
+def assert_clean_error(code, err, *needles, out_dir=None):
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    if out_dir is not None and out_dir.exists():
+        assert not any(out_dir.iterdir()), list(out_dir.iterdir())
+
+
+def test_bad_weights_files(small_videos, tmp_path, capsys):
+    tiny = random_vit_state_dict(64, 2, 16, 4, seed=0)
+    incomplete = dict(tiny)
+    del incomplete["blocks.1.mlp.fc2.weight"]
+    cases = {
+        "missing.pth": (None, ["no such file"]),
+        "random.pth": (os.urandom(4096), ["not a readable PyTorch checkpoint"]),
+        "notes.pth": ("these are not weights\n".encode(), ["not a readable PyTorch checkpoint"]),
+        "classifier.pth": ({"model": {"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)}},
+                           ["ViT", "fc.bias", "fc.weight"]),
+        "training_state.pth": ({"epoch": 3, "best_acc": 0.5}, ["ViT", "epoch", "best_acc"]),
+        "incomplete.pth": (incomplete, ["missing", "blocks.1.mlp.fc2.weight"]),
+    }
+    for name, (content, needles) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            torch.save(content, path)
+        out_dir = tmp_path / f"out_{name}"
+        code, _, err = run_main(["--weights", path, "--videos", small_videos, "--out", out_dir, "--no-compile",
+                                 "--workers", "0"], capsys)
+        assert_clean_error(code, err, path, *needles, out_dir=out_dir)
+
+
+def test_bad_weights_subprocess_exit_code(small_videos, tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"\x00\x01garbage" * 100)
+    res = subprocess.run([sys.executable, str(REPO / "train.py"), "--weights", str(path), "--videos",
+                          str(small_videos), "--out", str(tmp_path / "out"), "--no-compile", "--workers", "0"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert_clean_error(res.returncode, res.stderr, path, "not a readable PyTorch checkpoint",
+                       out_dir=tmp_path / "out")
+
+
+def test_bad_video_folders(tiny_weights, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "class_a" / "vid").mkdir(parents=True)
+    (empty / "class_a" / "vid" / "readme.txt").write_text("no frames here")
+    singles = tmp_path / "singles"
+    for v in range(3):
+        data.write_synthetic_videos(singles / f"v{v}", n_videos=1, n_frames=1, height=32, width=32, seed=v)
+    for root, needles in [(empty, ["holds no folders with frames"]), (singles, ["no video folder with at least 2 frames", "skipping 3"]),
+                          (tmp_path / "nowhere", ["no such file"])]:
+        out_dir = tmp_path / f"out_{root.name}"
+        code, _, err = run_main(["--weights", tiny_weights, "--videos", root, "--out", out_dir, "--no-compile",
+                                 "--workers", "0"], capsys)
+        assert_clean_error(code, err, root, *needles, out_dir=out_dir)
+        if root is singles:
+            assert "warning:" in err and "skipped 3 of 3" in err
+    code, _, err = run_main(["--weights", tiny_weights, "--out", tmp_path / "o", "--no-compile"], capsys)
+    assert_clean_error(code, err, "--videos")
+
+
+def test_short_and_corrupt_videos_warn_and_training_continues(tiny_weights, tmp_path, capsys):
+    root = tmp_path / "videos"
+    data.write_synthetic_videos(root / "good", n_videos=7, n_frames=6, height=48, width=64, seed=0)
+    data.write_synthetic_videos(root / "short", n_videos=2, n_frames=1, height=48, width=64, seed=1)
+    bad = data.write_synthetic_videos(root / "zz_corrupt", n_videos=1, n_frames=6, height=48, width=64, seed=2)[0]
+    for frame in data.list_frames(bad):
+        frame.write_bytes(frame.read_bytes()[:200])  # truncated JPEGs
+    out_dir = tmp_path / "out"
+    with pytest.warns(UserWarning, match="cannot decode"):
+        # 8 usable videos (7 good + the corrupt one), batch 4: both steps together visit every video
+        code, out, err = run_main(["--weights", tiny_weights, "--videos", root, "--out", out_dir, "--no-compile",
+                                   "--workers", "0", "--batch-size", "4", "--epochs", "1"], capsys)
+    assert code == 0, err
+    assert "skipped 2 of 10" in err
+    assert "8 videos" in out and "done: step 2/2" in out
+    ckpt = torch.load(out_dir / "cosettle.pth", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["projection"].values())
+
+
+def test_nan_weights_stop_at_step_one(tmp_path, small_videos, capsys):
+    sd = random_vit_state_dict(64, 1, 16, 14, seed=0)
+    sd["norm.weight"][5] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(sd, path)
+    out_dir = tmp_path / "out"
+    code, _, err = run_main(["--weights", path, "--videos", small_videos, "--out", out_dir, "--no-compile",
+                             "--workers", "0", "--batch-size", "2"], capsys)
+    assert_clean_error(code, err, "loss is nan at step 1", out_dir / "cosettle.pth", "none was saved yet")
+    assert not (out_dir / "cosettle.pth").exists()
+
+
+def test_nan_loss_after_resume_keeps_last_good_checkpoint(tiny_weights, small_videos, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    common = ["--weights", tiny_weights, "--videos", small_videos, "--out", out_dir, "--no-compile", "--workers",
+              "0", "--batch-size", "2"]  # 4 steps per epoch
+    code, _, err = run_main(common + ["--epochs", "1"], capsys)
+    assert code == 0, err
+    ckpt_path = out_dir / "cosettle.pth"
+    good = torch.load(ckpt_path, weights_only=True)
+    assert good["step"] == 4
+    # step 5 starts from the good weights (finite loss) and its update with lr = inf ruins them: the error names
+    # step 5 (if the weights are checked after the update) or step 6 (the first non-finite loss); step 5 is
+    # mid-epoch, so nothing is saved in between
+    code, _, err = run_main(common + ["--epochs", "2", "--blr", "inf", "--resume"], capsys)
+    assert_clean_error(code, err, ckpt_path, "last good state")
+    assert re.search(r"step [56]\b", err) and re.search(r"\b(nan|inf|non-finite)\b", err), err
+    kept = torch.load(ckpt_path, weights_only=True)
+    assert kept["step"] == 4
+    for k, v in good["projection"].items():
+        assert torch.equal(kept["projection"][k], v)
+    assert not list(out_dir.glob("*.tmp"))
+
+
+def test_resume_errors(tiny_weights, small_videos, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    common = ["--videos", small_videos, "--out", out_dir, "--no-compile", "--workers", "0", "--batch-size", "4",
+              "--epochs", "1"]
+    code, _, err = run_main(common + ["--weights", tiny_weights, "--resume"], capsys)
+    assert_clean_error(code, err, out_dir / "cosettle.pth", "no checkpoint")
+    code, _, err = run_main(common + ["--weights", tiny_weights], capsys)
+    assert code == 0, err
+    other = tmp_path / "other.pth"
+    torch.save(random_vit_state_dict(64, 1, 16, 14, seed=1), other)
+    assert os.path.getsize(other) != os.path.getsize(tiny_weights)
+    code, _, err = run_main(common + ["--weights", other, "--resume", "--epochs", "2"], capsys)
+    assert_clean_error(code, err, out_dir / "cosettle.pth", tiny_weights, other)
+
+
+# -----------------------------------------------------------------------------
+# Fixed bugs, kept as regression tests
+
+def test_nan_update_on_epoch_boundary_is_not_checkpointed(tiny_weights, small_videos, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    common = ["--weights", tiny_weights, "--videos", small_videos, "--out", out_dir, "--no-compile", "--workers",
+              "0", "--batch-size", "8"]  # 8 videos: one step per epoch, so every step ends an epoch
+    code, _, err = run_main(common + ["--epochs", "1"], capsys)
+    assert code == 0, err
+    ckpt_path = out_dir / "cosettle.pth"
+    good = torch.load(ckpt_path, weights_only=True)
+    code, _, err = run_main(common + ["--epochs", "3", "--blr", "inf", "--resume"], capsys)
+    assert_clean_error(code, err, ckpt_path)  # step 2's update (lr inf) ruins the weights
+    assert re.search(r"step [23]\b", err), err
+    kept = torch.load(ckpt_path, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in kept["projection"].values()), "non-finite weights were saved"
+    assert kept["step"] == good["step"] == 1
+
+
+def test_train_restores_signal_handlers(tiny_weights, small_videos, tmp_path, capsys):
+    def mine(signum, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, mine)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    code, _, err = run_main(["--weights", tiny_weights, "--videos", small_videos, "--out", tmp_path / "out",
+                             "--no-compile", "--workers", "0", "--batch-size", "8", "--epochs", "1"], capsys)
+    assert code == 0, err
+    assert signal.getsignal(signal.SIGTERM) is mine
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_refuses_a_different_encoder_of_the_same_size(tiny_weights, small_videos, tmp_path, capsys):
+    other = tmp_path / "other_run" / tiny_weights.name  # e.g. the same recipe, another seed or family
+    other.parent.mkdir()
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        torch.save(cosettle.ViT(16, TINY_DIM, TINY_DEPTH, TINY_DIM // 64, grid=(14, 14)).state_dict(), other)
+    if os.path.getsize(other) != os.path.getsize(tiny_weights):
+        raise RuntimeError("precondition: the two checkpoints were meant to have the same size")
+    out_dir = tmp_path / "out"
+    common = ["--videos", small_videos, "--out", out_dir, "--no-compile", "--workers", "0", "--batch-size", "8"]
+    code, _, err = run_main(common + ["--weights", tiny_weights, "--epochs", "1"], capsys)
+    assert code == 0, err
+    code, _, err = run_main(common + ["--weights", other, "--epochs", "2", "--resume"], capsys)
+    assert code == 2, "resumed on a different encoder"
+
+
+# =============================================================================
+# cosettle.py: the eight checkpoint families
+# Tests for the checkpoint loader (PAPER.md "Checkpoint formats"): one randomly initialised checkpoint per family,
+# written in that family's native layout, loaded with `load_encoder` and compared with an explicit forward pass.
+#
+# The explicit forward (`explicit_forward`) is written here from the raw native tensors, in float64, without any of
+# cosettle's modules: patches by reshape + matmul, attention by q k^T * scale -> softmax -> v, LayerNorm, GELU and
+# QuickGELU by formula. Each family's native tensors are read by a small extractor (`timm_params`, `clip_params`)
+# that knows that family's key names, so the loader's renaming is checked, not reused.
+
+
+# OpenAI ships CLIP as TorchScript, so the fixture and the loader use torch.jit, deprecated in recent torch
+pytestmark = [pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:'torch.load' received a zip file that looks like a TorchScript")]
+
+TOL = 1e-4
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+BLOCK_PARTS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+               "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+
+
+# -----------------------------------------------------------------------------
+# random native weights
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(g, *shape, std=1.0):
+    return torch.randn(*shape, generator=g) * std
+
+
+def timm_backbone(D, depth, patch=16, grid=4, cls=True, registers=0, layerscale=False, seed=0, pos=None, mlp=4):
+    """A DINO/timm-named ViT state dict with O(1) activations (so attention is far from uniform)."""
+    g = _gen(seed)
+    sd = OrderedDict()
+    sd["cls_token"] = _randn(g, 1, 1, D, std=0.5)
+    sd["pos_embed"] = _randn(g, 1, int(cls) + grid * grid, D, std=0.5) if pos is None else pos
+    if not cls:
+        del sd["cls_token"]
+    if registers:
+        sd["register_tokens"] = _randn(g, 1, registers, D, std=0.5)
+    if layerscale:
+        sd["mask_token"] = torch.zeros(1, D)
+    sd["patch_embed.proj.weight"] = _randn(g, D, 3, patch, patch, std=(3 * patch * patch) ** -0.5)
+    sd["patch_embed.proj.bias"] = _randn(g, D, std=0.1)
+    H = mlp * D
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd[b + "norm1.weight"] = 1 + _randn(g, D, std=0.2)
+        sd[b + "norm1.bias"] = _randn(g, D, std=0.1)
+        sd[b + "attn.qkv.weight"] = _randn(g, 3 * D, D, std=D ** -0.5)
+        sd[b + "attn.qkv.bias"] = _randn(g, 3 * D, std=0.1)
+        sd[b + "attn.proj.weight"] = _randn(g, D, D, std=D ** -0.5)
+        sd[b + "attn.proj.bias"] = _randn(g, D, std=0.1)
+        if layerscale:
+            sd[b + "ls1.gamma"] = _randn(g, D, std=0.7)
+        sd[b + "norm2.weight"] = 1 + _randn(g, D, std=0.2)
+        sd[b + "norm2.bias"] = _randn(g, D, std=0.1)
+        sd[b + "mlp.fc1.weight"] = _randn(g, H, D, std=D ** -0.5)
+        sd[b + "mlp.fc1.bias"] = _randn(g, H, std=0.1)
+        sd[b + "mlp.fc2.weight"] = _randn(g, D, H, std=H ** -0.5)
+        sd[b + "mlp.fc2.bias"] = _randn(g, D, std=0.1)
+        if layerscale:
+            sd[b + "ls2.gamma"] = _randn(g, D, std=0.7)
+    sd["norm.weight"] = 1 + _randn(g, D, std=0.2)
+    sd["norm.bias"] = _randn(g, D, std=0.1)
+    return sd
+
+
+def prefixed(sd, prefix):
+    return OrderedDict((prefix + k, v) for k, v in sd.items())
+
+
+def mae_sincos(D, grid, cls=True):
+    """MAE util/pos_embed.py get_2d_sincos_pos_embed (numpy, w first), CLS row zeros; [1, cls+grid^2, D]."""
+    def one_d(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gh = np.arange(grid, dtype=np.float32)
+    gw = np.arange(grid, dtype=np.float32)
+    mesh = np.stack(np.meshgrid(gw, gh), axis=0).reshape(2, 1, grid, grid)
+    emb = np.concatenate([one_d(D // 2, mesh[0]), one_d(D // 2, mesh[1])], axis=1)
+    if cls:
+        emb = np.concatenate([np.zeros([1, D]), emb], axis=0)
+    return torch.from_numpy(emb).float()[None]
+
+
+def moco_sincos(D, grid, temperature=10000.0):
+    """MoCo v3 vit_moco.py build_2d_sincos_position_embedding, CLS row zeros; [1, 1+grid^2, D]."""
+    grid_w, grid_h = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                    indexing="ij")
+    pos_dim = D // 4
+    omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)
+    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
+    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
+    pos = torch.cat([torch.sin(out_w), torch.cos(out_w), torch.sin(out_h), torch.cos(out_h)], dim=1)[None]
+    return torch.cat([torch.zeros(1, 1, D), pos], dim=1)
+
+
+def dino_head_keys(prefix, D, g, out=65):
+    """DINOHead keys: mlp (Linear, GELU, ...), last_layer with weight norm (weight_g, weight_v)."""
+    return OrderedDict([(prefix + "mlp.0.weight", _randn(g, 32, D)), (prefix + "mlp.0.bias", _randn(g, 32)),
+                        (prefix + "mlp.2.weight", _randn(g, 16, 32)), (prefix + "mlp.2.bias", _randn(g, 16)),
+                        (prefix + "last_layer.weight_g", torch.ones(out, 1)),
+                        (prefix + "last_layer.weight_v", _randn(g, out, 16))])
+
+
+def moco_head(prefix, D, g, hid=32, out=16):
+    """MoCo v3 projector/predictor: Linear, BatchNorm1d, ReLU, Linear, BatchNorm1d(affine=False)."""
+    sd = OrderedDict([(prefix + "0.weight", _randn(g, hid, D))])
+    for j, n, affine in ((1, hid, True), (4, out, False)):
+        if affine:
+            sd[f"{prefix}{j}.weight"], sd[f"{prefix}{j}.bias"] = torch.ones(n), torch.zeros(n)
+        sd[f"{prefix}{j}.running_mean"], sd[f"{prefix}{j}.running_var"] = _randn(g, n), torch.ones(n)
+        sd[f"{prefix}{j}.num_batches_tracked"] = torch.tensor(7)
+    sd[prefix + "3.weight"] = _randn(g, out, hid)
+    return sd
+
+
+# -----------------------------------------------------------------------------
+# the explicit forward, from native tensors
+
+
+def _d(t):
+    return None if t is None else t.detach().double()
+
+
+def timm_params(sd, prefix="", registers=False, layerscale=False, cls=True, chunk=None):
+    """Read the backbone of a timm/DINO-named state dict (under `prefix`) into the explicit forward's parameters.
+    chunk(i) gives DINOv2's block_chunks index of block i (keys blocks.<chunk>.<i>.*)."""
+    def get(k):
+        return _d(sd[prefix + k])
+
+    D = sd[prefix + "patch_embed.proj.weight"].shape[0]
+    pos = get("pos_embed")[0]
+    depth = 1 + max(int(k[len(prefix):].split(".")[2 if chunk else 1]) for k in sd
+                    if k.startswith(prefix + "blocks."))
+    blocks = []
+    for i in range(depth):
+        b = f"blocks.{chunk(i)}.{i}." if chunk else f"blocks.{i}."
+        blk = {part: get(b + part) for part in BLOCK_PARTS}
+        blk["ls1"] = get(b + "ls1.gamma") if layerscale else torch.ones(D, dtype=torch.float64)
+        blk["ls2"] = get(b + "ls2.gamma") if layerscale else torch.ones(D, dtype=torch.float64)
+        blocks.append(blk)
+    return dict(conv_w=get("patch_embed.proj.weight"), conv_b=get("patch_embed.proj.bias"),
+                cls=get("cls_token")[0] if cls else None, pos_cls=pos[:1] if cls else None,
+                pos=pos[1:] if cls else pos, reg=get("register_tokens")[0] if registers else None,
+                ln_pre=None, blocks=blocks, norm=(get("norm.weight"), get("norm.bias")))
+
+
+def clip_params(sd):
+    """Read OpenAI CLIP's visual tower (visual.conv1, class_embedding, positional_embedding, ln_pre,
+    transformer.resblocks.i.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_post)."""
+    def get(k):
+        return _d(sd["visual." + k])
+
+    depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("visual.transformer.resblocks."))
+    blocks = []
+    for i in range(depth):
+        r = f"transformer.resblocks.{i}."
+        D = sd["visual." + r + "ln_1.weight"].shape[0]
+        blocks.append({"norm1.weight": get(r + "ln_1.weight"), "norm1.bias": get(r + "ln_1.bias"),
+                       "attn.qkv.weight": get(r + "attn.in_proj_weight"), "attn.qkv.bias": get(r + "attn.in_proj_bias"),
+                       "attn.proj.weight": get(r + "attn.out_proj.weight"),
+                       "attn.proj.bias": get(r + "attn.out_proj.bias"),
+                       "norm2.weight": get(r + "ln_2.weight"), "norm2.bias": get(r + "ln_2.bias"),
+                       "mlp.fc1.weight": get(r + "mlp.c_fc.weight"), "mlp.fc1.bias": get(r + "mlp.c_fc.bias"),
+                       "mlp.fc2.weight": get(r + "mlp.c_proj.weight"), "mlp.fc2.bias": get(r + "mlp.c_proj.bias"),
+                       "ls1": torch.ones(D, dtype=torch.float64), "ls2": torch.ones(D, dtype=torch.float64)})
+    pos = get("positional_embedding")
+    return dict(conv_w=get("conv1.weight"), conv_b=None, cls=get("class_embedding")[None], pos_cls=pos[:1],
+                pos=pos[1:], reg=None, ln_pre=(get("ln_pre.weight"), get("ln_pre.bias")), blocks=blocks,
+                norm=(get("ln_post.weight"), get("ln_post.bias")))
+
+
+def layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w + b
+
+
+ACTS = {"gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+        "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+
+
+def explicit_forward(P, x, heads, eps=1e-6, act="gelu", patch_pos=None):
+    """Patch tokens after the final norm, computed from the parameters P in float64.
+
+    patch_pos ([1 or B, N, D] on the stored grid) replaces P['pos'] (the PEA stream). A grid other than the
+    stored one is reached with DINO's rule: bicubic, scale_factor (rows + 0.1) / grid."""
+    x = x.double()
+    B, _, H, W = x.shape
+    D, _, p, _ = P["conv_w"].shape
+    h, w = H // p, W // p
+    patches = x.reshape(B, 3, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, 3 * p * p)
+    t = patches @ P["conv_w"].reshape(D, 3 * p * p).T
+    if P["conv_b"] is not None:
+        t = t + P["conv_b"]
+    pos = (P["pos"] if patch_pos is None else patch_pos.detach().double()).reshape(-1, P["pos"].shape[0], D)
+    g = math.isqrt(pos.shape[1])
+    if (h, w) != (g, g):
+        grid = pos.reshape(-1, g, g, D).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic")
+        pos = grid.permute(0, 2, 3, 1).reshape(-1, h * w, D)
+    t = t + pos
+    prefix = []
+    if P["cls"] is not None:
+        prefix.append((P["cls"] + P["pos_cls"]).expand(B, 1, D))
+    if P["reg"] is not None:
+        prefix.append(P["reg"].expand(B, -1, D))
+    n_prefix = sum(q.shape[1] for q in prefix)
+    t = torch.cat(prefix + [t], dim=1)
+    if P["ln_pre"] is not None:
+        t = layer_norm(t, *P["ln_pre"], eps)
+    n, hd = t.shape[1], D // heads
+    f = ACTS[act]
+    for blk in P["blocks"]:
+        y = layer_norm(t, blk["norm1.weight"], blk["norm1.bias"], eps)
+        qkv = y @ blk["attn.qkv.weight"].T + blk["attn.qkv.bias"]
+        q, k, v = (z.reshape(B, n, heads, hd).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+        a = torch.softmax(q @ k.transpose(-1, -2) * hd ** -0.5, dim=-1) @ v
+        a = a.transpose(1, 2).reshape(B, n, D) @ blk["attn.proj.weight"].T + blk["attn.proj.bias"]
+        t = t + blk["ls1"] * a
+        y = layer_norm(t, blk["norm2.weight"], blk["norm2.bias"], eps)
+        m = f(y @ blk["mlp.fc1.weight"].T + blk["mlp.fc1.bias"]) @ blk["mlp.fc2.weight"].T + blk["mlp.fc2.bias"]
+        t = t + blk["ls2"] * m
+    return layer_norm(t, *P["norm"], eps)[:, n_prefix:]
+
+
+def assert_tokens(ours, ref, tol=TOL):
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert ours.dtype == torch.float32
+    err = (ours.double() - ref.double()).abs().max().item()
+    assert err < tol, f"max abs difference {err:.2e} >= {tol}"
+
+
+def images(H, W, B=2, seed=1):
+    return torch.randn(B, 3, H, W, generator=_gen(seed))
+
+
+# -----------------------------------------------------------------------------
+# CLIP: a real TorchScript archive, built like OpenAI's model.py
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class _ResidualAttentionBlock(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads)
+        self.ln_1 = nn.LayerNorm(d)  # eps 1e-5, as CLIP's LayerNorm subclass
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(d, 4 * d)), ("gelu", _QuickGELU()),
+                                              ("c_proj", nn.Linear(4 * d, d))]))
+        self.ln_2 = nn.LayerNorm(d)
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class _Transformer(nn.Module):
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.resblocks = nn.Sequential(*[_ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x):
+        return self.resblocks(x)
+
+
+class _VisionTransformer(nn.Module):
+    def __init__(self, patch, grid, width, layers, heads, output_dim):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        self.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = _Transformer(width, layers, heads)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.zeros(width, output_dim))
+
+    def forward(self, x):
+        """Co-Settle's encode_image: ln_post on the patch tokens, no proj (models/clip/model.py)."""
+        x = self.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = self.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.ln_pre(x).permute(1, 0, 2)  # NLD -> LND, as nn.MultiheadAttention(batch_first=False) wants
+        x = self.transformer(x).permute(1, 0, 2)
+        return self.ln_post(x[:, 1:, :])
+
+
+class _CLIP(nn.Module):
+    def __init__(self, patch=16, grid=4, width=128, layers=2, embed_dim=512, text_width=64, vocab=100):
+        super().__init__()
+        self.visual = _VisionTransformer(patch, grid, width, layers, width // 64, embed_dim)
+        self.token_embedding = nn.Embedding(vocab, text_width)
+        self.positional_embedding = nn.Parameter(torch.zeros(77, text_width))
+        self.transformer = _Transformer(text_width, 1, text_width // 64)
+        self.ln_final = nn.LayerNorm(text_width)
+        self.text_projection = nn.Parameter(torch.zeros(text_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        for name, value in (("input_resolution", patch * grid), ("context_length", 77), ("vocab_size", vocab)):
+            self.register_buffer(name, torch.tensor(value))  # build_model deletes these "if present"
+
+    def forward(self, image):
+        return self.visual(image)
+
+
+def _convert_weights(model):
+    """OpenAI clip/model.py convert_weights: conv, linear, MHA in_proj and the two projections to fp16."""
+    def to_fp16(m):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            m.weight.data = m.weight.data.half()
+            if m.bias is not None:
+                m.bias.data = m.bias.data.half()
+        if isinstance(m, nn.MultiheadAttention):
+            for attr in ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                         "bias_k", "bias_v"]:
+                tensor = getattr(m, attr)
+                if tensor is not None:
+                    tensor.data = tensor.data.half()
+        for name in ["text_projection", "proj"]:
+            attr = getattr(m, name, None)
+            if isinstance(attr, torch.Tensor):
+                attr.data = attr.data.half()
+    model.apply(to_fp16)
+
+
+def make_clip(path, width=128, layers=2, grid=4, seed=0):
+    """Write a TorchScript CLIP archive; returns (state dict as saved, fp32 reference module holding the
+    fp16-rounded values)."""
+    model = _CLIP(grid=grid, width=width, layers=layers)
+    g = _gen(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 0:  # logit_scale
+                continue
+            if "ln_" in name and name.endswith("weight"):
+                p.copy_(1 + _randn(g, *p.shape, std=0.2))
+            elif p.dim() == 1 or name.endswith("bias") or "embedding" in name:
+                p.copy_(_randn(g, *p.shape, std=0.5 if "embedding" in name else 0.1))
+            else:
+                fan_in = p.shape[0] if name in ("visual.proj", "text_projection") else p[0].numel()
+                p.copy_(_randn(g, *p.shape, std=fan_in ** -0.5))
+    model.eval()
+    _convert_weights(model)
+    reference = copy.deepcopy(model).float()
+    torch.jit.save(torch.jit.script(model), str(path))
+    return model.state_dict(), reference
+
+
+# -----------------------------------------------------------------------------
+# one native checkpoint per family
+
+
+class Case:
+    def __init__(self, path, family, arch, params, sizes, heads, eps=1e-6, act="gelu", native=None):
+        self.path, self.family, self.arch, self.params, self.sizes = path, family, arch, params, sizes
+        self.heads, self.eps, self.act, self.native = heads, eps, act, native
+
+    def reference(self, x, patch_pos=None):
+        return explicit_forward(self.params, x, self.heads, self.eps, self.act, patch_pos)
+
+
+def _vit_arch(D, depth, patch=16, grid=4, **kw):
+    arch = dict(patch_size=patch, embed_dim=D, depth=depth, heads=max(1, D // 64), grid=(grid, grid),
+                mlp_dim=4 * D, qkv_bias=True, eps=1e-6, cls_token=True, registers=0, layerscale=False,
+                ln_pre=False, patch_bias=True, act="gelu")
+    arch.update(kw)
+    return arch
+
+
+def case_dino_bare(tmp):
+    sd = timm_backbone(128, 2, seed=10)
+    path = tmp / "dino_vitbase16_pretrain.pth"
+    torch.save(sd, path)
+    return Case(path, "dino", _vit_arch(128, 2), timm_params(sd), [(64, 64), (64, 96), (48, 32)], heads=2)
+
+
+def case_dino_full(tmp):
+    teacher, student = timm_backbone(128, 2, seed=11), timm_backbone(128, 2, seed=12)
+    g = _gen(13)
+    ckpt = {"student": OrderedDict(**prefixed(student, "module.backbone."), **dino_head_keys("module.head.", 128, g)),
+            "teacher": OrderedDict(**prefixed(teacher, "backbone."), **dino_head_keys("head.", 128, g)),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}, "epoch": 3,
+            "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, lr=0.0005),
+            "fp16_scaler": None, "dino_loss": {"center": torch.zeros(1, 65)}}
+    path = tmp / "checkpoint.pth"
+    torch.save(ckpt, path)
+    return Case(path, "dino", _vit_arch(128, 2), timm_params(teacher), [(64, 64)], heads=2,
+                native=timm_params(student))
+
+
+def case_ibot(tmp):
+    sd = timm_backbone(64, 2, seed=20)
+    path = tmp / "checkpoint_teacher.pth"
+    torch.save({"state_dict": sd}, path)
+    return Case(path, "ibot", _vit_arch(64, 2), timm_params(sd), [(64, 64), (80, 48)], heads=1)
+
+
+def case_mae(tmp):
+    sd = timm_backbone(128, 2, seed=30, pos=mae_sincos(128, 4))
+    g, Dd = _gen(31), 32
+    sd.update(mask_token=torch.zeros(1, 1, Dd), decoder_pos_embed=mae_sincos(Dd, 4))
+    sd["decoder_embed.weight"], sd["decoder_embed.bias"] = _randn(g, Dd, 128), torch.zeros(Dd)
+    decoder = timm_backbone(Dd, 1, seed=32)
+    sd.update((k.replace("blocks.", "decoder_blocks."), v) for k, v in decoder.items() if k.startswith("blocks."))
+    sd["decoder_norm.weight"], sd["decoder_norm.bias"] = torch.ones(Dd), torch.zeros(Dd)
+    sd["decoder_pred.weight"], sd["decoder_pred.bias"] = _randn(g, 16 * 16 * 3, Dd), torch.zeros(16 * 16 * 3)
+    ckpt = {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0},
+            "args": argparse.Namespace(model="mae_vit_base_patch16")}
+    path = tmp / "checkpoint-799.pth"
+    torch.save(ckpt, path)
+    return Case(path, "mae", _vit_arch(128, 2), timm_params(sd), [(64, 64), (96, 64)], heads=2)
+
+
+def case_mocov3(tmp):
+    pos = moco_sincos(128, 4)
+    base, momentum = timm_backbone(128, 2, seed=40, pos=pos), timm_backbone(128, 2, seed=41, pos=pos)
+    g = _gen(42)
+    sd = OrderedDict()
+    sd.update(prefixed(base, "module.base_encoder."))
+    sd.update(moco_head("module.base_encoder.head.", 128, g))
+    sd.update(prefixed(momentum, "module.momentum_encoder."))
+    sd.update(moco_head("module.momentum_encoder.head.", 128, g))
+    sd.update(moco_head("module.predictor.", 16, g))
+    path = tmp / "vit-b-300ep.pth.tar"
+    torch.save({"epoch": 300, "arch": "vit_base", "state_dict": sd, "optimizer": {}}, path)
+    return Case(path, "mocov3", _vit_arch(128, 2), timm_params(momentum), [(64, 64), (64, 80)], heads=2,
+                native=timm_params(base))
+
+
+def case_ijepa(tmp):
+    pos = mae_sincos(128, 4, cls=False)
+    enc, target = timm_backbone(128, 2, cls=False, seed=50, pos=pos), timm_backbone(128, 2, cls=False, seed=51, pos=pos)
+    g = _gen(52)
+    predictor = OrderedDict([("module.predictor_embed.weight", _randn(g, 32, 128)),
+                             ("module.predictor_embed.bias", torch.zeros(32)),
+                             ("module.mask_token", torch.zeros(1, 1, 32)),
+                             ("module.predictor_pos_embed", mae_sincos(32, 4, cls=False)),
+                             ("module.predictor_blocks.0.norm1.weight", torch.ones(32)),
+                             ("module.predictor_norm.weight", torch.ones(32)),
+                             ("module.predictor_proj.weight", _randn(g, 128, 32))])
+    ckpt = {"encoder": prefixed(enc, "module."), "predictor": predictor, "target_encoder": prefixed(target, "module."),
+            "opt": {"state": {}, "param_groups": []}, "scaler": None, "epoch": 1, "loss": 0.25, "batch_size": 128,
+            "world_size": 16, "lr": 0.001}
+    path = tmp / "ijepa-ep800.pth.tar"
+    torch.save(ckpt, path)
+    return Case(path, "ijepa", _vit_arch(128, 2, cls_token=False), timm_params(enc, cls=False),
+                [(64, 64), (48, 80)], heads=2, native=timm_params(target, cls=False))
+
+
+def case_dinov2_reg(tmp):
+    sd = timm_backbone(128, 2, patch=14, grid=5, registers=4, layerscale=True, seed=60)
+    path = tmp / "dinov2_vitb14_reg4_pretrain.pth"
+    torch.save(sd, path)
+    return Case(path, "dinov2", _vit_arch(128, 2, patch=14, grid=5, registers=4, layerscale=True),
+                timm_params(sd, registers=True, layerscale=True), [(70, 70), (56, 56), (42, 84)], heads=2)
+
+
+def case_dinov2_noreg(tmp):
+    sd = timm_backbone(64, 2, patch=14, grid=5, layerscale=True, seed=61)
+    path = tmp / "dinov2_vits14_pretrain.pth"
+    torch.save(sd, path)
+    return Case(path, "dinov2", _vit_arch(64, 2, patch=14, grid=5, layerscale=True),
+                timm_params(sd, layerscale=True), [(70, 70), (56, 56)], heads=1)
+
+
+def case_dinov2_cosettle(tmp):
+    """Co-Settle's own DINOv2: ViT-B/16 recipe with 4 registers, pos_embed 1+grid^2, teacher checkpoint with heads."""
+    sd = timm_backbone(128, 2, patch=16, grid=4, registers=4, layerscale=True, seed=62)
+    g = _gen(63)
+    teacher = OrderedDict(**prefixed(sd, "backbone."), **dino_head_keys("dino_head.", 128, g),
+                          **dino_head_keys("ibot_head.", 128, g))
+    path = tmp / "teacher_checkpoint.pth"
+    torch.save({"teacher": teacher}, path)
+    return Case(path, "dinov2", _vit_arch(128, 2, registers=4, layerscale=True),
+                timm_params(sd, registers=True, layerscale=True), [(64, 64), (80, 64)], heads=2)
+
+
+def _chunked(sd, chunk):
+    def rename(k):
+        return f"blocks.{chunk(int(k.split('.')[1]))}.{k[len('blocks.'):]}" if k.startswith("blocks.") else k
+    return OrderedDict((rename(k), v) for k, v in sd.items())
+
+
+def case_dinov2_chunks1(tmp):
+    """block_chunks=1: every block under blocks.0.<i>."""
+    chunk = lambda i: 0  # noqa: E731
+    sd = _chunked(timm_backbone(128, 2, patch=14, grid=5, registers=4, layerscale=True, seed=64), chunk)
+    assert "blocks.0.1.attn.qkv.weight" in sd
+    path = tmp / "dinov2_chunked.pth"
+    torch.save(sd, path)
+    return Case(path, "dinov2", _vit_arch(128, 2, patch=14, grid=5, registers=4, layerscale=True),
+                timm_params(sd, registers=True, layerscale=True, chunk=chunk), [(56, 56)], heads=2)
+
+
+def case_dinov2_chunks2(tmp):
+    """block_chunks=2 with depth 2: blocks.0.0.* and blocks.1.1.* (BlockChunk pads with Identity)."""
+    chunk = lambda i: i  # noqa: E731
+    sd = _chunked(timm_backbone(128, 2, patch=14, grid=5, layerscale=True, seed=65), chunk)
+    assert "blocks.1.1.attn.qkv.weight" in sd
+    path = tmp / "dinov2_chunked2.pth"
+    torch.save({"teacher": prefixed(sd, "backbone.")}, path)
+    return Case(path, "dinov2", _vit_arch(128, 2, patch=14, grid=5, layerscale=True),
+                timm_params(sd, layerscale=True, chunk=chunk), [(70, 70)], heads=2)
+
+
+def case_clip(tmp):
+    path = tmp / "ViT-B-16.pt"
+    sd, reference = make_clip(path)
+    case = Case(path, "clip", _vit_arch(128, 2, eps=1e-5, act="quick_gelu", ln_pre=True, patch_bias=False),
+                clip_params(sd), [(64, 64), (48, 80)], heads=2, eps=1e-5, act="quick_gelu")
+    case.module = reference
+    return case
+
+
+def case_blip(tmp):
+    D, gb = 64, 6
+    vis, mom = timm_backbone(D, 1, grid=gb, seed=70), timm_backbone(D, 1, grid=gb, seed=71)
+    g = _gen(72)
+    model = OrderedDict()
+    model.update(prefixed(vis, "visual_encoder."))
+    model.update(prefixed(mom, "visual_encoder_m."))
+    model.update({"text_encoder.embeddings.word_embeddings.weight": _randn(g, 100, 32),
+                  "text_encoder.encoder.layer.0.attention.self.query.weight": _randn(g, 32, 32),
+                  "vision_proj.weight": _randn(g, 16, D), "vision_proj.bias": torch.zeros(16),
+                  "text_proj.weight": _randn(g, 16, 32), "itm_head.weight": _randn(g, 2, 32),
+                  "image_queue": _randn(g, 16, 8), "idx_queue": torch.zeros(1, 8, dtype=torch.long),
+                  "ptr_queue": torch.zeros(1, dtype=torch.long), "temp": torch.tensor(0.07)})
+    path = tmp / "model_base_retrieval_coco.pth"
+    torch.save({"model": model, "optimizer": {}, "config": {"image_size": 384, "vit": "base"}, "epoch": 5}, path)
+    P = timm_params(vis)
+    # BLIP's interpolate_pos_embed at load: CLS row kept, 6x6 -> 224/16 = 14x14, bicubic, align_corners=False
+    grid = P["pos"].reshape(1, gb, gb, D).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(14, 14), mode="bicubic", align_corners=False)
+    P["pos"] = grid[0].permute(1, 2, 0).reshape(196, D)
+    return Case(path, "blip", _vit_arch(D, 1, grid=14), P, [(224, 224), (64, 64)], heads=1, native=timm_params(mom))
+
+
+CASES = {f.__name__[5:]: f for f in [case_dino_bare, case_dino_full, case_ibot, case_mae, case_mocov3, case_ijepa,
+                                      case_dinov2_reg, case_dinov2_noreg, case_dinov2_cosettle, case_dinov2_chunks1,
+                                      case_dinov2_chunks2, case_clip, case_blip]}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Each case is written (and loaded) once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            case = CASES[name](tmp_path_factory.mktemp(name))
+            case.encoder = load_encoder(str(case.path))
+            cache[name] = case
+        return cache[name]
+    return get
+
+
+# -----------------------------------------------------------------------------
+# every family: detection, architecture, tokens
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_native_checkpoint_loads_as_its_family_and_matches_explicit_forward(built, name):
+    case = built(name)
+    enc = case.encoder
+    assert enc.family == case.family
+    assert {k: enc.arch.get(k) for k in case.arch} == case.arch
+    assert enc.native_stats == (CLIP_STATS if case.family in ("clip", "blip") else IMAGENET)
+    assert not enc.training and not any(m.training for m in enc.modules())
+    assert not any(p.requires_grad for p in enc.parameters())
+    norms = [m for m in enc.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * case.arch["depth"] + 1 + case.arch["ln_pre"]
+    assert {m.eps for m in norms} == {case.eps}
+    for H, W in case.sizes:
+        x = images(H, W)
+        with torch.no_grad():
+            ours = enc(x)
+        p = case.arch["patch_size"]
+        assert ours.shape == (2, (H // p) * (W // p), case.arch["embed_dim"])
+        assert_tokens(ours, case.reference(x))
+        if case.native is not None:  # the other encoder in the file (student, base, target, momentum copy)
+            assert (ours.double() - explicit_forward(case.native, x, case.heads, case.eps, case.act)).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("name", ["dino_bare", "ijepa", "dinov2_reg", "clip", "blip"])
+def test_patch_pos_embed_is_the_stored_patch_table(built, name):
+    """encoder.patch_pos_embed() is the family's patch positional table: no CLS row (I-JEPA has none to drop),
+    CLIP's positional_embedding[1:], BLIP's table after the load-time resize to 14x14."""
+    case = built(name)
+    assert_tokens(case.encoder.patch_pos_embed()[0].float(), case.params["pos"], tol=1e-5)
+
+
+def test_clip_matches_nn_multiheadattention_forward(built):
+    """CLIP's own modules (nn.MultiheadAttention, QuickGELU, ln_pre, ln_post on the patch tokens as Co-Settle's
+    encode_image does) on the fp16-rounded weights, in fp32, against the loader's tokens and the explicit forward."""
+    case = built("clip")
+    x = images(64, 64)
+    with torch.no_grad():
+        theirs = case.module.visual(x)
+        ours = case.encoder(x)
+    assert_tokens(ours, theirs)
+    assert_tokens(theirs, case.reference(x))
+
+
+def test_clip_archive_is_torchscript_with_fp16_weights(built):
+    """The fixture is what OpenAI ships: torch.load refuses it under weights_only, and conv/linear/in_proj/proj
+    are fp16 while LayerNorms and embeddings are fp32."""
+    case = built("clip")
+    with pytest.raises(RuntimeError):
+        torch.load(case.path, weights_only=True)
+    sd = torch.jit.load(str(case.path)).state_dict()
+    assert sd["visual.conv1.weight"].dtype == torch.float16 and "visual.conv1.bias" not in sd
+    assert sd["visual.transformer.resblocks.1.attn.in_proj_weight"].dtype == torch.float16
+    assert sd["visual.proj"].dtype == torch.float16 and sd["visual.proj"].shape == (128, 512)
+    assert sd["visual.ln_pre.weight"].dtype == torch.float32
+    assert sd["visual.positional_embedding"].shape == (17, 128) and sd["visual.class_embedding"].shape == (128,)
+    assert {"token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection",
+            "logit_scale", "transformer.resblocks.0.attn.in_proj_weight"} <= set(sd)
+    assert all(p.dtype == torch.float32 for p in case.encoder.parameters())
+
+
+def test_clip_plain_state_dict_is_clip_too(tmp_path, built):
+    """open_clip / `model.state_dict()` saved with torch.save (not TorchScript) is detected by its key names."""
+    case = built("clip")
+    path = tmp_path / "clip_state_dict.pt"
+    torch.save(torch.jit.load(str(case.path)).state_dict(), path)
+    enc = load_encoder(str(path))
+    assert enc.family == "clip" and {k: enc.arch.get(k) for k in case.arch} == case.arch
+    x = images(64, 64)
+    with torch.no_grad():
+        assert_tokens(enc(x), case.reference(x))
+
+
+def test_clip_quirks_matter(built):
+    """Each CLIP switch changes the tokens: a DINO-style forward of the same weights (GELU, eps 1e-6, no ln_pre)
+    is far off, so the match above is not an accident of the switches being no-ops."""
+    case = built("clip")
+    x = images(64, 64)
+    with torch.no_grad():
+        ours = case.encoder(x).double()
+    gelu = explicit_forward(case.params, x, case.heads, 1e-5, "gelu")
+    no_ln_pre = explicit_forward(dict(case.params, ln_pre=None), x, case.heads, 1e-5, "quick_gelu")
+    for other in (gelu, no_ln_pre):
+        assert (ours - other).abs().max() > 1e-2
+
+
+def test_dinov2_layerscale_and_registers_matter(built):
+    case = built("dinov2_reg")
+    x = images(56, 56)
+    with torch.no_grad():
+        ours = case.encoder(x).double()
+    P = case.params
+    no_ls = dict(P, blocks=[dict(b, ls1=torch.ones_like(b["ls1"]), ls2=torch.ones_like(b["ls2"])) for b in P["blocks"]])
+    for other in (dict(P, reg=None), no_ls):
+        assert (ours - explicit_forward(other, x, 2)).abs().max() > 1e-2
+
+
+def test_mocov3_uses_the_momentum_encoder(built):
+    """Co-Settle's choice (main_pretrain.py:270-273): module.momentum_encoder.*, not base_encoder (upstream's
+    convert_to_deit.py) -- checked in the parametrised test via case.native; here explicitly."""
+    case = built("mocov3")
+    x = images(64, 64)
+    with torch.no_grad():
+        ours = case.encoder(x).double()
+    assert (ours - case.reference(x)).abs().max() < TOL
+    assert (ours - explicit_forward(case.native, x, 2)).abs().max() > 0.1
+
+
+def test_ijepa_uses_the_context_encoder_and_has_no_cls(built):
+    case = built("ijepa")
+    enc = case.encoder
+    assert enc.cls_token is None and enc.pos_embed.shape == (1, 16, 128)
+    x = images(64, 64)
+    with torch.no_grad():
+        ours = enc(x).double()
+    assert (ours - case.reference(x)).abs().max() < TOL
+    assert (ours - explicit_forward(case.native, x, 2)).abs().max() > 0.1
+
+
+def test_blip_pos_embed_resized_once_at_load(built):
+    """The 6x6 table (standing in for BLIP's 384-px 24x24) becomes the 224-px model's 14x14, CLS row kept."""
+    case = built("blip")
+    enc = case.encoder
+    assert enc.grid == (14, 14) and enc.pos_embed.shape == (1, 1 + 196, 64)
+    vis = torch.load(case.path, weights_only=True)["model"]["visual_encoder.pos_embed"]
+    assert torch.equal(enc.pos_embed[:, :1], vis[:, :1])
+
+
+def test_mocov3_vit_small_has_12_heads():
+    """MoCo v3's ViT-S is 384 wide with 12 heads (not 6 as DINO's); ViT-H (I-JEPA) is 1280/16."""
+    def meta_sd(D, patch=16, rows=1 + 196):
+        sd = {"patch_embed.proj.weight": torch.empty(D, 3, patch, patch, device="meta"),
+              "pos_embed": torch.empty(1, rows, D, device="meta")}
+        for i in range(12):
+            sd[f"blocks.{i}.mlp.fc1.weight"] = torch.empty(4 * D, D, device="meta")
+            sd[f"blocks.{i}.attn.qkv.bias"] = torch.empty(3 * D, device="meta")
+        return sd
+
+    assert infer_arch(meta_sd(384), "mocov3")["heads"] == 12
+    assert infer_arch(meta_sd(384), "dino")["heads"] == 6
+    assert infer_arch(meta_sd(768), "mocov3")["heads"] == 12
+    arch = infer_arch(meta_sd(1280, patch=14, rows=256), "ijepa")
+    assert (arch["heads"], arch["grid"], arch["depth"], arch["cls_token"]) == (16, (16, 16), 12, False)
+
+
+def test_mocov3_vit_small_forward_uses_12_heads(tmp_path):
+    pos = moco_sincos(384, 2)
+    momentum = timm_backbone(384, 1, grid=2, seed=45, pos=pos)
+    sd = OrderedDict(**prefixed(timm_backbone(384, 1, grid=2, seed=44, pos=pos), "module.base_encoder."),
+                     **prefixed(momentum, "module.momentum_encoder."))
+    path = tmp_path / "vit-s-300ep.pth.tar"
+    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": sd, "optimizer": {}}, path)
+    enc = load_encoder(str(path))
+    assert (enc.family, enc.arch["heads"], enc.arch["embed_dim"]) == ("mocov3", 12, 384)
+    x = images(32, 32)
+    with torch.no_grad():
+        ours = enc(x)
+    P = timm_params(momentum)
+    assert_tokens(ours, explicit_forward(P, x, 12))
+    assert (ours.double() - explicit_forward(P, x, 6)).abs().max() > 1e-2
+
+
+def test_mae_encoder_only_file_is_mae(tmp_path):
+    """The released mae_pretrain_vit_base.pth is believed to be encoder-only: {'model': encoder} is still MAE."""
+    sd = timm_backbone(64, 1, seed=33, pos=mae_sincos(64, 4))
+    path = tmp_path / "mae_pretrain_vit_base.pth"
+    torch.save({"model": sd}, path)
+    enc = load_encoder(str(path))
+    assert enc.family == "mae"
+    x = images(64, 64)
+    with torch.no_grad():
+        assert_tokens(enc(x), explicit_forward(timm_params(sd), x, 1))
+
+
+def test_bare_ijepa_encoder_is_ijepa(tmp_path):
+    sd = timm_backbone(64, 1, cls=False, seed=53)
+    path = tmp_path / "ijepa_encoder.pth"
+    torch.save(prefixed(sd, "module."), path)
+    enc = load_encoder(str(path))
+    assert enc.family == "ijepa" and enc.arch["cls_token"] is False
+    x = images(64, 64)
+    with torch.no_grad():
+        assert_tokens(enc(x), explicit_forward(timm_params(sd, cls=False), x, 1))
+
+
+@pytest.mark.parametrize("name, line", [
+    ("dino_bare", ["dino", "patch 16", "width 128", "depth 2", "2 heads", "(4, 4)"]),
+    ("dinov2_reg", ["dinov2", "patch 14", "width 128", "depth 2", "2 heads", "(5, 5)", "4 registers"]),
+    ("clip", ["clip", "patch 16", "width 128", "depth 2", "2 heads"]),
+    ("blip", ["blip", "width 64", "depth 1", "1 heads", "(14, 14)"]),
+])
+def test_verbose_prints_one_line_naming_family_and_arch(built, capsys, name, line):
+    case = built(name)
+    capsys.readouterr()
+    load_encoder(str(case.path), verbose=True)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1, out
+    assert str(case.path) in out
+    for word in line:
+        assert word in out, (word, out)
+
+
+def test_quiet_by_default(built, capsys):
+    case = built("dino_bare")
+    capsys.readouterr()
+    load_encoder(str(case.path))
+    assert capsys.readouterr().out == ""
+
+
+# -----------------------------------------------------------------------------
+# PEA: the replacement patch table lands where each family's own code puts it
+
+
+@pytest.mark.parametrize("name", ["dino_bare", "mae", "mocov3", "ijepa", "dinov2_reg", "dinov2_cosettle", "clip",
+                                  "blip"])
+def test_patch_pos_embed_lands_where_the_family_puts_it(built, name):
+    """I-JEPA: the table is the whole positional embedding (no CLS row); DINOv2: added before the registers are
+    inserted (they get none); CLIP: added before ln_pre; everyone else: the CLS row is never replaced."""
+    case = built(name)
+    enc = case.encoder
+    n, D = case.params["pos"].shape
+    table = torch.randn(1, n, D, generator=_gen(99))
+    g = math.isqrt(n)
+    x = images(g * enc.patch_size, g * enc.patch_size)
+    with torch.no_grad():
+        ours = enc(x, patch_pos_embed=table)
+        plain = enc(x)
+    assert_tokens(ours, case.reference(x, patch_pos=table))
+    assert (ours - plain).abs().max() > 1e-2
+    # a batch of tables (one per image), and at an input size off the stored grid (DINO interpolation of the table)
+    tables = torch.randn(2, n, D, generator=_gen(98))
+    x2 = images((g + 1) * enc.patch_size, (g - 1) * enc.patch_size, seed=3)
+    with torch.no_grad():
+        ours = enc(x2, patch_pos_embed=tables)
+    assert_tokens(ours, case.reference(x2, patch_pos=tables))
+
+
+@pytest.mark.parametrize("name", ["ijepa", "dinov2_reg", "clip"])
+def test_cosettle_encode_streams_per_family(built, name):
+    """CoSettle.encode: z1, z2 plain, z1b with the PEA table from shifted_pos_embed (same generator seed)."""
+    case = built(name)
+    enc = case.encoder
+    g = math.isqrt(case.params["pos"].shape[0])
+    side = g * enc.patch_size
+    x1, x2 = images(side, side, seed=5), images(side, side, seed=6)
+    z = cosettle.CoSettle(enc).encode(x1, x2, generator=_gen(7))
+    pea = cosettle.shifted_pos_embed(enc.patch_pos_embed().detach().float(), 10.0, _gen(7))
+    z1, z2, z1b = z.chunk(3, dim=1)
+    assert_tokens(z1, case.reference(x1))
+    assert_tokens(z2, case.reference(x2))
+    assert_tokens(z1b, case.reference(x1, patch_pos=pea))
+
+
+# -----------------------------------------------------------------------------
+# --family forces the label; a wrong family fails
+
+
+@pytest.mark.parametrize("name, forced", [("dino_bare", "mae"), ("dino_bare", "ibot"), ("mae", "dino"),
+                                          ("ibot", "dino"), ("mocov3", "mocov3"), ("ijepa", "ijepa"),
+                                          ("dinov2_reg", "dinov2"), ("clip", "clip"), ("blip", "blip")])
+def test_forced_family_sets_the_label(built, name, forced):
+    case = built(name)
+    enc = load_encoder(str(case.path), family=forced)
+    assert enc.family == forced
+    assert enc.native_stats == (CLIP_STATS if forced in ("clip", "blip") else IMAGENET)
+    x = images(*case.sizes[0])
+    with torch.no_grad():
+        assert_tokens(enc(x), case.reference(x))
+
+
+@pytest.mark.parametrize("name, forced", [
+    ("dino_bare", "clip"), ("dino_bare", "ijepa"), ("dino_bare", "mocov3"),
+    ("dino_bare", "blip"),
+    ("clip", "dino"), ("clip", "blip"), ("ijepa", "dino"), ("ijepa", "clip"), 
+    ("dinov2_noreg", "ijepa"), ("mocov3", "dino"), ("blip", "mae"), ("mae", "clip"),
+])
+def test_forcing_the_wrong_family_is_a_clear_error(built, name, forced):
+    case = built(name)
+    with pytest.raises(BadInput) as err:
+        load_encoder(str(case.path), family=forced)
+    message = str(err.value)
+    assert str(case.path) in message
+    assert "\n" not in message
+
+
+def test_unknown_family_lists_the_known_ones(built):
+    case = built("dino_bare")
+    with pytest.raises(BadInput) as err:
+        load_encoder(str(case.path), family="nonsense")
+    message = str(err.value)
+    assert str(case.path) in message and "nonsense" in message
+    for family in ("dino", "ibot", "mae", "mocov3", "ijepa", "dinov2", "clip", "blip"):
+        assert family in message
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: each a BadInput whose one-line message names the file and the problem
+
+
+def _bad(path, *words, family=None):
+    with pytest.raises(BadInput) as err:
+        load_encoder(str(path), family=family)
+    message = str(err.value)
+    assert str(path) in message, message
+    assert "\n" not in message, message
+    rest = message.replace(str(path), "")  # the words must be in the sentence, not just in the file name
+    for word in words:
+        assert word in rest, (word, message)
+    return message
+
+
+@pytest.mark.parametrize("name", ["dino_bare", "dino_full", "mae", "clip"])
+def test_truncated_file(built, tmp_path, name):
+    data = Path(built(name).path).read_bytes()
+    path = tmp_path / ("cut_" + Path(built(name).path).name)
+    path.write_bytes(data[: len(data) // 2])
+    _bad(path, "not a readable PyTorch checkpoint")
+
+
+def test_not_a_checkpoint_at_all(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("these are not weights\n")
+    _bad(path, "not a readable")
+    _bad(tmp_path / "missing.pth", "no such file")
+    tensor = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), tensor)
+    _bad(tensor, "Tensor", "not a checkpoint dict")
+
+
+def test_ninth_family_resnet_lists_found_keys(tmp_path):
+    g = _gen(80)
+    sd = OrderedDict([("conv1.weight", _randn(g, 8, 3, 7, 7)), ("bn1.weight", torch.ones(8)),
+                      ("bn1.bias", torch.zeros(8)),
+                      ("layer1.0.conv1.weight", _randn(g, 8, 8, 3, 3)), ("layer1.0.bn1.weight", torch.ones(8)),
+                      ("fc.weight", _randn(g, 10, 8)), ("fc.bias", torch.zeros(10))])
+    path = tmp_path / "resnet50.pth"
+    torch.save({"state_dict": prefixed(sd, "module.")}, path)
+    _bad(path, "ViT", "conv1.weight", "layer1.0.bn1.weight")
+
+
+def test_ninth_family_convnext_and_swin_list_found_keys(tmp_path):
+    g = _gen(81)
+    convnext = {"downsample_layers.0.0.weight": _randn(g, 8, 3, 4, 4),
+                "stages.0.0.dwconv.weight": _randn(g, 8, 1, 7, 7),
+                "stages.0.0.gamma": torch.ones(8), "norm.weight": torch.ones(8), "head.weight": _randn(g, 10, 8)}
+    path = tmp_path / "convnext_tiny_1k_224.pth"
+    torch.save({"model": convnext}, path)
+    _bad(path, "ViT", "downsample_layers.0.0.weight")
+    swin = {"patch_embed.proj.weight": _randn(g, 8, 3, 4, 4), "patch_embed.norm.weight": torch.ones(8),
+            "layers.0.blocks.0.attn.relative_position_bias_table": _randn(g, 49, 2),
+            "layers.0.blocks.0.attn.qkv.weight": _randn(g, 24, 8), "norm.weight": torch.ones(8)}
+    path = tmp_path / "swin_tiny_patch4_window7_224.pth"
+    torch.save({"model": swin}, path)
+    _bad(path, "ViT", "layers.0.blocks.0.attn.relative_position_bias_table")
+
+
+def test_ninth_family_beit_names_unknown_keys(tmp_path):
+    """BEiT: a ViT with q_bias/v_bias (no qkv.bias) and gamma_1/gamma_2: loads nothing, names the keys."""
+    sd = timm_backbone(64, 1, seed=82)
+    qkv_bias = sd.pop("blocks.0.attn.qkv.bias")
+    sd["blocks.0.attn.q_bias"], sd["blocks.0.attn.v_bias"] = qkv_bias[:64], qkv_bias[128:]
+    sd["blocks.0.gamma_1"], sd["blocks.0.gamma_2"] = torch.ones(64), torch.ones(64)
+    path = tmp_path / "beit_base_patch16_224_pt22k.pth"
+    torch.save({"model": sd}, path)
+    _bad(path, "unexpected", "blocks.0.attn.q_bias", "blocks.0.attn.v_bias")
+
+
+def test_ninth_family_deit_distilled_names_dist_token(tmp_path):
+    """DeiT-distilled: an extra dist_token and a positional table of 2 + N rows. The error should name the
+    unknown key, not only report a non-square grid."""
+    sd = timm_backbone(64, 1, seed=83)
+    sd["dist_token"] = torch.zeros(1, 1, 64)
+    sd["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], sd["pos_embed"]], dim=1)
+    sd["head_dist.weight"] = torch.zeros(10, 64)
+    path = tmp_path / "deit_base_distilled_patch16_224.pth"
+    torch.save({"model": sd}, path)
+    _bad(path, "dist_token")
+
+
+def test_ninth_family_deit_distilled_is_an_error(tmp_path):
+    sd = timm_backbone(64, 1, seed=83)
+    sd["dist_token"] = torch.zeros(1, 1, 64)
+    sd["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], sd["pos_embed"]], dim=1)
+    path = tmp_path / "deit_base_distilled_patch16_224.pth"
+    torch.save({"model": sd}, path)
+    _bad(path)
+
+
+@pytest.mark.parametrize("name, forced, words", [("dino_bare", "ijepa", ["ijepa", "cls_token"]),
+                                                 ("ijepa", "dino", ["dino", "cls_token"])])
+def test_forcing_a_family_with_the_wrong_cls_convention_names_cls_token(built, name, forced, words):
+    _bad(built(name).path, *words, family=forced)
+
+
+@pytest.mark.parametrize("name, forced", [("dino_bare", "clip"), ("dino_bare", "blip"), ("mae", "mocov3")])
+def test_forcing_a_family_whose_prefix_is_absent_names_the_family(built, name, forced):
+    _bad(built(name).path, forced, family=forced)
+
+
+def test_torchscript_archive_that_is_not_clip(tmp_path):
+    path = tmp_path / "linear.pt"
+    torch.jit.save(torch.jit.script(nn.Linear(4, 2)), str(path))
+    _bad(path, "ViT", "weight")
+
+
+@pytest.mark.parametrize("container", [None, "teacher", "state_dict", "model"])
+def test_incomplete_blocks_name_the_missing_key(tmp_path, container):
+    sd = timm_backbone(64, 2, seed=84)
+    del sd["blocks.1.attn.proj.weight"]
+    if container == "teacher":
+        sd = prefixed(sd, "backbone.")
+    path = tmp_path / "incomplete.pth"
+    torch.save(sd if container is None else {container: sd}, path)
+    _bad(path, "missing", "blocks.1.attn.proj.weight")
+
+
+def test_incomplete_clip_block_is_named(tmp_path, built):
+    sd = dict(torch.jit.load(str(built("clip").path)).state_dict())
+    del sd["visual.transformer.resblocks.1.attn.out_proj.weight"]
+    path = tmp_path / "clip_incomplete.pt"
+    torch.save(sd, path)
+    message = _bad(path, "missing")
+    assert "resblocks.1.attn.out_proj.weight" in message or "blocks.1.attn.proj.weight" in message
+
+
+@pytest.mark.parametrize("deleted", ["module.momentum_encoder.blocks.1.attn.proj.weight",
+                                     "module.momentum_encoder.norm.bias"])
+def test_incomplete_mocov3_momentum_encoder_is_named(tmp_path, built, deleted):
+    ckpt = torch.load(built("mocov3").path, weights_only=True)
+    del ckpt["state_dict"][deleted]
+    path = tmp_path / "moco_incomplete.pth.tar"
+    torch.save(ckpt, path)
+    _bad(path, "missing", deleted[len("module.momentum_encoder."):])
+
+
+def test_a_whole_missing_middle_block_is_named(tmp_path):
+    sd = timm_backbone(64, 3, seed=85)
+    for part in BLOCK_PARTS:
+        del sd["blocks.1." + part]
+    path = tmp_path / "no_middle_block.pth"
+    torch.save(sd, path)
+    _bad(path, "missing", "blocks.1.")
+
+
+def test_missing_first_mlp_is_named(tmp_path):
+    sd = timm_backbone(64, 2, seed=86)
+    del sd["blocks.0.mlp.fc1.weight"]
+    path = tmp_path / "no_fc1.pth"
+    torch.save(sd, path)
+    _bad(path, "blocks.0.mlp.fc1.weight")
+
+
+@pytest.mark.parametrize("family", ["dino", "clip", "dinov2", "ijepa"])
+def test_unexpected_extra_key_is_named(tmp_path, built, family):
+    name = {"dino": "dino_bare", "clip": "clip", "dinov2": "dinov2_reg", "ijepa": "ijepa"}[family]
+    path = tmp_path / f"extra_{family}.pth"
+    if family == "clip":
+        sd = dict(torch.jit.load(str(built(name).path)).state_dict())
+        sd["visual.transformer.resblocks.0.attn.extra"] = torch.zeros(3)
+        torch.save(sd, path)
+    elif family == "ijepa":
+        ckpt = torch.load(built(name).path, weights_only=True)
+        ckpt["encoder"]["module.blocks.0.attn.extra"] = torch.zeros(3)
+        torch.save(ckpt, path)
+    else:
+        sd = torch.load(built(name).path, weights_only=True)
+        sd["blocks.0.attn.extra"] = torch.zeros(3)
+        torch.save(sd, path)
+    _bad(path, "unexpected", "blocks.0.attn.extra")
+
+
+def test_wrong_shape_is_named(tmp_path):
+    sd = timm_backbone(64, 2, seed=87)
+    sd["blocks.1.attn.proj.weight"] = torch.zeros(64, 32)
+    path = tmp_path / "wrong_shape.pth"
+    torch.save(sd, path)
+    _bad(path, "wrong shape", "blocks.1.attn.proj.weight")
+
+
+def test_non_square_positional_table(tmp_path):
+    sd = timm_backbone(64, 1, seed=88)
+    sd["pos_embed"] = sd["pos_embed"][:, :-3]
+    path = tmp_path / "non_square.pth"
+    torch.save(sd, path)
+    _bad(path, "square")
+
+
+def test_input_not_divisible_by_the_patch(built):
+    with pytest.raises(ValueError, match="divisible"):
+        built("dino_bare").encoder(images(60, 64))
+
+
+# =============================================================================
+# eval_davis.py: label propagation, J&F, trade-off metrics
+# Tests of eval_davis.py: the J&F metric (hand cases and a slow loop re-implementation), DINO-exact
+# propagation, the protocols, the CSVs, the trade-off metrics and every bad input. Self-contained, tiny frames.
+
+
+# -----------------------------------------------------------------------------
+# slow, obviously-correct versions of davis2017-evaluation's metrics.py (per-pixel loops)
+
+
+def slow_seg2bmap(seg):
+    H, W = seg.shape
+    b = np.zeros((H, W), bool)
+    for y in range(H):
+        for x in range(W):
+            right = seg[y, x + 1] if x + 1 < W else 0
+            down = seg[y + 1, x] if y + 1 < H else 0
+            diag = seg[y + 1, x + 1] if y + 1 < H and x + 1 < W else 0
+            if y == H - 1 and x == W - 1:
+                b[y, x] = False
+            elif y == H - 1:
+                b[y, x] = seg[y, x] != right
+            elif x == W - 1:
+                b[y, x] = seg[y, x] != down
+            else:
+                b[y, x] = seg[y, x] != right or seg[y, x] != down or seg[y, x] != diag
+    return b
+
+
+def slow_dilate(b, r):
+    H, W = b.shape
+    out = np.zeros_like(b)
+    for y in range(H):
+        for x in range(W):
+            out[y, x] = any(b[y + dy, x + dx] for dy in range(-r, r + 1) for dx in range(-r, r + 1)
+                            if dy * dy + dx * dx <= r * r and 0 <= y + dy < H and 0 <= x + dx < W)
+    return out
+
+
+def slow_f(fg, gt, r):
+    fb, gb = slow_seg2bmap(fg), slow_seg2bmap(gt)
+    n_fg, n_gt = fb.sum(), gb.sum()
+    if n_fg == 0 and n_gt > 0:
+        p, rc = 1, 0
+    elif n_fg > 0 and n_gt == 0:
+        p, rc = 0, 1
+    elif n_fg == 0 and n_gt == 0:
+        p, rc = 1, 1
+    else:
+        p, rc = (fb & slow_dilate(gb, r)).sum() / float(n_fg), (gb & slow_dilate(fb, r)).sum() / float(n_gt)
+    return 0 if p + rc == 0 else 2 * p * rc / (p + rc)
+
+
+def t(a):
+    return torch.as_tensor(np.asarray(a, dtype=bool))
+
+
+# -----------------------------------------------------------------------------
+# the metric against hand-computed cases
+
+
+def test_seg2bmap_square_and_border_rule():
+    seg = np.zeros((5, 5), bool)
+    seg[1:3, 1:3] = True
+    expected = np.array([[1, 1, 1, 0, 0], [1, 0, 1, 0, 0], [1, 1, 1, 0, 0], [0] * 5, [0] * 5], bool)
+    assert (ed.seg2bmap(t(seg)).numpy() == expected).all()
+    # the image border is no boundary: a frame-filling object has none, a last-column object only its left edge
+    assert not ed.seg2bmap(torch.ones(3, 3, dtype=torch.bool)).any()
+    col = np.zeros((3, 3), bool)
+    col[:, 2] = True
+    assert (ed.seg2bmap(t(col)).numpy() == np.array([[0, 1, 0]] * 3, bool)).all()
+    assert (ed.seg2bmap(t(col)).numpy() == slow_seg2bmap(col)).all()
+
+
+def test_dilate_disk_is_the_disk():
+    b = torch.zeros(1, 11, 11, dtype=torch.bool)
+    b[0, 5, 5] = True
+    y, x = np.mgrid[-5:6, -5:6]
+    for r in (0, 1, 2, 3):
+        assert (ed.dilate_disk(b, r)[0].numpy() == (x * x + y * y <= r * r)).all()
+
+
+def test_degenerate_cases():
+    empty, dot = np.zeros((1, 20, 20), bool), np.zeros((1, 20, 20), bool)
+    dot[0, 7, 9] = True
+    assert ed.jaccard(t(empty), t(empty))[0] == 1 and ed.boundary_f(t(empty), t(empty))[0] == 1
+    assert ed.jaccard(t(dot), t(empty))[0] == 0 and ed.boundary_f(t(dot), t(empty))[0] == 0  # P=1, R=0
+    assert ed.boundary_f(t(empty), t(dot))[0] == 0  # P=0, R=1
+    assert ed.jaccard(t(dot), t(dot))[0] == 1 and ed.boundary_f(t(dot), t(dot))[0] == 1
+    assert ed.seg2bmap(t(dot[0])).sum() == 4  # the pixel, its left, upper and upper-left neighbours
+
+
+def test_shifted_square_known_precision_recall():
+    """20x20 square shifted 3 px right on 100x100 (tolerance ceil(0.008*141.4) = 2 px): both boundaries are
+    80-px rings; 20 + 20 of the horizontal edges and 4 of the leading vertical edge match -> P = R = 44/80."""
+    gt = np.zeros((1, 100, 100), bool)
+    gt[0, 40:60, 40:60] = True
+    res = np.roll(gt, 3, axis=2)
+    assert ed.boundary_f(t(gt), t(res))[0] == pytest.approx(44 / 80, abs=1e-12)
+    assert ed.jaccard(t(gt), t(res))[0] == pytest.approx(340 / 460, abs=1e-12)
+
+
+def test_metric_equals_slow_loops_on_random_masks():
+    rng = np.random.default_rng(0)
+    for case in range(12):
+        H, W = rng.integers(8, 28, 2)
+        gt, res = np.zeros((2, H, W), bool), np.zeros((2, H, W), bool)
+        for m in (gt, res):
+            for k in range(2):
+                for _ in range(rng.integers(0, 4)):
+                    y, x = rng.integers(0, H), rng.integers(0, W)
+                    m[k, y:y + rng.integers(1, H), x:x + rng.integers(1, W)] = True
+        if case % 3 == 0:
+            res[0] ^= rng.random((H, W)) < 0.1  # speckle
+        for th in (0.008, 3):
+            r = th if th >= 1 else int(np.ceil(th * np.linalg.norm((H, W))))
+            ours = ed.boundary_f(t(gt), t(res), bound_th=th)
+            assert list(ours) == [slow_f(res[k], gt[k], r) for k in range(2)]  # exactly, not approximately
+        inter, union = (gt & res).sum((1, 2)), (gt | res).sum((1, 2))
+        assert list(ed.jaccard(t(gt), t(res))) == [i / u if u else 1 for i, u in zip(inter, union)]
+
+
+def test_db_statistics_by_hand():
+    m, r, d = ed.db_statistics(np.array([1, 0.8, 0.6, 0.4, 0.2, 0.0]))
+    # bins from round(linspace(1, 6, 5)) - 1 = [0, 1, 3, 4, 5]: first [1, .8], last [.2, 0]
+    assert (m, r) == (pytest.approx(0.5), pytest.approx(0.5)) and d == pytest.approx(0.9 - 0.1)
+
+
+# -----------------------------------------------------------------------------
+# scoring a folder, CSVs
+
+
+def copy_gt_as_results(davis, res):
+    for p in (davis / "Annotations" / "480p").glob("*/*.png"):
+        out = res / p.parent.name / p.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ids = np.array(Image.open(p))
+        Image.fromarray(np.where(ids == 255, 0, ids)).save(out)
+
+
+def test_score_perfect_results_and_csv_format(tmp_path):
+    davis = make_davis(tmp_path / "d", n_seqs=2, n_frames=5, height=32, width=48)
+    res = tmp_path / "res"
+    copy_gt_as_results(davis, res)
+    glob, rows = ed.score(davis, res, verbose=False)
+    assert glob["J&F-Mean"] == 1 and glob["J-Decay"] == 0 and [r[0] for r in rows] == ["synth-000_1", "synth-001_1",
+                                                                                          "synth-001_2"]
+    assert (res / "global_results-val.csv").read_text() == \
+        "J&F-Mean,J-Mean,J-Recall,J-Decay,F-Mean,F-Recall,F-Decay\n1.000,1.000,1.000,0.000,1.000,1.000,0.000\n"
+    assert (res / "per-sequence_results-val.csv").read_text().splitlines() == \
+        ["Sequence,J-Mean,F-Mean", "synth-000_1,1.000,1.000", "synth-001_1,1.000,1.000", "synth-001_2,1.000,1.000"]
+    ed.write_csv(tmp_path / "x.csv", ["a", "b"], [["s", float("nan")], ["t", -0.00049]])
+    assert (tmp_path / "x.csv").read_text() == "a,b\ns,\nt,-0.000\n"  # pandas: NaN empty, %.3f
+
+
+def test_void_pixels_count_as_background(tmp_path):
+    davis = make_davis(tmp_path / "d", n_seqs=1, n_frames=4, height=32, width=48)
+    p = davis / "Annotations" / "480p" / "synth-000" / "00002.png"
+    ids = np.array(Image.open(p))
+    ids[:4] = 255
+    img = Image.fromarray(ids)
+    img.putpalette(davis_palette())
+    img.save(p)
+    res = tmp_path / "res"
+    copy_gt_as_results(davis, res)
+    assert ed.score(davis, res, verbose=False)[0]["J&F-Mean"] == 1
+
+
+# -----------------------------------------------------------------------------
+# propagation
+
+
+def test_protocols_and_resize_rule():
+    assert ed.PROTOCOLS["dino"] == dict(height=480, width=None, std=(0.228, 0.224, 0.225), topk=5, context=7,
+                                        radius=12, temperature=0.1)
+    assert ed.PROTOCOLS["paper"] == dict(height=480, width=880, std=(0.229, 0.224, 0.225), topk=7, context=20,
+                                         radius=20, temperature=0.7)
+    dino, paper = ed.protocol_params("dino"), ed.protocol_params("paper", topk=3, radius=None)
+    assert (paper["topk"], paper["radius"]) == (3, 20)
+    assert ed.target_size(480, 854, dino) == (480, 832) and ed.target_size(854, 480, dino) == (832, 480)
+    assert ed.target_size(480, 854, paper) == (480, 880) and ed.target_size(854, 480, paper) == (880, 480)
+    assert ed.target_size(50, 70, dict(dino, height=64)) == (64, 64)
+    with pytest.raises(BadInput):
+        ed.protocol_params("dino", size=3)
+
+
+def tiny_vit():
+    return build_vit("vit_tiny", patch_size=8, seed=0).eval()
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_propagation_equals_dino_loop(repeat):
+    """Batched ring-buffer propagation == DINO's per-frame dense loop, also with exact ties (repeated frames)."""
+    frames, masks = synthetic_video(1, 7, 48, 64, n_objects=2)
+    if repeat:
+        frames[2:5] = frames[1]
+    params = dict(ed.PROTOCOLS["dino"], context=2, radius=3)
+    x = torch.stack([ed.normalise(torch.from_numpy(f).permute(2, 0, 1).float(), (48, 64), (0.228, 0.224, 0.225))
+                     for f in frames])
+    embed = ed.encoder_embed(tiny_vit())
+    labels0 = ed.first_labels(masks[0], 6, 8)
+    ours = ed.fast_loop(x, labels0, embed, 8, params, batch_size=3)
+    ref = ed.dino_loop(x, labels0, embed, 8, params)
+    assert ours.shape == (6, 48, 64)
+    assert (ours == ref).float().mean() >= 0.999
+
+
+def oracle_embed(x, patch=4, n=256):
+    """What an ideal encoder would give on the synthetic scenes: random Fourier features of (colour, position)
+    per patch, so that cosine similarity ~ a Gaussian kernel on colour (scale 0.5) and position (16 px)."""
+    g = torch.Generator().manual_seed(0)
+    proj, phase = torch.randn(5, n, generator=g), 2 * math.pi * torch.rand(n, generator=g)
+    colour = 2 * F.avg_pool2d(x, patch)
+    B, _, h, w = colour.shape
+    i, j = torch.meshgrid(torch.arange(h) * patch / 16, torch.arange(w) * patch / 16, indexing="ij")
+    v = torch.cat([colour, torch.stack([i, j]).expand(B, -1, -1, -1)], 1).permute(0, 2, 3, 1)
+    return torch.cos(v @ proj + phase)
+
+
+def test_oracle_features_propagate_well(tmp_path):
+    davis = make_davis(tmp_path / "d", n_seqs=3, n_frames=8, height=64, width=96, seed=1)
+    plan = ed.read_davis(davis)
+    params = ed.protocol_params("dino", height=64, width=96)
+    noise = lambda x: torch.randn(x.shape[0], 16, 24, 64, generator=torch.Generator().manual_seed(0))
+    outs = {"oracle": tmp_path / "oracle", "noise": tmp_path / "noise"}
+    for name, embed in (("oracle", oracle_embed), ("noise", noise)):
+        assert ed.segment(plan, embed, {name: None}, outs, params, 4, "cpu", batch_size=3, verbose=False) == 24
+    oracle, noise = (ed.score(davis, outs[k], verbose=False)[0]["J&F-Mean"] for k in ("oracle", "noise"))
+    assert oracle > 0.8 and noise < 0.3, (oracle, noise)  # measured: 0.846 and 0.099
+
+
+def test_compare_odd_sizes_and_overlays(tmp_path):
+    davis = make_davis(tmp_path / "d", n_seqs=2, n_frames=4, height=50, width=70)  # not multiples of the patch
+    enc = tiny_vit()
+    proj = Projection(enc.embed_dim).eval()
+    m = ed.compare(enc, proj, davis, tmp_path / "out", protocol="dino", height=64, overlay=True, verbose=False)
+    assert set(m) == {"baseline", "cosettle", "difference"}
+    assert all(0 <= m[k]["J&F-Mean"] <= 1 for k in ("baseline", "cosettle"))
+    assert m["difference"]["J-Mean"] == pytest.approx(m["cosettle"]["J-Mean"] - m["baseline"]["J-Mean"])
+    out = Image.open(tmp_path / "out" / "cosettle" / "synth-001" / "00003.png")
+    assert out.mode == "P" and out.size == (70, 50)  # back to the original size
+    overlay = Image.open(tmp_path / "out" / "baseline" / "overlays" / "synth-000" / "00003.png")
+    assert overlay.mode == "RGB" and overlay.size == (70, 50)
+    one = ed.evaluate(enc, None, davis, tmp_path / "one", protocol="dino", height=64, verbose=False)
+    assert one == m["baseline"]  # the same frames, the same numbers
+
+
+def test_tradeoff_metrics(tmp_path):
+    write_synthetic_videos(tmp_path / "v", n_videos=2, n_frames=4, height=32, width=32)
+    enc = build_vit("vit_tiny", patch_size=16, seed=0).eval()
+    res = ed.tradeoff(enc, {"baseline": None, "cosettle": Projection(enc.embed_dim).eval()}, tmp_path / "v")
+    for r in res.values():
+        assert 0 <= r["cycle_acc"] <= 1 and 0 < r["D_intra"] <= 1 and 0 < r["D_inter"] <= 1
+        assert r["margin"] == pytest.approx(r["D_inter"] - 0.3 * r["D_intra"])
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line on stderr, exit 2, nothing half-written
+
+
+def fail(capsys, argv):
+    assert ed.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_bad_davis_folders(tmp_path, capsys):
+    davis = make_davis(tmp_path / "d", n_seqs=1, n_frames=3, height=32, width=48)
+    ann = davis / "Annotations" / "480p" / "synth-000" / "00000.png"
+    good = ann.read_bytes()
+    run = ["--davis", str(davis), "--out", str(tmp_path / "o")]
+    (davis / "ImageSets" / "2017" / "val.txt").write_text("synth-000\nghost\n")
+    assert "ghost" in fail(capsys, run)
+    (davis / "ImageSets" / "2017" / "val.txt").write_text("synth-000\n")
+    ann.unlink()
+    assert "00000.png" in fail(capsys, run) and "missing" in fail(capsys, run)
+    Image.new("RGB", (48, 32)).save(ann)
+    assert "RGB" in fail(capsys, run)
+    Image.new("P", (40, 32)).save(ann)
+    assert "40x32" in fail(capsys, run) or "48x32" in fail(capsys, run)
+    ann.write_bytes(good)
+    assert "topk >= 1" in fail(capsys, run + ["--topk", "0"])
+    torch.save({"projection": Projection(64).state_dict()}, tmp_path / "p.pth")
+    assert "width 64" in fail(capsys, run + ["--ckpt", str(tmp_path / "p.pth")])
+    shutil.rmtree(davis / "ImageSets")
+    assert "val.txt" in fail(capsys, run)
+    assert not (tmp_path / "o").exists()
+    assert "--ckpt" in fail(capsys, ["--compare"])
+
+
+def test_bad_results_folders(tmp_path, capsys):
+    davis = make_davis(tmp_path / "d", n_seqs=2, n_frames=4, height=32, width=48)
+    res = tmp_path / "res"
+    copy_gt_as_results(davis, res)
+    argv = ["--davis", str(davis), "--masks", str(res)]
+    bad = res / "synth-001" / "00002.png"
+    ids = np.array(Image.open(bad))
+    ids[0, 0] = 7
+    Image.fromarray(ids).save(bad)
+    err = fail(capsys, argv)
+    assert "synth-001/00002.png" in err and "[7]" in err
+    bad.unlink()
+    (res / "synth-000" / "00001.png").unlink()
+    err = fail(capsys, argv)
+    assert "2 result frames missing" in err and "synth-000/00001.png" in err and "synth-001/00002.png" in err
+    assert not list(res.glob("*.csv"))  # nothing half-written
+    copy_gt_as_results(davis, res)
+    assert ed.main(argv) == 0 and (res / "global_results-val.csv").is_file()
