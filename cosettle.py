@@ -195,8 +195,8 @@ def freeze(module):
 
 IMAGENET_STATS = (IMAGENET_MEAN, IMAGENET_STD)
 CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CLIP and BLIP
-CLIP_RENAMES = [("conv1.", "patch_embed.proj."), ("class_embedding", "cls_token"), ("positional_embedding", "pos_embed"),
-                ("ln_pre.", "norm_pre."), ("transformer.resblocks.", "blocks."), (".ln_1.", ".norm1."),
+CLIP_RENAMES = [("conv1.", "patch_embed.proj."), ("class_embedding", "cls_token"),
+                ("positional_embedding", "pos_embed"), ("ln_pre.", "norm_pre."), ("transformer.resblocks.", "blocks."), (".ln_1.", ".norm1."),
                 (".ln_2.", ".norm2."), (".attn.in_proj_", ".attn.qkv."), (".attn.out_proj.", ".attn.proj."),
                 (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2."), ("ln_post.", "norm.")]
 FAMILIES = {  # name: (backbone prefix kept and stripped, key renames, architecture switches, native statistics)
@@ -227,7 +227,8 @@ def read_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):  # DINO/iBOT/MAE training runs pickle args
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and truncation errors all mean the same thing to the user
-        raise BadInput(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        raise BadInput(f"{path}: not a readable PyTorch checkpoint ({reason})")
 
 
 def detect_family(ckpt):
@@ -347,7 +348,7 @@ def load_encoder(path, family=None, verbose=False):
     model.family, model.native_stats = family, FAMILIES[family][3]
     if verbose:
         print(f"{path}: {family} ViT, patch {arch['patch_size']}, width {arch['embed_dim']}, depth {arch['depth']}, "
-              f"{arch['heads']} heads, grid {arch['grid']}" + (f", {arch['registers']} registers" if arch["registers"] else ""))
+              f"{arch['heads']} heads, grid {arch['grid']}, {arch['registers']} registers")
     return freeze(model)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cosettle import BadInput, build_vit, cycle_loss, load_encoder, load_projection
+from cosettle import FAMILIES, BadInput, build_vit, cycle_loss, load_encoder, load_projection
 from data import (IMAGENET_MEAN, IMAGENET_STD, davis_palette, find_videos, list_frames, load_rgb, make_davis,
                   synthetic_video)
 
@@ -42,8 +42,10 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, davis_palette, find_videos, list_
 #   circular window (d < 20) not applied to the first frame, the queue pre-filled with copies of frame 0,
 #   bilinear (soft) first-frame labels and no min-max normalisation before the argmax.
 PROTOCOLS = {
-    "paper": dict(height=480, width=880, std=IMAGENET_STD, topk=7, context=20, radius=20, temperature=0.7),
-    "dino": dict(height=480, width=None, std=(0.228, 0.224, 0.225), topk=5, context=7, radius=12, temperature=0.1),
+    "paper": dict(height=480, width=880, mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=7, context=20, radius=20,
+                  temperature=0.7),
+    "dino": dict(height=480, width=None, mean=IMAGENET_MEAN, std=(0.228, 0.224, 0.225), topk=5, context=7, radius=12,
+                 temperature=0.1),
 }
 METRICS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
 PALETTE = np.array(davis_palette(), dtype=np.uint8).reshape(256, 3)
@@ -356,18 +358,18 @@ class Propagation:
         return torch.max(norm_mask(up), dim=0).indices.to(torch.uint8)
 
 
-def load_frame(path, size, std):
+def load_frame(path, size, mean, std):
     """RGB frame -> normalised [3, th, tw]. Bilinear (no antialias), rounded to uint8 as DINO's cv2.resize on
     a uint8 image is, then (x/255 - mean) / std."""
     x = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).float()
-    return normalise(x, size, std)
+    return normalise(x, size, mean, std)
 
 
-def normalise(x, size, std):
-    """[3, H, W] float in 0..255 -> resized to `size` and ImageNet-mean / `std` normalised."""
+def normalise(x, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """[3, H, W] float in 0..255 -> resized to `size` and (x/255 - mean) / std normalised."""
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0].round().clamp(0, 255)
-    return (x / 255.0 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(std)[:, None, None]
+    return (x / 255.0 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 def first_labels(ann, h, w):
@@ -395,7 +397,8 @@ def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overl
         show = set(np.linspace(0, len(frames) - 1, 4).round().astype(int).tolist()) if overlay else set()
         props = {}
         for b0 in range(0, len(frames), batch_size):
-            x = torch.stack([load_frame(f, (th, tw), params["std"]) for f in frames[b0:b0 + batch_size]])
+            x = torch.stack([load_frame(f, (th, tw), params["mean"], params["std"])
+                             for f in frames[b0:b0 + batch_size]])
             with torch.no_grad():
                 base = embed(x.to(device))
                 maps = {}
@@ -458,7 +461,7 @@ def run(encoder, heads, davis_root, out_dir, protocol="paper", device=None, batc
 
 def evaluate(encoder, projection, davis_root, out_dir, protocol="paper", **overrides):
     """J&F of one variant: the frozen encoder (projection None) or + Co-Settle -> the 7 global metrics.
-    overrides: protocol settings (height, width, std, topk, context, radius, temperature) and run()'s device,
+    overrides: protocol settings (height, width, mean, std, topk, context, radius, temperature) and run()'s device,
     batch_size, overlay, verbose. davis_root None: a synthetic DAVIS set in a temporary folder."""
     name = "baseline" if projection is None else "cosettle"
     return run(encoder, {name: projection}, davis_root, out_dir, protocol, **overrides)[name]
@@ -505,8 +508,8 @@ def tradeoff(encoder, heads, videos, device="cpu", batch_size=16):
     middle = {k: [] for k in heads}
     for folder in folders:
         frames = list_frames(folder)
-        x = torch.stack([normalise(torch.from_numpy(np.array(load_rgb(f))).permute(2, 0, 1).float(), (224, 224),
-                                   IMAGENET_STD) for f in frames])
+        x = torch.stack([normalise(torch.from_numpy(np.array(load_rgb(f))).permute(2, 0, 1).float(), (224, 224))
+                         for f in frames])
         base = torch.cat([encoder(x[a:a + batch_size].to(device)).float() for a in range(0, len(x), batch_size)])
         g = max(1, int(0.15 * len(frames)))
         for name, head in heads.items():
@@ -584,8 +587,8 @@ def bench(device, n_frames=10, height=480, width=832):
     encoder = build_vit("vit_small", 16, seed=0).to(device).eval()
     embed, params = encoder_embed(encoder), PROTOCOLS["dino"]
     frames, masks = synthetic_video(0, n_frames, height, width, n_objects=2)
-    x = torch.stack([normalise(torch.from_numpy(f).permute(2, 0, 1).float(), (height, width), params["std"])
-                     for f in frames]).to(device)
+    x = torch.stack([normalise(torch.from_numpy(f).permute(2, 0, 1).float(), (height, width), params["mean"],
+                               params["std"]) for f in frames]).to(device)
     labels0 = first_labels(masks[0], height // 16, width // 16).to(device)
     runs = [("DINO per-frame loop", dino_loop), ("ours", fast_loop),
             ("encoder forward alone", lambda x, *_: [embed(x[a:a + 8]) for a in range(0, len(x), 8)])]
@@ -615,6 +618,9 @@ def bench(device, n_frames=10, height=480, width=832):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", help="encoder checkpoint (default: a seeded random ViT-S/16)")
+    parser.add_argument("--family", choices=FAMILIES, help="force the checkpoint family instead of detecting it")
+    parser.add_argument("--native-stats", action="store_true",
+                        help="normalise with the family's own mean/std (CLIP, BLIP) instead of ImageNet's")
     parser.add_argument("--ckpt", help="train.py checkpoint with the trained projection")
     parser.add_argument("--davis", help="DAVIS-2017 folder (default: a synthetic one in a temporary folder)")
     parser.add_argument("--out", default="results", help="where the result PNGs and CSVs go")
@@ -646,7 +652,7 @@ def main(argv=None):
         if args.tradeoff and not args.videos:
             raise BadInput("--tradeoff needs --videos DIR (a folder of frame folders)")
         if args.weights:
-            encoder = load_encoder(args.weights).to(device)
+            encoder = load_encoder(args.weights, args.family, verbose=True).to(device)
         else:
             print("no --weights: using a seeded random ViT-S/16 (build_vit(seed=0)); numbers mean nothing")
             encoder = build_vit("vit_small", 16, seed=0).to(device).eval()
@@ -665,6 +671,8 @@ def main(argv=None):
             return 0
         kw = dict(device=device, batch_size=args.batch_size, overlay=args.overlay, topk=args.topk,
                   context=args.context, radius=args.radius, temperature=args.temperature)
+        if args.native_stats:
+            kw["mean"], kw["std"] = encoder.native_stats
         if args.compare:
             compare(encoder, projection, args.davis, args.out, args.protocol, **kw)
         else:

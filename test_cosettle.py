@@ -1227,7 +1227,8 @@ def test_bad_video_folders(tiny_weights, tmp_path, capsys):
     singles = tmp_path / "singles"
     for v in range(3):
         data.write_synthetic_videos(singles / f"v{v}", n_videos=1, n_frames=1, height=32, width=32, seed=v)
-    for root, needles in [(empty, ["holds no folders with frames"]), (singles, ["no video folder with at least 2 frames", "skipping 3"]),
+    for root, needles in [(empty, ["holds no folders with frames"]),
+                          (singles, ["no video folder with at least 2 frames", "skipping 3"]),
                           (tmp_path / "nowhere", ["no such file"])]:
         out_dir = tmp_path / f"out_{root.name}"
         code, _, err = run_main(["--weights", tiny_weights, "--videos", root, "--out", out_dir, "--no-compile",
@@ -2592,10 +2593,11 @@ def test_void_pixels_count_as_background(tmp_path):
 
 
 def test_protocols_and_resize_rule():
-    assert ed.PROTOCOLS["dino"] == dict(height=480, width=None, std=(0.228, 0.224, 0.225), topk=5, context=7,
-                                        radius=12, temperature=0.1)
-    assert ed.PROTOCOLS["paper"] == dict(height=480, width=880, std=(0.229, 0.224, 0.225), topk=7, context=20,
-                                         radius=20, temperature=0.7)
+    imagenet_mean = (0.485, 0.456, 0.406)
+    assert ed.PROTOCOLS["dino"] == dict(height=480, width=None, mean=imagenet_mean, std=(0.228, 0.224, 0.225),
+                                        topk=5, context=7, radius=12, temperature=0.1)
+    assert ed.PROTOCOLS["paper"] == dict(height=480, width=880, mean=imagenet_mean, std=(0.229, 0.224, 0.225),
+                                         topk=7, context=20, radius=20, temperature=0.7)
     dino, paper = ed.protocol_params("dino"), ed.protocol_params("paper", topk=3, radius=None)
     assert (paper["topk"], paper["radius"]) == (3, 20)
     assert ed.target_size(480, 854, dino) == (480, 832) and ed.target_size(854, 480, dino) == (832, 480)
