@@ -9,6 +9,7 @@ the published numbers, and say so.
     python cosettle.py --bench      # eager official cycle loss vs the fused (compiled) one, fwd+bwd
 """
 import argparse
+import hashlib
 import math
 import os
 import re
@@ -191,12 +192,13 @@ def freeze(module):
 #
 # Each family is a row: where its backbone sits in the file, how its key names map onto ours, and how its
 # architecture differs. DINO, iBOT, MAE, MoCo v3 and BLIP share DINO's names once the prefix is stripped; the
-# family label of those comes from the container (and matters only for the printout and the native statistics).
+# family label of those comes from the container (it sets the native statistics and MoCo's ViT-S head count).
 
 IMAGENET_STATS = (IMAGENET_MEAN, IMAGENET_STD)
 CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CLIP and BLIP
 CLIP_RENAMES = [("conv1.", "patch_embed.proj."), ("class_embedding", "cls_token"),
-                ("positional_embedding", "pos_embed"), ("ln_pre.", "norm_pre."), ("transformer.resblocks.", "blocks."), (".ln_1.", ".norm1."),
+                ("positional_embedding", "pos_embed"), ("ln_pre.", "norm_pre."), ("transformer.resblocks.", "blocks."),
+                (".ln_1.", ".norm1."),
                 (".ln_2.", ".norm2."), (".attn.in_proj_", ".attn.qkv."), (".attn.out_proj.", ".attn.proj."),
                 (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2."), ("ln_post.", "norm.")]
 FAMILIES = {  # name: (backbone prefix kept and stripped, key renames, architecture switches, native statistics)
@@ -205,8 +207,9 @@ FAMILIES = {  # name: (backbone prefix kept and stripped, key renames, architect
     "mae": ("", [], {}, IMAGENET_STATS),
     # Co-Settle trains on the momentum encoder (upstream's DeiT conversion takes base_encoder); we follow the code.
     "mocov3": ("momentum_encoder.", [], {}, IMAGENET_STATS),
-    # No CLS token: the positional table has no CLS row. The official code skips the final norm on z1, z2 and
-    # in evaluation but applies it on the PEA stream; we apply it on all three, as I-JEPA's own forward does.
+    # No CLS token: the positional table has no CLS row. The official code skips the final norm on z1 and z2 (and
+    # in its metric script) but applies it on the PEA stream; we apply it on all three, as I-JEPA's own forward
+    # does, so I-JEPA numbers may differ from the paper's.
     "ijepa": ("", [], dict(cls_token=False), IMAGENET_STATS),
     "dinov2": ("", [], {}, IMAGENET_STATS),
     "clip": ("visual.", CLIP_RENAMES, dict(eps=1e-5, act="quick_gelu", ln_pre=True, patch_bias=False), CLIP_STATS),
@@ -222,8 +225,11 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise BadInput(f"{path}: no such file")
     try:
-        if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
-            return torch.jit.load(path, map_location="cpu").state_dict()  # weights_only cannot read TorchScript
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                scripted = any("/code/" in n for n in z.namelist())
+            if scripted:
+                return torch.jit.load(path, map_location="cpu").state_dict()  # weights_only cannot read TorchScript
         with torch.serialization.safe_globals([argparse.Namespace]):  # DINO/iBOT/MAE training runs pickle args
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and truncation errors all mean the same thing to the user
@@ -279,9 +285,12 @@ def backbone_state_dict(sd, family, path):
     return out
 
 
+HEADS = {64: 1, 128: 2, 192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}  # width: heads (ViT-Ti..g)
+
+
 def infer_arch(sd, family="dino", path="checkpoint"):
     """ViT hyper-parameters read off the tensors: patch from the patch conv, width, depth, grid, registers,
-    heads = width/64 (MoCo v3's ViT-S has 12 heads, ViT-H 16), plus the family's switches."""
+    heads from the standard width table (MoCo v3's ViT-S has 12 heads), plus the family's switches."""
     dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
     switches = FAMILIES[family][2]
     has_cls = switches.get("cls_token", True)
@@ -296,7 +305,10 @@ def infer_arch(sd, family="dino", path="checkpoint"):
     if "blocks.0.mlp.fc1.weight" not in sd:
         raise BadInput(f"{path}: {family} ViT without transformer blocks (no blocks.0.mlp.fc1.weight)")
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    heads = 12 if (family, dim) == ("mocov3", 384) else 16 if dim == 1280 else dim // 64
+    if dim not in HEADS:
+        raise BadInput(f"{path}: width {dim} is not a standard ViT width ({', '.join(map(str, HEADS))}); the number "
+                       f"of heads cannot be read off the weights")
+    heads = 12 if (family, dim) == ("mocov3", 384) else HEADS[dim]
     registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
     return dict(patch_size=patch, embed_dim=dim, depth=depth, heads=heads, grid=(side, side),
                 mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0], qkv_bias="blocks.0.attn.qkv.bias" in sd,
@@ -390,12 +402,29 @@ class Projection(nn.Module):
         return self.norm(torch.tanh(self.linear(z)))
 
 
-def load_projection(path):
-    """The trained projection from a train.py checkpoint, in eval mode."""
+def fingerprint(encoder):
+    """A hash of the encoder's weights that identifies it in a train.py checkpoint."""
+    digest = hashlib.sha1()
+    for p in (encoder.patch_embed.proj.weight, encoder.pos_embed, encoder.norm.weight):
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_projection(path, encoder=None):
+    """The trained projection from a train.py checkpoint, in eval mode; with `encoder`, checked to have been
+    trained on that very encoder (a DINO projection on iBOT features would run, silently meaningless)."""
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "projection" not in ckpt:
         raise BadInput(f"{path}: not a Co-Settle checkpoint (no 'projection' entry)")
     sd = ckpt["projection"]
+    if encoder is not None:
+        width = sd["linear.weight"].shape[0]
+        if width != encoder.embed_dim:
+            raise BadInput(f"{path}: projection of width {width}, but the encoder has width {encoder.embed_dim}")
+        trained_on = ckpt.get("encoder", {})
+        if trained_on.get("fingerprint") != fingerprint(encoder):
+            raise BadInput(f"{path}: trained on encoder {trained_on.get('path', '(not recorded)')}, "
+                           f"not on the one given")
     projection = Projection(sd["linear.weight"].shape[0])
     projection.load_state_dict(sd, strict=True)
     return freeze(projection)
@@ -430,7 +459,7 @@ def cycle_loss(p1, p2, p1b, temp=0.03):
     return loss, accuracy, sim_identity
 
 
-def reference_cycle_loss(p1, p2, p1b, temp=0.03):
+def official_cycle_loss(p1, p2, p1b, temp=0.03):
     """The official formulation, kept as the yardstick for tests and --bench: builds M and its cross-entropy."""
     q1, q2, q1b = pool_tokens(p1), pool_tokens(p2), pool_tokens(p1b)
     B, n, _ = q1.shape
@@ -460,13 +489,13 @@ def objective(h, z, temp=0.03, lambda_reg=3.0):
     return cyc + lambda_reg * reg, cyc.detach(), reg.detach(), accuracy, sim
 
 
-def fuse(fn):
+def fuse(fn, device="cpu"):
     """The fused kernel: torch.compile over fn (inductor: Triton on GPU, C++/OpenMP on CPU). Normalisation,
     pooling, both softmaxes, the cycle diagonal and the separability KL become a handful of loops that read the
     tokens once, instead of a dozen full-size eager passes. Compiles on a toy input so that a missing compiler
     fails here, with its reason, and not in the middle of a run."""
     fused = torch.compile(fn, dynamic=False)
-    probe = torch.randn(1, 3 * 16, 8, requires_grad=True)
+    probe = torch.randn(1, 3 * 16, 8, device=device, requires_grad=True)
     out = fused(probe, probe.detach())
     (out[0] if isinstance(out, tuple) else out).backward()
     return fused
@@ -500,7 +529,7 @@ class CoSettle(nn.Module):
     def forward(self, x1, x2, generator=None, projection=None):
         """-> dict(loss, cycle, reg, accuracy, sim_identity). `projection` lets DDP pass its wrapper."""
         z = self.encode(x1, x2, generator)
-        h = (projection or self.projection)(z)
+        h = (self.projection if projection is None else projection)(z)
         with torch.autocast(h.device.type, enabled=False):  # logits / 0.03 need fp32, whatever the encoder ran in
             loss, cyc, reg, accuracy, sim = self.loss_fn(h, z, self.temp, self.lambda_reg)
         return dict(loss=loss, cycle=cyc, reg=reg, accuracy=accuracy, sim_identity=sim)
@@ -526,7 +555,7 @@ def official_objective(h, z, temp=0.03, lambda_reg=3.0):
     """Eq. 4 as the official code computes it, eagerly: the yardstick of --bench."""
     p, z = F.normalize(h, dim=-1), F.normalize(z, dim=-1)
     reg = F.kl_div(torch.log_softmax(p, -1), torch.softmax(z, -1), reduction="batchmean")
-    return reference_cycle_loss(*p.chunk(3, dim=1), temp) + lambda_reg * reg
+    return official_cycle_loss(*p.chunk(3, dim=1), temp) + lambda_reg * reg
 
 
 def bench(batch=64, tokens=196, dim=768, iters=10):
@@ -548,10 +577,10 @@ def bench(batch=64, tokens=196, dim=768, iters=10):
         return run
 
     print(f"loss head forward+backward, B={batch}, h and z of 3x{tokens}x{dim}, {name}, torch {torch.__version__}")
-    for title, official, ours in [("cycle loss (Eq. 2)", cycle_only(reference_cycle_loss), cycle_only(cycle_loss)),
+    for title, official, ours in [("cycle loss (Eq. 2)", cycle_only(official_cycle_loss), cycle_only(cycle_loss)),
                                   ("total loss (Eq. 4)", official_objective, objective)]:
         t0 = time.perf_counter()
-        fused = fuse(ours)
+        fused = fuse(ours, device)
         step(fused)()
         compile_s = time.perf_counter() - t0
         rows = [("official, eager", official), ("diagonal identity, eager", ours), ("fused (torch.compile)", fused)]

@@ -117,7 +117,7 @@ def sample_pair(n, clip_gap, rng):
     when n <= 2 or g <= 1 instead.)
     """
     g = int(clip_gap * n)
-    if n <= 4 or g < 1:
+    if n <= 4 or g < 1 or g > n - 2:  # the last case: a gap the clip cannot hold (clip_gap near 1)
         return rng.randint(0, n - 1), rng.randint(0, n - 1)
     i = rng.randint(1, n - g - 1)  # random.randint includes both ends, numpy's excludes the upper one
     return i, i + g

@@ -573,7 +573,7 @@ def fast_loop(x, labels0, embed, patch, params, batch_size=8):
     out, prop = [], None
     for a in range(0, len(x), batch_size):
         feats = embed(x[a:a + batch_size])
-        prop = prop or Propagation(feats[0], labels0, params, patch)
+        prop = prop if prop is not None else Propagation(feats[0], labels0, params, patch)
         out.append(torch.stack([prop(f) for f in feats[1 if a == 0 else 0:]]).cpu())
     return torch.cat(out)
 
@@ -656,10 +656,7 @@ def main(argv=None):
         else:
             print("no --weights: using a seeded random ViT-S/16 (build_vit(seed=0)); numbers mean nothing")
             encoder = build_vit("vit_small", 16, seed=0).to(device).eval()
-        projection = load_projection(args.ckpt).to(device) if args.ckpt else None
-        if projection is not None and projection.linear.in_features != encoder.embed_dim:
-            raise BadInput(f"{args.ckpt}: projection of width {projection.linear.in_features}, but the encoder "
-                           f"{args.weights or 'ViT-S/16'} has width {encoder.embed_dim}")
+        projection = load_projection(args.ckpt, encoder).to(device) if args.ckpt else None
         if args.tradeoff:
             heads = {"baseline": None} if projection is None else {"baseline": None, "cosettle": projection}
             res = tradeoff(encoder, heads, args.videos, device)

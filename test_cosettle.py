@@ -855,7 +855,7 @@ def check_cycle(p1, p2, p1b, rel, grad_atol=0.0):
         else:
             assert_rel_close(a.grad, b.grad, rel)
     # cosettle's own yardstick agrees with ours
-    assert_rel_close(cosettle.reference_cycle_loss(p1, p2, p1b), ref.detach(), 1e-9)
+    assert_rel_close(cosettle.official_cycle_loss(p1, p2, p1b), ref.detach(), 1e-9)
     # accuracy and sim_identity read off the full M
     M = M.detach()
     B, n, _ = M.shape
@@ -1081,7 +1081,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tiny_weights, small_videos, t
     code, out, _ = run_main(common + ["--out", b], capsys)
     assert code == 0 and "interrupted: step 3/8" in out and not guard
     ckpt = torch.load(b / "cosettle.pth", map_location="cpu", weights_only=True)
-    assert set(ckpt) == {"projection", "optimizer", "step", "epoch", "args", "encoder"}
+    assert set(ckpt) == {"projection", "optimizer", "step", "epoch", "args", "world", "encoder"}
     assert ckpt["step"] == 3 and ckpt["epoch"] == 0
     assert {k: ckpt["encoder"][k] for k in ("path", "size")} == dict(path=os.path.abspath(tiny_weights),
                                                                       size=os.path.getsize(tiny_weights))
@@ -1354,6 +1354,57 @@ def test_resume_refuses_a_different_encoder_of_the_same_size(tiny_weights, small
     assert code == 0, err
     code, _, err = run_main(common + ["--weights", other, "--epochs", "2", "--resume"], capsys)
     assert code == 2, "resumed on a different encoder"
+
+
+def test_resume_refuses_another_global_batch_or_seed(tiny_weights, small_videos, tmp_path, capsys):
+    """The step count only means the same epoch and sample order under the same global batch and seed."""
+    out_dir = tmp_path / "out"
+    common = ["--weights", tiny_weights, "--videos", small_videos, "--out", out_dir, "--no-compile", "--workers", "0"]
+    code, _, err = run_main(common + ["--batch-size", "2", "--epochs", "1"], capsys)
+    assert code == 0, err
+    saved = torch.load(out_dir / "cosettle.pth", weights_only=True)
+    assert saved["world"] == 1
+    for change in (["--batch-size", "4"], ["--batch-size", "2", "--seed", "1"]):
+        code, _, err = run_main(common + change + ["--epochs", "2", "--resume"], capsys)
+        assert_clean_error(code, err, out_dir / "cosettle.pth", "global batch 2")
+    assert torch.equal(torch.load(out_dir / "cosettle.pth", weights_only=True)["projection"]["linear.weight"],
+                       saved["projection"]["linear.weight"])
+
+
+def test_projection_checked_against_its_encoder(tiny_weights, small_videos, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, _, err = run_main(["--weights", tiny_weights, "--videos", small_videos, "--out", out_dir, "--no-compile",
+                             "--workers", "0", "--batch-size", "4", "--epochs", "1"], capsys)
+    assert code == 0, err
+    ckpt = out_dir / "cosettle.pth"
+    encoder = load_encoder(str(tiny_weights))
+    assert cosettle.load_projection(str(ckpt), encoder).linear.in_features == TINY_DIM
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        other = cosettle.ViT(16, TINY_DIM, TINY_DEPTH, TINY_DIM // 64, grid=(14, 14))
+    with pytest.raises(BadInput, match="not on the one given"):
+        cosettle.load_projection(str(ckpt), other)
+
+
+def test_clip_gap_that_the_clip_cannot_hold_falls_back_to_two_random_frames():
+    rng = random.Random(0)
+    for n, gap in [(5, 0.8), (10, 0.9), (20, 0.95)]:
+        for _ in range(200):
+            i, j = data.sample_pair(n, gap, rng)
+            assert 0 <= i < n and 0 <= j < n
+    assert train.parse_args(["--clip-gap", "0.5"]).clip_gap == 0.5
+    with pytest.raises(SystemExit):
+        train.parse_args(["--clip-gap", "1.5"])
+
+
+def test_heads_come_from_the_width_table_and_unknown_widths_are_refused(tmp_path):
+    sd = {"patch_embed.proj.weight": torch.zeros(1408, 3, 14, 14), "pos_embed": torch.zeros(1, 1 + 256, 1408),
+          "blocks.0.mlp.fc1.weight": torch.zeros(6144, 1408)}
+    assert infer_arch(sd)["heads"] == 16  # ViT-g, not 1408 / 64 = 22
+    sd = {"patch_embed.proj.weight": torch.zeros(320, 3, 16, 16), "pos_embed": torch.zeros(1, 1 + 196, 320),
+          "blocks.0.mlp.fc1.weight": torch.zeros(1280, 320)}
+    with pytest.raises(BadInput, match="width 320"):
+        infer_arch(sd, path="odd.pth")
 
 
 # =============================================================================

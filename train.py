@@ -11,7 +11,6 @@ per-iteration linear warm-up then half-cosine to 0, tau 0.03, lambda 3, PEA rati
 """
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -22,12 +21,11 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
-from cosettle import (FAMILIES, IMAGENET_STATS, BadInput, CoSettle, build_vit, fuse, load_encoder, objective,
-                      reference_cycle_loss, shifted_pos_embed, timeit)
+from cosettle import (FAMILIES, IMAGENET_STATS, BadInput, CoSettle, build_vit, fingerprint, fuse, load_encoder,
+                      objective, official_objective, shifted_pos_embed, timeit)
 from data import FramePairs, find_videos, make_davis, write_synthetic_videos
 from eval_davis import compare
 
@@ -43,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--videos", help="folder of frame folders (searched recursively) or a .txt list of them")
     p.add_argument("--family", choices=FAMILIES, help="force the checkpoint family instead of detecting it")
     p.add_argument("--native-stats", action="store_true",
-                   help="normalise with the family's own mean/std (CLIP, BLIP) instead of ImageNet's, as the paper did")
+                   help="normalise with the family's own mean/std (CLIP, BLIP) instead of ImageNet's (official)")
     p.add_argument("--out", default="out", help="checkpoint cosettle.pth and log.jsonl go here")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128, help="clips per process")
@@ -58,7 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/cosettle.pth")
     p.add_argument("--no-compile", action="store_true", help="use the eager loss instead of the fused kernel")
     p.add_argument("--bench", action="store_true", help="measure training clips/s and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 < args.clip_gap < 1:
+        p.error(f"--clip-gap {args.clip_gap}: must be between 0 and 1")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def autocast_dtype(device):
     """bf16 on CUDA, and on CPUs with AMX tiles, where oneDNN's bf16 matmuls beat fp32. Measured on a 2-core
     AVX512-BF16 CPU without AMX, bf16 autocast made the ViT 1.5x *slower*, so there it stays fp32."""
     if device.type == "cuda":
-        return torch.bfloat16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     return torch.bfloat16 if "amx_bf16" in flags else None
 
@@ -131,10 +132,7 @@ def encoder_from_args(args, rank):
         path, size = os.path.abspath(args.weights), os.path.getsize(args.weights)
     else:
         encoder, path, size = build_vit("vit_small", 16, seed=args.seed), f"random vit_small/16 seed {args.seed}", 0
-    digest = hashlib.sha1()
-    for p in (encoder.patch_embed.proj.weight, encoder.pos_embed, encoder.norm.weight):
-        digest.update(p.detach().float().numpy().tobytes())
-    return encoder, dict(path=path, size=size, fingerprint=digest.hexdigest())
+    return encoder, dict(path=path, size=size, fingerprint=fingerprint(encoder))
 
 
 @contextlib.contextmanager
@@ -183,7 +181,7 @@ def train(args):
     loss_fn = objective
     if not args.no_compile:
         try:
-            loss_fn = fuse(objective)
+            loss_fn = fuse(objective, device)
         except Exception as e:  # no C++ compiler, unsupported platform, ...: say it, run eager
             print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
                   f"using the eager loss (pass --no-compile to skip the attempt)", file=sys.stderr)
@@ -212,6 +210,10 @@ def train(args):
             raise BadInput(f"{ckpt_path}: --resume given but there is no checkpoint")
         if ckpt["encoder"]["fingerprint"] != encoder_info["fingerprint"]:
             raise BadInput(f"{ckpt_path}: trained on encoder {ckpt['encoder']['path']}, not {encoder_info['path']}")
+        was = ckpt["args"]["batch_size"] * ckpt["world"], ckpt["args"]["seed"]
+        if was != (args.batch_size * world, args.seed):  # the step count would land on another epoch and sample
+            raise BadInput(f"{ckpt_path}: was trained with global batch {was[0]} and seed {was[1]}; resume with the "
+                           f"same (now {args.batch_size * world} and {args.seed})")
         model.projection.load_state_dict(ckpt["projection"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
@@ -225,7 +227,8 @@ def train(args):
             raise diverged(f"the projection's weights are not finite after step {step}")
         if rank == 0:
             save_atomic(dict(projection=model.projection.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                             epoch=step // steps_per_epoch, args=vars(args), encoder=encoder_info), ckpt_path)
+                             epoch=step // steps_per_epoch, args=vars(args), world=world, encoder=encoder_info),
+                        ckpt_path)
 
     if rank == 0:
         print(f"{len(videos)} videos, {world} process(es) x {args.batch_size} clips, {steps_per_epoch} steps/epoch, "
@@ -245,18 +248,19 @@ def train(args):
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # one PEA offset per step, all ranks
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     out = model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), g, projection)
-                loss = out["loss"].item()
-                if not math.isfinite(loss):
-                    raise diverged(f"loss is {loss} at step {step + 1}")
+                flags = torch.stack([~out["loss"].detach().isfinite(), torch.tensor(bool(stop), device=device)])
+                if world > 1:  # a NaN or a signal on any rank stops every rank at the same step, none left waiting
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                not_finite, signalled = flags.tolist()
+                if not_finite:
+                    where = " (on some rank)" if world > 1 else ""
+                    raise diverged(f"loss is {out['loss'].item()} at step {step + 1}{where}")
+                if signalled and not stop:
+                    stop.append(signal.SIGTERM)
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 optimizer.step()
                 step += 1
-                if world > 1:  # a signal seen by any rank stops every rank after the same step
-                    flag = torch.tensor(float(bool(stop)), device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    if flag.item() and not stop:
-                        stop.append(signal.SIGTERM)
                 if rank == 0 and (step % LOG_EVERY == 0 or step == total_steps):
                     rate = (step - step_start) * args.batch_size * world / (time.time() - t_start)
                     eta = (total_steps - step) * args.batch_size * world / rate
@@ -302,9 +306,11 @@ def demo(args):
     args.videos = os.path.join(args.out, "synthetic_videos")
     write_synthetic_videos(args.videos, n_videos=DEMO_VIDEOS, n_frames=DEMO_FRAMES, seed=args.seed)
     videos = find_videos(args.videos)
-    device, dtype = torch.device("cpu"), autocast_dtype(torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = autocast_dtype(device)
     torch.manual_seed(args.seed)  # the projection train() will start from
     model = CoSettle(build_vit("vit_small", 16, seed=args.seed), args.temp, args.lambda_reg, args.pea_ratio)
+    model = model.to(device)
     before = cycle_accuracy(model.eval(), videos, device, dtype, args.seed)
     trained, _ = train(args)
     after = cycle_accuracy(trained.eval(), videos, device, dtype, args.seed)
@@ -326,24 +332,21 @@ def bench(args):
     x1, x2 = torch.randn(B, 3, size, size, device=device), torch.randn(B, 3, size, size, device=device)
     dtype = autocast_dtype(device)
 
-    def official_step(model, optimizer):
+    def official_step(model):
         with sdpa_kernel(SDPBackend.MATH), torch.no_grad():  # the math backend is softmax(q k^T) v, spelled out
             pos = model.encoder.patch_pos_embed()
             z = [model.encoder(x1), model.encoder(x2), model.encoder(x1, shifted_pos_embed(pos, args.pea_ratio))]
-        p = [F.normalize(model.projection(zi), dim=-1) for zi in z]
-        loss = reference_cycle_loss(*p, args.temp) + args.lambda_reg * sum(
-            F.kl_div(torch.log_softmax(pi, -1), torch.softmax(F.normalize(zi, dim=-1), -1), reduction="batchmean")
-            for pi, zi in zip(p, z))
-        return loss
+        z = torch.cat(z, dim=1)
+        return official_objective(model.projection(z), z, args.temp, args.lambda_reg)
 
-    def our_step(model, optimizer):
+    def our_step(model):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return model(x1, x2)["loss"]
 
     print(f"training step, ViT patch {encoder.patch_size} width {encoder.embed_dim}, batch {B} clips at {size}px, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU {torch.get_num_threads()} threads'}")
     flops = 3 * vit_flops(encoder, (size // encoder.patch_size) ** 2 + 1)  # per clip: 3 images, forward only
-    fused = objective if args.no_compile else fuse(objective)
+    fused = objective if args.no_compile else fuse(objective, device)
     rates = []
     for label, step_fn, loss_fn in [("official step", official_step, objective),
                                     ("Co-Settle-ref step", our_step, fused)]:
@@ -351,7 +354,7 @@ def bench(args):
         optimizer = make_optimizer(model.projection, 1e-4)
 
         def one():
-            loss = step_fn(model, optimizer)
+            loss = step_fn(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
