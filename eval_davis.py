@@ -323,7 +323,7 @@ class Propagation:
     def __init__(self, feat0, labels0, params, patch):
         h, w, C = feat0.shape
         K, n = labels0.shape[0], params["context"]
-        self.h, self.w, self.patch, self.p, self.pushed = h, w, patch, params, 0
+        self.h, self.w, self.patch, self.params, self.pushed = h, w, patch, params, 0
         self.feats = torch.zeros(1 + n, h * w, C, device=feat0.device)
         self.labels = torch.zeros(1 + n, h * w, K, device=feat0.device)
         self.feats[0] = F.normalize(feat0.reshape(h * w, C).float(), dim=1)
@@ -334,7 +334,7 @@ class Propagation:
         h, w, N, K, n = self.h, self.w, self.h * self.w, self.labels.shape[2], self.feats.shape[0] - 1
         q = F.normalize(feat.reshape(N, -1).float(), dim=1)
         m = 1 + min(self.pushed, n)  # context frames in use
-        k = min(self.p["topk"], m * N)
+        k = min(self.params["topk"], m * N)
         keys, labels = self.feats[:m].reshape(m * N, -1), self.labels[:m].reshape(m * N, K)
         soft = torch.empty(N, K, device=q.device)
         step = max(1, (1 << 24) // (m * N))  # queries per chunk: affinities stay under 64 MB
@@ -347,7 +347,7 @@ class Propagation:
             vals, idx = aff.topk(min(k + m - 1, m * N), dim=1)
             vals = vals.masked_fill(vals < vals[:, k - 1:k], -math.inf)
             # exp(cos / T) normalised to sum 1 over the kept keys is a softmax
-            weights = torch.softmax(vals / self.p["temperature"], dim=1)
+            weights = torch.softmax(vals / self.params["temperature"], dim=1)
             soft[a:a + step] = (weights[..., None] * labels[idx]).sum(1)
         if n > 0:  # push: slot 1 + (pushed mod n) holds the oldest prediction
             slot = 1 + self.pushed % n
