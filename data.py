@@ -322,12 +322,17 @@ def synthetic_video(seed, n_frames=16, height=96, width=128, n_objects=2):
     return np.clip(frames + 0.5, 0, 255).astype(np.uint8), masks
 
 
-def save_atomic(img, path, **params):
-    """Save a PIL image via a temporary name + os.replace, so no half-written file is ever visible."""
+def atomic(path, write):
+    """write(tmp) under a temporary name in the same folder, then rename over `path`: no reader ever sees half a
+    file, and a crash leaves none behind. Every file this project writes goes through here."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    img.save(tmp, format='PNG' if path.suffix.lower() == '.png' else 'JPEG', **params)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def prepare_root(root):
@@ -348,7 +353,7 @@ def write_synthetic_videos(root, n_videos=8, n_frames=16, height=96, width=128, 
         folder = root / f"video_{v:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         for t, frame in enumerate(frames):
-            save_atomic(Image.fromarray(frame), folder / f"{t:05d}.jpg", quality=95)
+            atomic(folder / f"{t:05d}.jpg", lambda tmp: Image.fromarray(frame).save(tmp, "JPEG", quality=95))
         folders.append(folder)
     return folders
 
@@ -390,10 +395,10 @@ def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
         image_dir.mkdir(parents=True, exist_ok=True)
         annotation_dir.mkdir(parents=True, exist_ok=True)
         for t in range(n_frames):
-            save_atomic(Image.fromarray(frames[t]), image_dir / f"{t:05d}.jpg", quality=95)
+            atomic(image_dir / f"{t:05d}.jpg", lambda tmp: Image.fromarray(frames[t]).save(tmp, "JPEG", quality=95))
             annotation = Image.frombytes('P', (width, height), masks[t].tobytes())
             annotation.putpalette(palette)
-            save_atomic(annotation, annotation_dir / f"{t:05d}.png")
+            atomic(annotation_dir / f"{t:05d}.png", lambda tmp: annotation.save(tmp, "PNG"))
     sets = root / 'ImageSets' / '2017'
     sets.mkdir(parents=True, exist_ok=True)
     tmp = sets / f".val.txt.{os.getpid()}.tmp"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cosettle import FAMILIES, BadInput, build_vit, cycle_loss, load_encoder, load_projection
-from data import (IMAGENET_MEAN, IMAGENET_STD, davis_palette, find_videos, list_frames, load_rgb, make_davis,
+from data import (IMAGENET_MEAN, IMAGENET_STD, atomic, davis_palette, find_videos, list_frames, load_rgb, make_davis,
                   synthetic_video)
 
 # Two protocols, one code path (PAPER.md "Evaluation").
@@ -97,15 +97,6 @@ def image_size(path):
             return img.size[::-1]  # (H, W)
     except (OSError, SyntaxError, ValueError) as e:
         raise BadInput(f"{path}: cannot read the frame ({e})") from e
-
-
-def atomic(path, write):
-    """write(tmp_path), then rename over `path`: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def write_png(path, ids, rgb=False):

@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 
 import torch
@@ -26,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cosettle import (FAMILIES, IMAGENET_STATS, BadInput, CoSettle, build_vit, fingerprint, fuse, load_encoder,
                       objective, official_objective, shifted_pos_embed, timeit)
-from data import FramePairs, find_videos, make_davis, write_synthetic_videos
+from data import FramePairs, atomic, find_videos, make_davis, write_synthetic_videos
 from eval_davis import compare
 
 LOG_EVERY = 10           # steps between progress lines / log.jsonl records
@@ -80,18 +79,6 @@ def make_optimizer(projection, lr):
     rest = [p for n, p in projection.named_parameters() if n != "linear.weight"]
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.95))
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def autocast_dtype(device):
@@ -226,9 +213,9 @@ def train(args):
         if not all(p.isfinite().all() for p in model.projection.parameters()):
             raise diverged(f"the projection's weights are not finite after step {step}")
         if rank == 0:
-            save_atomic(dict(projection=model.projection.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                             epoch=step // steps_per_epoch, args=vars(args), world=world, encoder=encoder_info),
-                        ckpt_path)
+            state = dict(projection=model.projection.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                         epoch=step // steps_per_epoch, args=vars(args), world=world, encoder=encoder_info)
+            atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     if rank == 0:
         print(f"{len(videos)} videos, {world} process(es) x {args.batch_size} clips, {steps_per_epoch} steps/epoch, "
