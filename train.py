@@ -190,20 +190,7 @@ def train(args):
     optimizer = make_optimizer(model.projection, base_lr)
 
     ckpt_path = os.path.join(args.out, "cosettle.pth")
-    step = 0
-    if args.resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if os.path.exists(ckpt_path) else None
-        if ckpt is None:
-            raise BadInput(f"{ckpt_path}: --resume given but there is no checkpoint")
-        if ckpt["encoder"]["fingerprint"] != encoder_info["fingerprint"]:
-            raise BadInput(f"{ckpt_path}: trained on encoder {ckpt['encoder']['path']}, not {encoder_info['path']}")
-        was = ckpt["args"]["batch_size"] * ckpt["world"], ckpt["args"]["seed"]
-        if was != (args.batch_size * world, args.seed):  # the step count would land on another epoch and sample
-            raise BadInput(f"{ckpt_path}: was trained with global batch {was[0]} and seed {was[1]}; resume with the "
-                           f"same (now {args.batch_size * world} and {args.seed})")
-        model.projection.load_state_dict(ckpt["projection"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+    step = resume(ckpt_path, args, world, encoder_info, model.projection, optimizer) if args.resume else 0
 
     def diverged(what):
         kept = "keeps the last good state" if os.path.exists(ckpt_path) else "was not written (none was saved yet)"
@@ -235,7 +222,7 @@ def train(args):
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # one PEA offset per step, all ranks
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     out = model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), g, projection)
-                flags = torch.stack([~out["loss"].detach().isfinite(), torch.tensor(bool(stop), device=device)])
+                flags = torch.stack([~out["loss"].detach().isfinite(), torch.tensor(bool(stop), device=device)]).float()
                 if world > 1:  # a NaN or a signal on any rank stops every rank at the same step, none left waiting
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 not_finite, signalled = flags.tolist()
@@ -250,14 +237,7 @@ def train(args):
                 step += 1
                 if rank == 0 and (step % LOG_EVERY == 0 or step == total_steps):
                     rate = (step - step_start) * args.batch_size * world / (time.time() - t_start)
-                    eta = (total_steps - step) * args.batch_size * world / rate
-                    rec = dict(step=step, epoch=epoch, lr=lr, clips_per_s=round(rate, 2),
-                               **{k: round(v.item(), 5) for k, v in out.items()})
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    print(f"step {step}/{total_steps} ep {epoch} | loss {rec['loss']:.4f} (cyc {rec['cycle']:.4f} "
-                          f"reg {rec['reg']:.4f}) | cycle acc {rec['accuracy']:.3f} | lr {lr:.2e} | "
-                          f"{rate:.1f} clips/s | eta {eta / 60:.1f} min", flush=True)
+                    report(log, out, step, total_steps, epoch, lr, rate, args.batch_size * world)
                 if stop or step % steps_per_epoch == 0 or time.time() - last_save > SAVE_EVERY_S:
                     checkpoint()
                     last_save = time.time()
@@ -268,6 +248,35 @@ def train(args):
     if world > 1:
         dist.destroy_process_group()
     return model, step
+
+
+def resume(ckpt_path, args, world, encoder_info, projection, optimizer):
+    """Load OUT/cosettle.pth into the projection and optimiser -> the step to continue from. Refuses another
+    encoder, global batch or seed: the step count would then mean another epoch, sample order or model."""
+    if not os.path.exists(ckpt_path):
+        raise BadInput(f"{ckpt_path}: --resume given but there is no checkpoint")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if ckpt["encoder"]["fingerprint"] != encoder_info["fingerprint"]:
+        raise BadInput(f"{ckpt_path}: trained on encoder {ckpt['encoder']['path']}, not {encoder_info['path']}")
+    was = ckpt["args"]["batch_size"] * ckpt["world"], ckpt["args"]["seed"]
+    if was != (args.batch_size * world, args.seed):
+        raise BadInput(f"{ckpt_path}: was trained with global batch {was[0]} and seed {was[1]}; resume with the "
+                       f"same (now {args.batch_size * world} and {args.seed})")
+    projection.load_state_dict(ckpt["projection"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"]
+
+
+def report(log, out, step, total_steps, epoch, lr, rate, global_batch):
+    """One JSON record in log.jsonl and one progress line."""
+    rec = dict(step=step, epoch=epoch, lr=lr, clips_per_s=round(rate, 2),
+               **{k: round(v.item(), 5) for k, v in out.items()})
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    eta = (total_steps - step) * global_batch / rate
+    print(f"step {step}/{total_steps} ep {epoch} | loss {rec['loss']:.4f} (cyc {rec['cycle']:.4f} "
+          f"reg {rec['reg']:.4f}) | cycle acc {rec['accuracy']:.3f} | lr {lr:.2e} | {rate:.1f} clips/s | "
+          f"eta {eta / 60:.1f} min", flush=True)
 
 
 def epoch_loader(data, epoch, skip, steps_per_epoch, args, rank, world, device):
