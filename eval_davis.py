@@ -569,18 +569,17 @@ def fast_loop(x, labels0, embed, patch, params, batch_size=8):
     return torch.cat(out)
 
 
-def bench(device, n_frames=10, height=480, width=832):
+def bench(encoder, device, n_frames=10, height=480, width=832):
     """Seconds per propagated frame, wall clock and CPU (the CPU seconds do not move when other processes load
     the machine), for our path and DINO's loop on the same in-memory frames and encoder; their agreement."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    encoder = build_vit("vit_small", 16, seed=0).to(device).eval()
-    embed, params = encoder_embed(encoder), PROTOCOLS["dino"]
+    embed, params, patch = encoder_embed(encoder), PROTOCOLS["dino"], encoder.patch_size
     frames, masks = synthetic_video(0, n_frames, height, width, n_objects=2)
     x = torch.stack([normalise(torch.from_numpy(f).permute(2, 0, 1).float(), (height, width), params["mean"],
                                params["std"]) for f in frames]).to(device)
-    labels0 = first_labels(masks[0], height // 16, width // 16).to(device)
+    labels0 = first_labels(masks[0], height // patch, width // patch).to(device)
     runs = [("DINO per-frame loop", dino_loop), ("ours", fast_loop),
             ("encoder forward alone", lambda x, *_: [embed(x[a:a + 8]) for a in range(0, len(x), 8)])]
     times, outs = {}, {}
@@ -589,12 +588,13 @@ def bench(device, n_frames=10, height=480, width=832):
         for key, fn in runs:
             sync()
             wall, cpu = time.perf_counter(), time.process_time()
-            outs[key] = fn(x, labels0, embed, 16, params)
+            outs[key] = fn(x, labels0, embed, patch, params)
             sync()
             times[key] = ((time.perf_counter() - wall) / (n_frames - 1), (time.process_time() - cpu) / (n_frames - 1))
     same = (outs["ours"] == outs["DINO per-frame loop"]).float().mean().item()
-    print(f"bench: {n_frames} synthetic frames {width}x{height}, random ViT-S/16, dino protocol, {name}, "
-          f"torch {torch.__version__}")
+    a = encoder.arch
+    print(f"bench: {n_frames} synthetic frames {width}x{height}, {encoder.family} ViT width {a['embed_dim']} "
+          f"patch {patch}, dino protocol, {name}, torch {torch.__version__}")
     base = times["DINO per-frame loop"]
     for key, (wall, cpu) in times.items():
         print(f"  {key:22s} {wall:6.3f} s/frame ({1 / wall:5.2f} frames/s), {cpu:6.3f} CPU-s/frame   "
@@ -626,13 +626,11 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8, help="frames per encoder forward")
     parser.add_argument("--tradeoff", action="store_true", help="label-free trade-off metrics on --videos")
     parser.add_argument("--videos", help="folder of frame folders for --tradeoff")
-    parser.add_argument("--bench", action="store_true", help="frames/s of ours vs DINO's per-frame loop")
+    parser.add_argument("--bench", action="store_true", help="frames/s of ours vs DINO's per-frame loop "
+                        "(--weights, or a random ViT-S/16)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        if args.bench:
-            bench(device)
-            return 0
         if args.masks:
             if args.davis is None:
                 raise BadInput("--masks needs --davis (the ground truth to score against)")
@@ -647,6 +645,9 @@ def main(argv=None):
         else:
             print("no --weights: using a seeded random ViT-S/16 (build_vit(seed=0)); numbers mean nothing")
             encoder = build_vit("vit_small", 16, seed=0).to(device).eval()
+        if args.bench:
+            bench(encoder, device)
+            return 0
         projection = load_projection(args.ckpt, encoder).to(device) if args.ckpt else None
         if args.tradeoff:
             heads = {"baseline": None} if projection is None else {"baseline": None, "cosettle": projection}
