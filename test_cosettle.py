@@ -1052,7 +1052,7 @@ def test_short_training_run_raises_cycle_accuracy(tiny_weights, tmp_path, capsys
 # -----------------------------------------------------------------------------
 # 9. resume equality, log and checkpoint contents
 
-LOG_KEYS = {"step", "epoch", "lr", "clips_per_s", "loss", "cycle", "reg", "accuracy", "sim_identity"}
+LOG_KEYS = {"step", "epoch", "lr", "clips_per_s", "tflops", "loss", "cycle", "reg", "accuracy", "sim_identity"}
 
 
 def test_resume_after_sigterm_equals_uninterrupted(tiny_weights, small_videos, tmp_path, monkeypatch, capsys):

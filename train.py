@@ -136,9 +136,11 @@ def stop_signals():
             signal.signal(sig, handler)
 
 
-def vit_flops(encoder, tokens):
-    """Forward FLOPs of one image: 2 x (matmul params x tokens) + attention's two N x N x D products per block."""
+def vit_flops(encoder, size):
+    """Forward FLOPs of one size x size image: 2 x (matmul params x tokens) + attention's two N x N x D products
+    per block, tokens = patches + CLS + registers."""
     a = encoder.arch
+    tokens = (size // a["patch_size"]) ** 2 + int(a["cls_token"]) + a["registers"]
     D = a["embed_dim"]
     return a["depth"] * (2 * tokens * (4 * D * D + 2 * D * a["mlp_dim"]) + 4 * tokens ** 2 * D)
 
@@ -188,6 +190,7 @@ def train(args):
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
     base_lr = args.blr * args.batch_size * world / 256
     optimizer = make_optimizer(model.projection, base_lr)
+    flops_per_clip = 3 * vit_flops(encoder, data.size)
 
     ckpt_path = os.path.join(args.out, "cosettle.pth")
     step = resume(ckpt_path, args, world, encoder_info, model.projection, optimizer) if args.resume else 0
@@ -237,7 +240,7 @@ def train(args):
                 step += 1
                 if rank == 0 and (step % LOG_EVERY == 0 or step == total_steps):
                     rate = (step - step_start) * args.batch_size * world / (time.time() - t_start)
-                    report(log, out, step, total_steps, epoch, lr, rate, args.batch_size * world)
+                    report(log, out, step, total_steps, epoch, lr, rate, args.batch_size * world, flops_per_clip)
                 if stop or step % steps_per_epoch == 0 or time.time() - last_save > SAVE_EVERY_S:
                     checkpoint()
                     last_save = time.time()
@@ -267,16 +270,16 @@ def resume(ckpt_path, args, world, encoder_info, projection, optimizer):
     return ckpt["step"]
 
 
-def report(log, out, step, total_steps, epoch, lr, rate, global_batch):
-    """One JSON record in log.jsonl and one progress line."""
+def report(log, out, step, total_steps, epoch, lr, rate, global_batch, flops_per_clip):
+    """One JSON record in log.jsonl and one progress line (with the frozen encoder's achieved TFLOP/s, all ranks)."""
     rec = dict(step=step, epoch=epoch, lr=lr, clips_per_s=round(rate, 2),
-               **{k: round(v.item(), 5) for k, v in out.items()})
+               tflops=round(rate * flops_per_clip / 1e12, 3), **{k: round(v.item(), 5) for k, v in out.items()})
     log.write(json.dumps(rec) + "\n")
     log.flush()
     eta = (total_steps - step) * global_batch / rate
     print(f"step {step}/{total_steps} ep {epoch} | loss {rec['loss']:.4f} (cyc {rec['cycle']:.4f} "
-          f"reg {rec['reg']:.4f}) | cycle acc {rec['accuracy']:.3f} | lr {lr:.2e} | {rate:.1f} clips/s | "
-          f"eta {eta / 60:.1f} min", flush=True)
+          f"reg {rec['reg']:.4f}) | cycle acc {rec['accuracy']:.3f} | lr {lr:.2e} | {rate:.1f} clips/s "
+          f"{rec['tflops']:.2f} TFLOP/s | eta {eta / 60:.1f} min", flush=True)
 
 
 def epoch_loader(data, epoch, skip, steps_per_epoch, args, rank, world, device):
@@ -341,7 +344,7 @@ def bench(args):
 
     print(f"training step, ViT patch {encoder.patch_size} width {encoder.embed_dim}, batch {B} clips at {size}px, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU {torch.get_num_threads()} threads'}")
-    flops = 3 * vit_flops(encoder, (size // encoder.patch_size) ** 2 + 1)  # per clip: 3 images, forward only
+    flops = 3 * vit_flops(encoder, size)  # per clip: 3 images, forward only (f is frozen)
     fused = objective if args.no_compile else fuse(objective, device)
     rates = []
     for label, step_fn, loss_fn in [("official step", official_step, objective),
