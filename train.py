@@ -249,6 +249,7 @@ def train(args):
     if rank == 0:
         print(("interrupted: " if stop else "done: ") + f"step {step}/{total_steps}, checkpoint {ckpt_path}")
     if world > 1:
+        dist.barrier()  # rank 0 may still be saving; tearing gloo down under it aborts the other ranks
         dist.destroy_process_group()
     return model, step
 
