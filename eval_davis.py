@@ -113,7 +113,7 @@ def write_csv(path, header, rows):
     atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def read_davis(davis):
+def read_davis(davis, scoring=True):
     """Check a DAVIS-2017 folder before anything is written: [(seq, frames, annotations, first annotation)].
 
     Propagation needs every frame of equal size and a first-frame annotation of that size (DINO's path:
@@ -138,7 +138,7 @@ def read_davis(davis):
             if image_size(f) != size:
                 raise BadInput(f"{f}: frame is {image_size(f)[1]}x{image_size(f)[0]}, its annotation {first.name} "
                                f"is {size[1]}x{size[0]}")
-        if len(anns) < len(frames):
+        if scoring and len(anns) < len(frames):
             raise BadInput(f"{first.parent}: ground truth for {len(anns)} of {len(frames)} frames, cannot score")
         out.append((seq, frames, anns, first))
     return out
@@ -426,8 +426,9 @@ def encoder_embed(encoder):
 
 def run(encoder, heads, davis_root, out_dir, protocol="paper", device=None, batch_size=8, overlay=False,
         verbose=True, **overrides):
-    """Propagate with each head and score it: {name: global metrics}. One variant writes into out_dir, several
-    into out_dir/<name>. davis_root None: a synthetic DAVIS set in a temporary folder."""
+    """Propagate with each head and score it: {name: global metrics, or None where the set has no ground truth
+    beyond the first frames}. One variant writes into out_dir, several into out_dir/<name>. davis_root None: a
+    synthetic DAVIS set in a temporary folder."""
     params = protocol_params(protocol, **overrides)
     device = device or next(encoder.parameters()).device
     if davis_root is None:
@@ -437,13 +438,16 @@ def run(encoder, heads, davis_root, out_dir, protocol="paper", device=None, batc
             return run(encoder, heads, make_davis(tmp), out_dir, protocol, device, batch_size, overlay, verbose,
                        **overrides)
     outs = {name: Path(out_dir) / name if len(heads) > 1 else Path(out_dir) for name in heads}
-    plan = read_davis(davis_root)  # every check before the first file is written
+    plan = read_davis(davis_root, scoring=False)  # every check before the first file is written
     if verbose:
         print(f"propagating {len(plan)} sequences, protocol {protocol} {params}, device {device}")
     t0 = time.perf_counter()
     n = segment(plan, encoder_embed(encoder), heads, outs, params, encoder.patch_size, device, batch_size,
                 overlay, verbose)
     dt = time.perf_counter() - t0
+    if any(len(anns) < len(frames) for _, frames, anns, _ in plan):  # e.g. test-dev: first frames only
+        print(f"{davis_root}: no ground truth beyond the first frames, masks written to {out_dir} but not scored")
+        return {name: None for name in heads}
     metrics = {name: score(davis_root, outs[name], device, verbose)[0] for name in heads}
     if verbose:
         print(f"{n} frames in {dt:.1f} s: {n / dt:.2f} frames/s ({len(heads)} variant(s) per encoder forward)")
@@ -451,7 +455,8 @@ def run(encoder, heads, davis_root, out_dir, protocol="paper", device=None, batc
 
 
 def evaluate(encoder, projection, davis_root, out_dir, protocol="paper", **overrides):
-    """J&F of one variant: the frozen encoder (projection None) or + Co-Settle -> the 7 global metrics.
+    """J&F of one variant: the frozen encoder (projection None) or + Co-Settle -> the 7 global metrics (None
+    when only first-frame annotations exist: the masks are written, nothing is scored).
     overrides: protocol settings (height, width, mean, std, topk, context, radius, temperature) and run()'s device,
     batch_size, overlay, verbose. davis_root None: a synthetic DAVIS set in a temporary folder."""
     name = "baseline" if projection is None else "cosettle"
@@ -462,6 +467,8 @@ def compare(encoder, projection, davis_root, out_dir, protocol="paper", **overri
     """Baseline and + Co-Settle on the same frames (one encoder forward feeds both):
     {'baseline': metrics, 'cosettle': metrics, 'difference': cosettle - baseline}."""
     m = run(encoder, {"baseline": None, "cosettle": projection}, davis_root, out_dir, protocol, **overrides)
+    if m["baseline"] is None:  # nothing to score against
+        return m
     m["difference"] = {k: m["cosettle"][k] - m["baseline"][k] for k in METRICS}
     if overrides.get("verbose", True):
         print("baseline vs + Co-Settle\n" + table(list(m.values()), list(m)))

@@ -2763,6 +2763,20 @@ def test_bad_davis_folders(tmp_path, capsys):
     assert "--ckpt" in fail(capsys, ["--compare"])
 
 
+def test_first_frame_annotations_only_propagate_without_scoring(tmp_path, capsys):
+    """A test-dev style set (only 00000.png per sequence) is propagated in full and not scored."""
+    davis = make_davis(tmp_path / "davis", n_seqs=1, n_frames=5, height=32, width=48, seed=3)
+    for ann in sorted((davis / "Annotations" / "480p" / "synth-000").glob("*.png"))[1:]:
+        ann.unlink()
+    encoder = build_vit("vit_tiny", 16, seed=0).eval()
+    out = tmp_path / "out"
+    assert ed.evaluate(encoder, None, davis, out, "dino", height=32, width=48) is None
+    assert "not scored" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "synth-000").glob("*.png")) == [f"{t:05d}.png" for t in range(5)]
+    assert not (out / "global_results-val.csv").exists()
+    with pytest.raises(BadInput, match="cannot score"):
+        ed.score(davis, out)
+
 def test_bad_results_folders(tmp_path, capsys):
     davis = make_davis(tmp_path / "d", n_seqs=2, n_frames=4, height=32, width=48)
     res = tmp_path / "res"
