@@ -181,7 +181,7 @@ def train(args):
         projection = DistributedDataParallel(projection, device_ids=[device.index] if device.type == "cuda" else None)
     dtype = autocast_dtype(device)
 
-    videos = find_videos(args.videos)
+    videos = shared_videos(args.videos, rank, world)
     data = FramePairs(videos, clip_gap=args.clip_gap, seed=args.seed, **input_stats(encoder, args))
     steps_per_epoch = len(data) // (args.batch_size * world)
     if steps_per_epoch == 0:
@@ -252,6 +252,24 @@ def train(args):
         dist.barrier()  # rank 0 may still be saving; tearing gloo down under it aborts the other ranks
         dist.destroy_process_group()
     return model, step
+
+
+def shared_videos(path, rank, world):
+    """find_videos on rank 0 only, sent to the other ranks: Kinetics is ~240k folders, walked once, not once per
+    process (its BadInput travels too, so no rank is left waiting)."""
+    found = None
+    if rank == 0:
+        try:
+            found = find_videos(path)
+        except BadInput as e:
+            found = e
+    if world > 1:
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
+    if isinstance(found, BadInput):
+        raise found
+    return found
 
 
 def resume(ckpt_path, args, world, encoder_info, projection, optimizer):
