@@ -489,13 +489,14 @@ def objective(h, z, temp=0.03, lambda_reg=3.0):
     return cyc + lambda_reg * reg, cyc.detach(), reg.detach(), accuracy, sim
 
 
-def fuse(fn, device="cpu"):
+def fuse(fn, shape=(1, 3 * 16, 8), device="cpu"):
     """The fused kernel: torch.compile over fn (inductor: Triton on GPU, C++/OpenMP on CPU). Normalisation,
     pooling, both softmaxes, the cycle diagonal and the separability KL become a handful of loops that read the
-    tokens once, instead of a dozen full-size eager passes. Compiles on a toy input so that a missing compiler
-    fails here, with its reason, and not in the middle of a run."""
+    tokens once, instead of a dozen full-size eager passes. Compiled here, forward and backward, on an input of
+    the shape it will see (fp32: the encoder's and the projection's final LayerNorms return fp32 even under
+    autocast), so that a missing compiler fails now, with its reason, and the run itself never recompiles."""
     fused = torch.compile(fn, dynamic=False)
-    probe = torch.randn(1, 3 * 16, 8, device=device, requires_grad=True)
+    probe = torch.randn(shape, device=device, requires_grad=True)
     out = fused(probe, probe.detach())
     (out[0] if isinstance(out, tuple) else out).backward()
     return fused
@@ -580,7 +581,7 @@ def bench(batch=64, tokens=196, dim=768, iters=10):
     for title, official, ours in [("cycle loss (Eq. 2)", cycle_only(official_cycle_loss), cycle_only(cycle_loss)),
                                   ("total loss (Eq. 4)", official_objective, objective)]:
         t0 = time.perf_counter()
-        fused = fuse(ours, device)
+        fused = fuse(ours, h.shape, device)
         step(fused)()
         compile_s = time.perf_counter() - t0
         rows = [("official, eager", official), ("diagonal identity, eager", ours), ("fused (torch.compile)", fused)]

@@ -28,6 +28,7 @@ from cosettle import (FAMILIES, IMAGENET_STATS, BadInput, CoSettle, build_vit, f
 from data import FramePairs, atomic, find_videos, make_davis, write_synthetic_videos
 from eval_davis import compare
 
+SIZE = 224               # training crops, as the paper
 LOG_EVERY = 10           # steps between progress lines / log.jsonl records
 SAVE_EVERY_S = 15 * 60   # besides each epoch end and SIGTERM/SIGINT: a checkpoint at least this often
 DEMO_VIDEOS, DEMO_FRAMES = 64, 16
@@ -170,7 +171,8 @@ def train(args):
     loss_fn = objective
     if not args.no_compile:
         try:
-            loss_fn = fuse(objective, device)
+            tokens = 3 * (SIZE // encoder.patch_size) ** 2
+            loss_fn = fuse(objective, (args.batch_size, tokens, encoder.embed_dim), device)
         except Exception as e:  # no C++ compiler, unsupported platform, ...: say it, run eager
             print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
                   f"using the eager loss (pass --no-compile to skip the attempt)", file=sys.stderr)
@@ -182,7 +184,7 @@ def train(args):
     dtype = autocast_dtype(device)
 
     videos = shared_videos(args.videos, rank, world)
-    data = FramePairs(videos, clip_gap=args.clip_gap, seed=args.seed, **input_stats(encoder, args))
+    data = FramePairs(videos, size=SIZE, clip_gap=args.clip_gap, seed=args.seed, **input_stats(encoder, args))
     steps_per_epoch = len(data) // (args.batch_size * world)
     if steps_per_epoch == 0:
         raise BadInput(f"{args.videos}: {len(data)} videos cannot fill one global batch of {args.batch_size * world}")
@@ -346,7 +348,7 @@ def bench(args):
     rank, world, device = setup_distributed()
     encoder, _ = encoder_from_args(args, rank)
     encoder = encoder.to(device)
-    B, size = args.batch_size, 224
+    B, size = args.batch_size, SIZE
     x1, x2 = torch.randn(B, 3, size, size, device=device), torch.randn(B, 3, size, size, device=device)
     dtype = autocast_dtype(device)
 
@@ -364,7 +366,8 @@ def bench(args):
     print(f"training step, ViT patch {encoder.patch_size} width {encoder.embed_dim}, batch {B} clips at {size}px, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU {torch.get_num_threads()} threads'}")
     flops = 3 * vit_flops(encoder, size)  # per clip: 3 images, forward only (f is frozen)
-    fused = objective if args.no_compile else fuse(objective, device)
+    tokens = 3 * (size // encoder.patch_size) ** 2
+    fused = objective if args.no_compile else fuse(objective, (B, tokens, encoder.embed_dim), device)
     rates = []
     for label, step_fn, loss_fn in [("official step", official_step, objective),
                                     ("Co-Settle-ref step", our_step, fused)]:
