@@ -1170,6 +1170,22 @@ def test_ddp_two_processes_equal_one(tiny_weights, small_videos, tmp_path):
     assert ra[0]["lr"] == pytest.approx(rb[0]["lr"], rel=1e-12)
 
 
+
+def test_ddp_bad_videos_stop_every_rank(tiny_weights, tmp_path):
+    """Rank 0 walks the video tree and sends its error to rank 1 as well: both exit, nobody waits forever."""
+    wrapper = tmp_path / "run_train.py"
+    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
+    (tmp_path / "empty").mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(wrapper), "--weights",
+                          str(tiny_weights), "--videos", str(tmp_path / "empty"), "--no-compile", "--workers", "0",
+                          "--out", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert ddp.returncode != 0
+    assert ddp.stderr.count("holds no folders with frames") == 2, ddp.stderr[-3000:]
+    assert not (tmp_path / "out" / "cosettle.pth").exists()
+
 # -----------------------------------------------------------------------------
 # 11. bad inputs: one clear line naming the file, exit 2, nothing written
 
