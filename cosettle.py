@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+import warnings
 import zipfile
 
 import torch
@@ -22,6 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import IMAGENET_MEAN, IMAGENET_STD, BadInput
+
+# torch's own inductor calls a helper that torch deprecates; nothing a user can act on, so keep the demo quiet.
+warnings.filterwarnings("ignore", message=r"`torch\._prims_common\.check` is deprecated", category=FutureWarning)
 
 # -----------------------------------------------------------------------------
 # The ViT (DINO's vision_transformer.py, written to be read in one sitting)
