@@ -493,15 +493,15 @@ def objective(h, z, temp=0.03, lambda_reg=3.0):
     return cyc + lambda_reg * reg, cyc.detach(), reg.detach(), accuracy, sim
 
 
-def fuse(fn, shape=(1, 3 * 16, 8), device="cpu"):
+def fuse(fn, shape=(1, 3 * 16, 8), device="cpu", *args):
     """The fused kernel: torch.compile over fn (inductor: Triton on GPU, C++/OpenMP on CPU). Normalisation,
     pooling, both softmaxes, the cycle diagonal and the separability KL become a handful of loops that read the
     tokens once, instead of a dozen full-size eager passes. Compiled here, forward and backward, on an input of
-    the shape it will see (fp32: the encoder's and the projection's final LayerNorms return fp32 even under
-    autocast), so that a missing compiler fails now, with its reason, and the run itself never recompiles."""
+    the shape and with the extra `args` (temp, lambda: constants to the compiler) it will see, in fp32 (CoSettle
+    hands it fp32), so that a missing compiler fails now, with its reason, and the run never recompiles."""
     fused = torch.compile(fn, dynamic=False)
     probe = torch.randn(shape, device=device, requires_grad=True)
-    out = fused(probe, probe.detach())
+    out = fused(probe, probe.detach(), *args)
     (out[0] if isinstance(out, tuple) else out).backward()
     return fused
 
@@ -536,7 +536,7 @@ class CoSettle(nn.Module):
         z = self.encode(x1, x2, generator)
         h = (self.projection if projection is None else projection)(z)
         with torch.autocast(h.device.type, enabled=False):  # logits / 0.03 need fp32, whatever the encoder ran in
-            loss, cyc, reg, accuracy, sim = self.loss_fn(h, z, self.temp, self.lambda_reg)
+            loss, cyc, reg, accuracy, sim = self.loss_fn(h.float(), z.float(), self.temp, self.lambda_reg)
         return dict(loss=loss, cycle=cyc, reg=reg, accuracy=accuracy, sim_identity=sim)
 
 

@@ -399,11 +399,7 @@ def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
             annotation = Image.frombytes('P', (width, height), masks[t].tobytes())
             annotation.putpalette(palette)
             atomic(annotation_dir / f"{t:05d}.png", lambda tmp: annotation.save(tmp, "PNG"))
-    sets = root / 'ImageSets' / '2017'
-    sets.mkdir(parents=True, exist_ok=True)
-    tmp = sets / f".val.txt.{os.getpid()}.tmp"
-    tmp.write_text(''.join(name + '\n' for name in names))
-    os.replace(tmp, sets / 'val.txt')
+    atomic(root / 'ImageSets' / '2017' / 'val.txt', lambda tmp: tmp.write_text(''.join(n + '\n' for n in names)))
     return root
 
 

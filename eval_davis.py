@@ -381,6 +381,7 @@ def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overl
         ann = np.where(ann == 255, 0, ann).astype(np.uint8)
         H, W = ann.shape
         th, tw = target_size(H, W, params)
+        th, tw = th // patch * patch, tw // patch * patch  # patch 14 (DINOv2, CLIP-L): 480 -> 476, as DINOv2's eval
         h, w = th // patch, tw // patch
         if h < 1 or w < 1:
             raise BadInput(f"{frames[0]}: {W}x{H} frame gives a {tw}x{th} input, smaller than one {patch}-px patch")
@@ -446,7 +447,8 @@ def run(encoder, heads, davis_root, out_dir, protocol="paper", device=None, batc
                 overlay, verbose)
     dt = time.perf_counter() - t0
     if any(len(anns) < len(frames) for _, frames, anns, _ in plan):  # e.g. test-dev: first frames only
-        print(f"{davis_root}: no ground truth beyond the first frames, masks written to {out_dir} but not scored")
+        if verbose:
+            print(f"{davis_root}: no ground truth beyond the first frames, masks written to {out_dir}, not scored")
         return {name: None for name in heads}
     metrics = {name: score(davis_root, outs[name], device, verbose)[0] for name in heads}
     if verbose:
@@ -583,6 +585,7 @@ def bench(encoder, device, n_frames=10, height=480, width=832):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     embed, params, patch = encoder_embed(encoder), PROTOCOLS["dino"], encoder.patch_size
+    height, width = height // patch * patch, width // patch * patch
     frames, masks = synthetic_video(0, n_frames, height, width, n_objects=2)
     x = torch.stack([normalise(torch.from_numpy(f).permute(2, 0, 1).float(), (height, width), params["mean"],
                                params["std"]) for f in frames]).to(device)

@@ -2793,6 +2793,15 @@ def test_first_frame_annotations_only_propagate_without_scoring(tmp_path, capsys
     with pytest.raises(BadInput, match="cannot score"):
         ed.score(davis, out)
 
+def test_patch_14_encoders_propagate_on_the_floored_grid(tmp_path):
+    """480 is not a multiple of 14: the input is floored to the patch grid, masks still come back full size."""
+    davis = make_davis(tmp_path / "davis", n_seqs=1, n_frames=3, height=30, width=44, seed=5)
+    encoder = cosettle.ViT(14, 64, 1, 1, grid=(4, 4)).eval()
+    metrics = ed.evaluate(encoder, None, davis, tmp_path / "out", "paper", height=30, width=44, verbose=False)
+    assert 0 <= metrics["J&F-Mean"] <= 1
+    with Image.open(tmp_path / "out" / "synth-000" / "00002.png") as img:
+        assert img.size == (44, 30)
+
 def test_bad_results_folders(tmp_path, capsys):
     davis = make_davis(tmp_path / "d", n_seqs=2, n_frames=4, height=32, width=48)
     res = tmp_path / "res"

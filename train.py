@@ -172,7 +172,7 @@ def train(args):
     if not args.no_compile:
         try:
             tokens = 3 * (SIZE // encoder.patch_size) ** 2
-            loss_fn = fuse(objective, (args.batch_size, tokens, encoder.embed_dim), device)
+            loss_fn = fuse(objective, (args.batch_size, tokens, encoder.embed_dim), device, args.temp, args.lambda_reg)
         except Exception as e:  # no C++ compiler, unsupported platform, ...: say it, run eager
             print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
                   f"using the eager loss (pass --no-compile to skip the attempt)", file=sys.stderr)
@@ -217,8 +217,8 @@ def train(args):
     log_path = os.path.join(args.out, "log.jsonl")
     with stop_signals() as stop, (open(log_path, "a" if args.resume else "w") if rank == 0 else
                                   contextlib.nullcontext()) as log:
-        t_start, step_start, last_save = time.time(), step, time.time()
-        while step < total_steps and not stop:
+        t_start, step_start, last_save, stopping = time.time(), step, time.time(), False
+        while step < total_steps and not stopping:
             epoch, skip = divmod(step, steps_per_epoch)
             for x1, x2 in epoch_loader(data, epoch, skip, steps_per_epoch, args, rank, world, device):
                 lr = lr_at(step, total_steps, warmup_steps, base_lr)
@@ -227,15 +227,16 @@ def train(args):
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # one PEA offset per step, all ranks
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     out = model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), g, projection)
+                # Stop (NaN, or a signal seen by any rank) is decided here, from the value all ranks share, so
+                # every rank stops after the same step and none is left waiting in a collective.
                 flags = torch.stack([~out["loss"].detach().isfinite(), torch.tensor(bool(stop), device=device)]).float()
-                if world > 1:  # a NaN or a signal on any rank stops every rank at the same step, none left waiting
+                if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                not_finite, signalled = flags.tolist()
+                not_finite, stopping = (bool(v) for v in flags.tolist())
                 if not_finite:
-                    where = " (on some rank)" if world > 1 else ""
-                    raise diverged(f"loss is {out['loss'].item()} at step {step + 1}{where}")
-                if signalled and not stop:
-                    stop.append(signal.SIGTERM)
+                    loss = out["loss"].item()
+                    what = f"loss is {loss}" if not math.isfinite(loss) else "the loss is not finite on another rank"
+                    raise diverged(f"{what} at step {step + 1}")
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 optimizer.step()
@@ -243,13 +244,13 @@ def train(args):
                 if rank == 0 and (step % LOG_EVERY == 0 or step == total_steps):
                     rate = (step - step_start) * args.batch_size * world / (time.time() - t_start)
                     report(log, out, step, total_steps, epoch, lr, rate, args.batch_size * world, flops_per_clip)
-                if stop or step % steps_per_epoch == 0 or time.time() - last_save > SAVE_EVERY_S:
+                if stopping or step % steps_per_epoch == 0 or time.time() - last_save > SAVE_EVERY_S:
                     checkpoint()
                     last_save = time.time()
-                if stop:
+                if stopping:
                     break
     if rank == 0:
-        print(("interrupted: " if stop else "done: ") + f"step {step}/{total_steps}, checkpoint {ckpt_path}")
+        print(("interrupted: " if stopping else "done: ") + f"step {step}/{total_steps}, checkpoint {ckpt_path}")
     if world > 1:
         dist.barrier()  # rank 0 may still be saving; tearing gloo down under it aborts the other ranks
         dist.destroy_process_group()
@@ -258,18 +259,18 @@ def train(args):
 
 def shared_videos(path, rank, world):
     """find_videos on rank 0 only, sent to the other ranks: Kinetics is ~240k folders, walked once, not once per
-    process (its BadInput travels too, so no rank is left waiting)."""
+    process (its error travels too, so no rank is left waiting)."""
     found = None
     if rank == 0:
         try:
             found = find_videos(path)
-        except BadInput as e:
+        except Exception as e:  # BadInput, or an OSError from the file system: every rank raises it
             found = e
     if world > 1:
         box = [found]
         dist.broadcast_object_list(box, src=0)
         found = box[0]
-    if isinstance(found, BadInput):
+    if isinstance(found, Exception):
         raise found
     return found
 
@@ -367,7 +368,8 @@ def bench(args):
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU {torch.get_num_threads()} threads'}")
     flops = 3 * vit_flops(encoder, size)  # per clip: 3 images, forward only (f is frozen)
     tokens = 3 * (size // encoder.patch_size) ** 2
-    fused = objective if args.no_compile else fuse(objective, (B, tokens, encoder.embed_dim), device)
+    fused = objective if args.no_compile else fuse(objective, (B, tokens, encoder.embed_dim), device, args.temp,
+                                                   args.lambda_reg)
     rates = []
     for label, step_fn, loss_fn in [("official step", official_step, objective),
                                     ("Co-Settle-ref step", our_step, fused)]:
