@@ -1081,7 +1081,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tiny_weights, small_videos, t
     code, out, _ = run_main(common + ["--out", b], capsys)
     assert code == 0 and "interrupted: step 3/8" in out and not guard
     ckpt = torch.load(b / "cosettle.pth", map_location="cpu", weights_only=True)
-    assert set(ckpt) == {"projection", "optimizer", "step", "epoch", "args", "world", "encoder"}
+    assert set(ckpt) == {"projection", "optimizer", "step", "epoch", "args", "world", "videos", "encoder"}
     assert ckpt["step"] == 3 and ckpt["epoch"] == 0
     assert {k: ckpt["encoder"][k] for k in ("path", "size")} == dict(path=os.path.abspath(tiny_weights),
                                                                       size=os.path.getsize(tiny_weights))
@@ -1379,8 +1379,11 @@ def test_resume_refuses_another_global_batch_or_seed(tiny_weights, small_videos,
     code, _, err = run_main(common + ["--batch-size", "2", "--epochs", "1"], capsys)
     assert code == 0, err
     saved = torch.load(out_dir / "cosettle.pth", weights_only=True)
-    assert saved["world"] == 1
-    for change in (["--batch-size", "4"], ["--batch-size", "2", "--seed", "1"]):
+    assert saved["world"] == 1 and saved["videos"] == 8
+    fewer = tmp_path / "fewer.txt"
+    fewer.write_text("\n".join(str(v) for v in data.find_videos(small_videos)[:6]))
+    for change in (["--batch-size", "4"], ["--batch-size", "2", "--seed", "1"],
+                   ["--batch-size", "2", "--videos", fewer]):
         code, _, err = run_main(common + change + ["--epochs", "2", "--resume"], capsys)
         assert_clean_error(code, err, out_dir / "cosettle.pth", "global batch 2")
     assert torch.equal(torch.load(out_dir / "cosettle.pth", weights_only=True)["projection"]["linear.weight"],

@@ -195,7 +195,7 @@ def train(args):
     flops_per_clip = 3 * vit_flops(encoder, data.size)
 
     ckpt_path = os.path.join(args.out, "cosettle.pth")
-    step = resume(ckpt_path, args, world, encoder_info, model.projection, optimizer) if args.resume else 0
+    step = resume(ckpt_path, args, world, len(videos), encoder_info, model.projection, optimizer) if args.resume else 0
 
     def diverged(what):
         kept = "keeps the last good state" if os.path.exists(ckpt_path) else "was not written (none was saved yet)"
@@ -206,7 +206,8 @@ def train(args):
             raise diverged(f"the projection's weights are not finite after step {step}")
         if rank == 0:
             state = dict(projection=model.projection.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                         epoch=step // steps_per_epoch, args=vars(args), world=world, encoder=encoder_info)
+                         epoch=step // steps_per_epoch, args=vars(args), world=world, videos=len(videos),
+                         encoder=encoder_info)
             atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     if rank == 0:
@@ -275,18 +276,19 @@ def shared_videos(path, rank, world):
     return found
 
 
-def resume(ckpt_path, args, world, encoder_info, projection, optimizer):
+def resume(ckpt_path, args, world, n_videos, encoder_info, projection, optimizer):
     """Load OUT/cosettle.pth into the projection and optimiser -> the step to continue from. Refuses another
-    encoder, global batch or seed: the step count would then mean another epoch, sample order or model."""
+    encoder, global batch, seed or number of videos: the step count would then mean another epoch, sample order
+    or model. (--epochs, --warmup-epochs and --blr may change: the schedule is recomputed from them.)"""
     if not os.path.exists(ckpt_path):
         raise BadInput(f"{ckpt_path}: --resume given but there is no checkpoint")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if ckpt["encoder"]["fingerprint"] != encoder_info["fingerprint"]:
         raise BadInput(f"{ckpt_path}: trained on encoder {ckpt['encoder']['path']}, not {encoder_info['path']}")
-    was = ckpt["args"]["batch_size"] * ckpt["world"], ckpt["args"]["seed"]
-    if was != (args.batch_size * world, args.seed):
-        raise BadInput(f"{ckpt_path}: was trained with global batch {was[0]} and seed {was[1]}; resume with the "
-                       f"same (now {args.batch_size * world} and {args.seed})")
+    was = ckpt["args"]["batch_size"] * ckpt["world"], ckpt["args"]["seed"], ckpt["videos"]
+    if was != (args.batch_size * world, args.seed, n_videos):
+        raise BadInput(f"{ckpt_path}: was trained with global batch {was[0]}, seed {was[1]} on {was[2]} videos; "
+                       f"resume with the same (now {args.batch_size * world}, {args.seed}, {n_videos})")
     projection.load_state_dict(ckpt["projection"])
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt["step"]
