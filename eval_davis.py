@@ -508,8 +508,7 @@ def tradeoff(encoder, heads, videos, device="cpu", batch_size=16):
     middle = {k: [] for k in heads}
     for folder in folders:
         frames = list_frames(folder)
-        x = torch.stack([normalise(torch.from_numpy(np.array(load_rgb(f))).permute(2, 0, 1).float(), (224, 224))
-                         for f in frames])
+        x = torch.stack([load_frame(f, (224, 224), IMAGENET_MEAN, IMAGENET_STD) for f in frames])
         base = torch.cat([encoder(x[a:a + batch_size].to(device)).float() for a in range(0, len(x), batch_size)])
         g = max(1, int(0.15 * len(frames)))
         for name, head in heads.items():

@@ -87,13 +87,26 @@ def autocast_dtype(device):
     AVX512-BF16 CPU without AMX, bf16 autocast made the ViT 1.5x *slower*, so there it stays fp32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    return torch.bfloat16 if "amx_bf16" in flags else None
+    if not os.path.exists("/proc/cpuinfo"):
+        return None
+    with open("/proc/cpuinfo") as f:
+        return torch.bfloat16 if "amx_bf16" in f.read() else None
+
+
+def mixed_precision(device, dtype):
+    """The autocast context for autocast_dtype's choice (None: plain fp32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def compile_objective(encoder, batch, device, args):
+    """fuse(objective) for this run's (batch, 3N, D) tokens and its temp and lambda: compiled once, here."""
+    tokens = 3 * (SIZE // encoder.patch_size) ** 2
+    return fuse(objective, (batch, tokens, encoder.embed_dim), device, args.temp, args.lambda_reg)
 
 
 def input_stats(encoder, args):
-    """ImageNet mean/std for every family, as the official training and evaluation did; --native-stats
-    switches to the family's own (CLIP's for CLIP and BLIP)."""
+    """ImageNet mean/std for every family, as the official training code and its metric script use;
+    --native-stats switches to the family's own (CLIP's for CLIP and BLIP)."""
     mean, std = encoder.native_stats if args.native_stats else IMAGENET_STATS
     return dict(mean=mean, std=std)
 
@@ -159,7 +172,7 @@ def cycle_accuracy(model, videos, device, dtype, seed, batch_size=8):
     g = torch.Generator().manual_seed(seed + 1)
     accs = []
     for x1, x2 in loader:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with mixed_precision(device, dtype):
             accs.append(model(x1.to(device), x2.to(device), generator=g)["accuracy"].item())
     return sum(accs) / len(accs)
 
@@ -171,8 +184,7 @@ def train(args):
     loss_fn = objective
     if not args.no_compile:
         try:
-            tokens = 3 * (SIZE // encoder.patch_size) ** 2
-            loss_fn = fuse(objective, (args.batch_size, tokens, encoder.embed_dim), device, args.temp, args.lambda_reg)
+            loss_fn = compile_objective(encoder, args.batch_size, device, args)
         except Exception as e:  # no C++ compiler, unsupported platform, ...: say it, run eager
             print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
                   f"using the eager loss (pass --no-compile to skip the attempt)", file=sys.stderr)
@@ -226,7 +238,7 @@ def train(args):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # one PEA offset per step, all ranks
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                with mixed_precision(device, dtype):
                     out = model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), g, projection)
                 # Stop (NaN, or a signal seen by any rank) is decided here, from the value all ranks share, so
                 # every rank stops after the same step and none is left waiting in a collective.
@@ -363,15 +375,13 @@ def bench(args):
         return official_objective(model.projection(z), z, args.temp, args.lambda_reg)
 
     def our_step(model):
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with mixed_precision(device, dtype):
             return model(x1, x2)["loss"]
 
     print(f"training step, ViT patch {encoder.patch_size} width {encoder.embed_dim}, batch {B} clips at {size}px, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU {torch.get_num_threads()} threads'}")
     flops = 3 * vit_flops(encoder, size)  # per clip: 3 images, forward only (f is frozen)
-    tokens = 3 * (size // encoder.patch_size) ** 2
-    fused = objective if args.no_compile else fuse(objective, (B, tokens, encoder.embed_dim), device, args.temp,
-                                                   args.lambda_reg)
+    fused = objective if args.no_compile else compile_objective(encoder, B, device, args)
     rates = []
     for label, step_fn, loss_fn in [("official step", official_step, objective),
                                     ("Co-Settle-ref step", our_step, fused)]:
