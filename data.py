@@ -403,6 +403,35 @@ def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
     return root
 
 
+def make_vip(root, n_videos=2, n_frames=6, height=72, width=128, stride=5, seed=0):
+    """Write a synthetic VIP_Fine folder and return it: root/lists/val_videos.txt, root/Images/videos<N>/<frame>.jpg
+    and root/Annotations/Category_ids/videos<N>/<frame>.png (greyscale part ids 0..19), frames named by their
+    12-digit number. Like VIP's annotated key frames, only every `stride`-th frame of the synthetic video is kept,
+    so objects move a lot between two of them. Each object is a "person" of three parts (top, middle and bottom
+    third of its visible extent: hair / upper-clothes / pants, or hat / coat / skirt)."""
+    root = prepare_root(root)
+    if n_videos < 1 or n_frames < 1 or stride < 1:
+        raise BadInput(f"synthetic VIP: need videos, frames and stride >= 1, got {n_videos}, {n_frames}, {stride}.")
+    parts = [(2, 4, 8), (1, 6, 11)]
+    names = [f"videos{v + 1}" for v in range(n_videos)]
+    for v, name in enumerate(names):
+        frames, masks = synthetic_video((seed, 2, v), (n_frames - 1) * stride + 1, height, width, n_objects=2)
+        for t in range(0, len(frames), stride):
+            ids = np.zeros((height, width), np.uint8)
+            for k, classes in enumerate(parts):
+                ys = np.nonzero(masks[t] == k + 1)[0]
+                if len(ys):
+                    third = (np.arange(height)[:, None] - ys.min()) * 3 // (ys.max() - ys.min() + 1)
+                    ids = np.where(masks[t] == k + 1, np.take(classes, np.clip(third, 0, 2)), ids)
+            stem = f"{t + 1:012d}"
+            atomic(root / "Images" / name / f"{stem}.jpg",
+                   lambda tmp: Image.fromarray(frames[t]).save(tmp, "JPEG", quality=95))
+            atomic(root / "Annotations" / "Category_ids" / name / f"{stem}.png",
+                   lambda tmp: Image.fromarray(ids.astype(np.uint8)).save(tmp, "PNG"))
+    atomic(root / "lists" / "val_videos.txt", lambda tmp: tmp.write_text("".join(n + "\n" for n in names)))
+    return root
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -410,8 +439,9 @@ def main(argv=None):
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument('--make-davis', metavar='DIR', help='write a synthetic DAVIS-2017 folder')
     target.add_argument('--make-videos', metavar='DIR', help='write synthetic training videos (frame folders)')
+    target.add_argument('--make-vip', metavar='DIR', help='write a synthetic VIP_Fine folder')
     parser.add_argument('--seqs', type=int, default=3, help='DAVIS sequences')
-    parser.add_argument('--videos', type=int, default=8, help='training videos')
+    parser.add_argument('--videos', type=int, default=8, help='training (8) or VIP videos')
     parser.add_argument('--frames', type=int, default=None, help='frames per video (default 12 DAVIS, 16 videos)')
     parser.add_argument('--height', type=int, default=96)
     parser.add_argument('--width', type=int, default=128)
@@ -423,6 +453,11 @@ def main(argv=None):
             root = make_davis(args.make_davis, args.seqs, n_frames, args.height, args.width, args.seed)
             print(f"wrote {args.seqs} synthetic DAVIS-2017 sequences ({n_frames} frames, "
                   f"{args.height}x{args.width}) to {root}")
+        elif args.make_vip:
+            n_frames = 6 if args.frames is None else args.frames
+            root = make_vip(args.make_vip, args.videos, n_frames, args.height, args.width, seed=args.seed)
+            print(f"wrote {args.videos} synthetic VIP videos ({n_frames} key frames, {args.height}x{args.width}) "
+                  f"to {root}")
         else:
             n_frames = 16 if args.frames is None else args.frames
             folders = write_synthetic_videos(args.make_videos, args.videos, n_frames, args.height, args.width,

@@ -1,23 +1,26 @@
-"""DAVIS-2017 semi-supervised label propagation and its J&F, for the frozen baseline and + Co-Settle.
+"""Label propagation for the paper's three dense benchmarks (Sec. 4, Table 1), frozen baseline vs + Co-Settle.
 
-PAPER.md "Evaluation: semi-supervised label propagation": the first-frame labels are carried through every
-frame by feature affinities, with (or without, for the frozen baseline) the trained projection on top of the
-frozen encoder's patch tokens; the masks are scored with the davis2017-evaluation J&F.
+The first frame's labels are carried through every frame by feature affinities, with (or without, for the
+frozen baseline) the trained projection on top of the frozen encoder's patch tokens. DAVIS-2017: object masks,
+davis2017-evaluation's J&F. VIP: semantic parts, the official mIoU.
 
-    python eval_davis.py --weights W.pth [--ckpt out/cosettle.pth [--compare]] --davis DAVIS/ --out results/
+    python eval_davis.py --weights W.pth [--ckpt out/cosettle.pth] [--compare] --davis DAVIS/ --vip VIP_Fine/
     python eval_davis.py --davis DAVIS/ --masks results/        # score an existing results folder
     python eval_davis.py --tradeoff --videos DIR [--ckpt ...]   # label-free trade-off metrics (paper Table 4)
-    python eval_davis.py --bench                                # frames/s vs DINO's per-frame loop
+    python eval_davis.py --bench                                # s/frame of each pipeline, peak memory
 
-Propagation follows facebookresearch/dino eval_video_segmentation.py line for line in what it computes, but
-extracts features in batches, keeps the context queue as a ring buffer on the device and selects top-k on the
-device (one host transfer per batch). The metric re-implements davisvideochallenge/davis2017-evaluation
-(metrics.py, evaluation.py, utils.py, evaluation_method.py) with torch/numpy; it agrees to the last bit.
+Two propagation algorithms: CRW's as CropMAE runs it (alexandre-eymael/CropMAE downstreams/propagation, the
+code the authors' T-CoRe evaluates with, and the settings the paper states), and DINO's
+(facebookresearch/dino eval_video_segmentation.py). Both extract features in batches, keep their context on the
+device and select top-k there (one host transfer per batch). The J&F re-implements
+davisvideochallenge/davis2017-evaluation (metrics.py, evaluation.py, utils.py, evaluation_method.py) with
+torch/numpy and agrees to the last bit.
 """
 import argparse
 import math
 import os
 import sys
+import json
 import tempfile
 import time
 import warnings
@@ -26,52 +29,66 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from cosettle import FAMILIES, BadInput, build_vit, cycle_loss, load_encoder, load_projection
 from data import (IMAGENET_MEAN, IMAGENET_STD, atomic, davis_palette, find_videos, list_frames, load_rgb, make_davis,
                   synthetic_video)
 
-# Two protocols, one code path (PAPER.md "Evaluation").
-# dino: eval_video_segmentation.py exactly: short side 480, long side floored to a multiple of 64, std 0.228,
-#   first frame + 7 previous soft predictions, square window |di|,|dj| <= 12, top-5 jointly over all context
-#   frames, weights exp(cos / 0.1) normalised.
-# paper: the SiamMAE/CropMAE/RSP setting the paper follows; values from CropMAE downstreams/propagation/start.py
-#   (crop_size [480, 880], topk 7, radius 20, video_len 20, temperature 0.7, ImageNet std 0.229), run through
-#   DINO's algorithm above (our assumption). CropMAE's videowalk code differs in details we do not copy: a
-#   circular window (d < 20) not applied to the first frame, the queue pre-filled with copies of frame 0,
-#   bilinear (soft) first-frame labels and no min-max normalisation before the argmax.
+# Two protocols for DAVIS, one propagation loop. Sizes: a (height, width) pair is fixed; one number is a rule.
+# paper: the pipeline behind the paper's Table 1 (Sec. 4.1: "following SiamMAE/CropMAE/RSP"): CropMAE's
+#   label propagation (alexandre-eymael/CropMAE downstreams/propagation/src/test.py, as T-CoRe, the authors'
+#   previous paper, runs it: yafeng19/T-CORE scripts/eval.sh with the defaults of downstreams/propagation/util.py):
+#   frames resized to 480x880 in float (no uint8 rounding), std 0.229, CRW's propagation (CRWPropagation below):
+#   first frame + 20 short-term slots padded with copies of frame 0, Euclidean radius 20 on the short-term slots
+#   only, top-7 jointly, softmax of cos / 0.7, soft predictions fed back.
+# dino: facebookresearch/dino eval_video_segmentation.py exactly: short side 480, long side floored to a
+#   multiple of 64, std 0.228, first frame + 7 previous soft predictions, square window |di|,|dj| <= 12, top-5
+#   jointly over all context frames, weights exp(cos / 0.1) normalised, per-channel min-max before the argmax.
 PROTOCOLS = {
-    "paper": dict(height=480, width=880, mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=7, context=20, radius=20,
-                  temperature=0.7),
-    "dino": dict(height=480, width=None, mean=IMAGENET_MEAN, std=(0.228, 0.224, 0.225), topk=5, context=7, radius=12,
-                 temperature=0.1),
+    "paper": dict(algorithm="crw", size=(480, 880), mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=7, context=20,
+                  radius=20, temperature=0.7),
+    "dino": dict(algorithm="dino", size=480, mean=IMAGENET_MEAN, std=(0.228, 0.224, 0.225), topk=5, context=7,
+                 radius=12, temperature=0.1),
 }
+# VIP and JHMDB always run CropMAE's pipeline (its util.py defaults): VIP with top-10 and `crop_size [880]`, i.e.
+# long side 880 and short side floored to a multiple of 64 (448x880 for 16:9 frames; the paper text says 480x880,
+# --vip-size 480x880 gives that); JHMDB with every frame stretched to 320x320 (a 20x20 grid at patch 16).
+VIP = dict(PROTOCOLS["paper"], size=880, topk=10)
+JHMDB = dict(PROTOCOLS["paper"], size=(320, 320))
 METRICS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
 PALETTE = np.array(davis_palette(), dtype=np.uint8).reshape(256, 3)
+VIP_CLASSES = ["background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat", "socks", "pants",
+               "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm", "left-arm", "right-leg", "left-leg",
+               "right-shoe", "left-shoe"]  # HCPLab-SYSU/ATEN evaluate/test_parsing.py: ids 0..19
 
 
 def protocol_params(protocol, **overrides):
-    if protocol not in PROTOCOLS:
+    base = protocol if isinstance(protocol, dict) else PROTOCOLS.get(protocol)
+    if base is None:
         raise BadInput(f"--protocol {protocol}: unknown, use one of {', '.join(PROTOCOLS)}")
-    unknown = set(overrides) - set(PROTOCOLS[protocol])
+    unknown = set(overrides) - set(base)
     if unknown:
         raise BadInput(f"unknown protocol setting(s) {', '.join(sorted(unknown))}")
-    p = {**PROTOCOLS[protocol], **{k: v for k, v in overrides.items() if v is not None}}
-    if p["topk"] < 1 or p["context"] < 0 or p["radius"] < 0 or not p["temperature"] > 0 or p["height"] < 1:
+    p = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+    if p["topk"] < 1 or p["context"] < 0 or p["radius"] < 0 or not p["temperature"] > 0 or min(np.atleast_1d(
+            p["size"])) < 1:
         raise BadInput(f"protocol settings out of range (topk >= 1, context >= 0, radius >= 0, temperature > 0): {p}")
     return p
 
 
 def target_size(H, W, params):
-    """(th, tw) the frame is resized to. paper: fixed 480x880 (880x480 for portrait frames). dino: read_frame's
-    rule, short side -> 480 and the other side floored to a multiple of 64 (854x480 -> 832x480). For square
-    frames DINO's read_frame and read_seg disagree (480x448 vs 448x480); we use read_frame's for both."""
-    if params["width"]:
-        return (params["height"], params["width"]) if W >= H else (params["width"], params["height"])
-    if H > W:
-        return int((params["height"] * H / W) // 64 * 64), params["height"]
-    return params["height"], int((params["height"] * W / H) // 64 * 64)
+    """(th, tw) an H x W frame is resized to. A (height, width) size is used as it is (CropMAE's fixed
+    crop_size, whatever the orientation). One number is a rule: dino, read_frame's short side -> size and the
+    other side floored to a multiple of 64 (854x480 -> 832x480; for square frames DINO's read_frame and read_seg
+    disagree, 480x448 vs 448x480, we use read_frame's); crw, CropMAE vos.py's long side -> size and the other
+    floored to a multiple of 64 (1280x720 -> 880x448)."""
+    s = params["size"]
+    if not np.isscalar(s):
+        return tuple(s)
+    if params["algorithm"] == "dino":
+        return (int((s * H / W) // 64 * 64), s) if H > W else (s, int((s * W / H) // 64 * 64))
+    return (int(int(H * s / W) // 64 * 64), s) if W > H else (s, int(int(W * s / H) // 64 * 64))
 
 
 # -----------------------------------------------------------------------------
@@ -99,9 +116,10 @@ def image_size(path):
         raise BadInput(f"{path}: cannot read the frame ({e})") from e
 
 
-def write_png(path, ids, rgb=False):
+def write_png(path, ids, mode="P"):
+    """ids uint8 [H, W] as a palette PNG (DAVIS) or a greyscale one (VIP's Category_ids); RGB pictures as they are."""
     img = Image.fromarray(ids)
-    if not rgb:
+    if mode == "P":
         img.putpalette(PALETTE.ravel().tolist())
     atomic(path, lambda tmp: img.save(tmp, format="PNG"))
 
@@ -142,6 +160,100 @@ def read_davis(davis, scoring=True):
             raise BadInput(f"{first.parent}: ground truth for {len(anns)} of {len(frames)} frames, cannot score")
         out.append((seq, frames, anns, first))
     return out
+
+
+def numbered(paths):
+    """Frames sorted by number when every name is one (VIP's 000000000001.jpg, CropMAE sorts by int), else by name."""
+    paths = sorted(paths)
+    return sorted(paths, key=lambda p: int(p.stem)) if all(p.stem.isdigit() for p in paths) else paths
+
+
+def read_vip(path):
+    """Check a VIP set before anything is written: [(video, frames, labels, first label)].
+
+    path: the VIP_Fine folder as distributed (Images/videos<N>/*.jpg, Annotations/Category_ids/videos<N>/*.png,
+    the videos of lists/val_videos.txt), or a CropMAE-style list file (downstreams/propagation/vip_vallist.txt:
+    `<images dir> <labels dir>` per line, relative paths taken from the current folder as CropMAE does). Every
+    frame needs the label of the same name and size, and labels hold part ids 0..19."""
+    path = Path(path)
+    if path.is_file():
+        pairs = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                if len(line.split()) != 2:
+                    raise BadInput(f"{path}: line {i} is not '<images dir> <labels dir>'")
+                pairs.append(tuple(map(Path, line.split())))
+    else:
+        listing = path / "lists" / "val_videos.txt"
+        if not listing.is_file():
+            raise BadInput(f"{listing}: missing, so {path} is neither a VIP_Fine folder nor a list file")
+        pairs = [(path / "Images" / v, path / "Annotations" / "Category_ids" / v)
+                 for v in (line.split()[0] for line in listing.read_text().splitlines() if line.strip())]
+    if not pairs:
+        raise BadInput(f"{path}: lists no videos")
+    out = []
+    for images, labels in pairs:
+        frames = numbered(f for f in images.glob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        anns = numbered(labels.glob("*.png"))
+        if not frames or not anns:
+            raise BadInput(f"{images if not frames else labels}: no {'frames' if not frames else 'labels'}")
+        if [f.stem for f in frames] != [a.stem for a in anns]:
+            odd = sorted({f.stem for f in frames} ^ {a.stem for a in anns})
+            raise BadInput(f"{labels}: {len(anns)} labels for {len(frames)} frames of {images}, unpaired: "
+                           f"{', '.join(odd[:5])}")
+        for f, a in zip(frames, anns):
+            ids = read_ids(a, "label")
+            if image_size(f) != ids.shape:
+                raise BadInput(f"{a}: label is {ids.shape[1]}x{ids.shape[0]}, its frame {f.name} is "
+                               f"{image_size(f)[1]}x{image_size(f)[0]}")
+            if ids.max() >= len(VIP_CLASSES):
+                raise BadInput(f"{a}: part id {ids.max()}, VIP has ids 0..{len(VIP_CLASSES) - 1}")
+        out.append((images.name, frames, anns, anns[0]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The VIP metric: HCPLab-SYSU/ATEN evaluate/test_parsing.py (CropMAE src/eval/eval_vip.py) with numpy
+
+
+def vip_metrics(hist):
+    """From the 20x20 confusion matrix (rows ground truth): per-class IoU, mIoU = nan-mean over the 20 classes
+    (background included; a class absent from both is 0/0 = NaN and dropped), pixel accuracy, mean class
+    accuracy (nan-mean) and frequency-weighted IoU, all as fractions."""
+    correct, gt, pred = np.diag(hist), hist.sum(1), hist.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou, acc = correct / (gt + pred - correct), correct / gt
+        freq = gt / hist.sum()
+    return {"mIoU": float(np.nanmean(iou)), "IoU": iou.tolist(), "pixel_accuracy": float(correct.sum() / hist.sum()),
+            "mean_accuracy": float(np.nanmean(acc)), "fwIoU": float((freq[freq > 0] * iou[freq > 0]).sum())}
+
+
+def score_vip(plan, results, verbose=True):
+    """One confusion matrix pooled over every frame (frame 0 included) of every video; predictions at another
+    size are brought to the label's with PIL NEAREST, as eval_vip.py does. Returns vip_metrics."""
+    results, n = Path(results), len(VIP_CLASSES)
+    hist = np.zeros((n, n), np.int64)
+    for video, _, anns, _ in plan:
+        for a in anns:
+            gt = read_ids(a, "label").astype(np.int64)
+            res_path = results / video / a.name
+            res = read_ids(res_path, "result mask")
+            if res.shape != gt.shape:
+                res = np.array(Image.fromarray(res).resize(gt.shape[::-1], Image.NEAREST))
+            if res.max() >= n:
+                raise BadInput(f"{res_path}: part id {res.max()}, VIP has ids 0..{n - 1}")
+            valid = gt < n
+            hist += np.bincount(n * gt[valid] + res[valid], minlength=n * n).reshape(n, n)
+    m = vip_metrics(hist)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        class_acc = np.diag(hist) / hist.sum(1)
+    if verbose:
+        print(f"{results}: VIP mIoU {m['mIoU']:.4f}, pixel accuracy {m['pixel_accuracy']:.4f}, mean accuracy "
+              f"{m['mean_accuracy']:.4f}, fwIoU {m['fwIoU']:.4f}\n  {'class':15s} {'IoU':>7s} {'acc':>7s}")
+        for c in range(n):
+            print(f"  {c:2d} {VIP_CLASSES[c]:12s} {m['IoU'][c]:7.4f} {class_acc[c]:7.4f}")
+    return m
 
 
 # -----------------------------------------------------------------------------
@@ -283,7 +395,7 @@ def table(rows, names=None):
 
 
 # -----------------------------------------------------------------------------
-# Label propagation (DINO's algorithm, batched and on the device)
+# Label propagation: DINO's algorithm and CRW's (as CropMAE runs it), batched and on the device
 
 _windows = {}
 
@@ -299,22 +411,30 @@ def outside_window(h, w, radius, device):
     return _windows[key]
 
 
+def within_radius(h, w, radius, device):
+    """Bool [N, N]: Euclidean distance between the two cells < radius (CropMAE src/utils/__init__.py
+    MaskedAttention.make: sqrt of the float squared distance, strict <)."""
+    i, j = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    i, j = i.flatten(), j.flatten()
+    return ((i[:, None] - i[None]) ** 2 + (j[:, None] - j[None]) ** 2).float() ** 0.5 < radius
+
+
 def norm_mask(x):
-    """DINO's norm_mask on [K, H, W]: channels whose max is > 0 are min-max scaled to [0, 1] (a constant
+    """DINO's norm_mask on [..., K, H, W]: channels whose max is > 0 are min-max scaled to [0, 1] (a constant
     positive channel becomes NaN there too, and torch.max then picks it)."""
-    mn, mx = x.amin((1, 2), keepdim=True), x.amax((1, 2), keepdim=True)
+    mn, mx = x.amin((-2, -1), keepdim=True), x.amax((-2, -1), keepdim=True)
     return torch.where(mx > 0, (x - mn) / (mx - mn), x)
 
 
 class Propagation:
-    """One video's propagation state: DINO's queue (first frame + the `context` previous soft predictions) as
+    """DINO's propagation for one video: the queue (first frame + the `context` previous soft predictions) as
     a ring buffer of L2-normalised features and label maps on the device. Call with the next frame's features
-    [h, w, C]; returns its labels [h*p, w*p] uint8 (still on the device)."""
+    [h, w, D]; returns its soft labels [K, h, w]."""
 
-    def __init__(self, feat0, labels0, params, patch):
+    def __init__(self, feat0, labels0, params):
         h, w, C = feat0.shape
         K, n = labels0.shape[0], params["context"]
-        self.h, self.w, self.patch, self.params, self.pushed = h, w, patch, params, 0
+        self.h, self.w, self.params, self.pushed = h, w, params, 0
         self.feats = torch.zeros(1 + n, h * w, C, device=feat0.device)
         self.labels = torch.zeros(1 + n, h * w, K, device=feat0.device)
         self.feats[0] = F.normalize(feat0.reshape(h * w, C).float(), dim=1)
@@ -344,80 +464,199 @@ class Propagation:
             slot = 1 + self.pushed % n
             self.feats[slot], self.labels[slot] = q, soft
         self.pushed += 1
-        up = F.interpolate(soft.T.reshape(1, K, h, w), scale_factor=self.patch, mode="bilinear",
-                           align_corners=False, recompute_scale_factor=False)[0]
-        return torch.max(norm_mask(up), dim=0).indices.to(torch.uint8)
+        return soft.T.reshape(K, h, w)
 
 
-def load_frame(path, size, mean, std):
-    """RGB frame -> normalised [3, th, tw]. Bilinear (no antialias), rounded to uint8 as DINO's cv2.resize on
-    a uint8 image is, then (x/255 - mean) / std."""
+class CRWPropagation:
+    """CRW's propagation as CropMAE runs it (src/test.py test(), src/utils/test_utils.py context_index_bank and
+    mem_efficient_batched_affinity), for one video. Call with frame t's features [h, w, D], t = 1, 2, ...;
+    returns its soft labels [C, h, w], which are also fed back as the labels of frame t.
+
+    The reference pads the video with n = `context` copies of frame 0 and gives target t the first frame (the
+    long-memory slot, never spatially restricted) plus the n previous padded positions (restricted to cells at
+    Euclidean distance < radius), i.e. frame 0 appears 1 + max(0, n + 1 - t) times, and real frames
+    max(1, t - n) .. t - 1 once each. It then takes the top-k of cos / T over all those slots jointly and
+    softmaxes them. Copies of frame 0 have identical scores and labels, so here each distinct candidate is
+    scored once and carries its multiplicity: the top-k multiset is the top-k distinct candidates, each taken
+    min(multiplicity, what is left of k) times, and a candidate taken c times weighs c exp(s / T)."""
+
+    def __init__(self, feat0, labels0, params):
+        h, w, D = feat0.shape
+        C, n, N = labels0.shape[0], params["context"], h * w
+        self.shape, self.params, self.t = (C, h, w), params, 1
+        self.key0 = F.normalize(feat0.reshape(N, D).float(), dim=1)
+        self.label0 = labels0.reshape(C, N).T.float()
+        self.feats = torch.zeros(n, N, D, device=feat0.device)  # ring of the n latest real frames t >= 1
+        self.labels = torch.zeros(n, N, C, device=feat0.device)
+        self.near = within_radius(h, w, params["radius"], feat0.device)  # [queries, keys], symmetric
+
+    def __call__(self, feat):
+        (C, h, w), N, n, t = self.shape, self.shape[1] * self.shape[2], self.params["context"], self.t
+        q = F.normalize(feat.reshape(N, -1).float(), dim=1)
+        r = min(t - 1, n)  # real frames among the short-term slots: ring slots 0 .. r-1 (their order is moot)
+        copies = max(0, n + 1 - t)  # copies of frame 0 among the short-term slots
+        keys = self.feats[:r].flatten(0, 1)  # a view: no copy of the context
+        labels = torch.cat([self.label0, self.labels[:r].reshape(r * N, C)])  # [(1 + r) N, C]
+        k, temp = self.params["topk"], self.params["temperature"]
+        soft = torch.empty(N, C, device=q.device)
+        step = max(1, (1 << 24) // ((1 + r) * N))  # queries per chunk: scores stay under 64 MB
+        for a in range(0, N, step):
+            near = self.near[a:a + step].float()  # [Q, N]
+            score = torch.cat([q[a:a + step] @ self.key0.T, q[a:a + step] @ keys.T], 1) / temp
+            count = torch.cat([1 + copies * near, near.repeat(1, r)], 1)  # multiplicity of each candidate
+            score = score.masked_fill(count == 0, -math.inf)
+            vals, idx = score.topk(min(k, score.shape[1]), dim=1)
+            c = count.gather(1, idx)
+            take = torch.minimum(c, (k - (c.cumsum(1) - c)).clamp(min=0))  # copies of each kept in the top-k
+            weights = torch.softmax(vals + take.log(), dim=1)
+            soft[a:a + step] = (weights[..., None] * labels[idx]).sum(1)
+        if n > 0:
+            self.feats[(t - 1) % n], self.labels[(t - 1) % n] = q, soft
+        self.t += 1
+        return soft.T.reshape(C, h, w)
+
+
+def load_frame(path, size, mean, std, quantise=True):
+    """RGB frame -> normalised [3, th, tw], resized bilinearly without antialiasing. quantise: round to uint8
+    after the resize, as DINO's cv2.resize of a uint8 image does (CropMAE resizes the float image: no rounding)."""
     x = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).float()
-    return normalise(x, size, mean, std)
+    return normalise(x, size, mean, std, quantise)
 
 
-def normalise(x, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def normalise(x, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, quantise=True):
     """[3, H, W] float in 0..255 -> resized to `size` and (x/255 - mean) / std normalised."""
     if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0].round().clamp(0, 255)
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+        x = x.round().clamp(0, 255) if quantise else x
     return (x / 255.0 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 def first_labels(ann, h, w):
-    """First-frame ids -> one-hot [K, h, w] on the feature grid: PIL NEAREST resize of the id image, K = max id
-    + 1 after the resize (DINO's read_seg + to_one_hot). Void (255) is background here; DINO would make it a
-    256th label that propagates and then fails the evaluation."""
+    """DINO: first-frame ids -> one-hot [K, h, w] on the feature grid: PIL NEAREST resize of the id image, K = max
+    id + 1 after the resize (read_seg + to_one_hot). Void (255) is background here; DINO would make it a 256th
+    label that propagates and then fails the evaluation."""
     small = np.array(Image.fromarray(np.where(ann == 255, 0, ann).astype(np.uint8)).resize((w, h), Image.NEAREST))
     return F.one_hot(torch.from_numpy(small).long()).permute(2, 0, 1).float()
 
 
-def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overlay=False, verbose=True):
-    """Propagate every sequence of `plan` (read_davis) and write palette PNGs to outs[name]/<seq>/<frame>.png at
-    the original size. embed: normalised frames [B, 3, th, tw] -> features [B, h, w, C]; heads: {name: module
-    applied to those features, or None}. All heads share one forward of the encoder per batch. Returns frames."""
-    n_frames = 0
+def nearest(ids, size):
+    """OpenCV's INTER_NEAREST (source pixel floor(dst * in / out)), which is torch's 'nearest'."""
+    return F.interpolate(torch.as_tensor(ids)[None, None].float(), size=size, mode="nearest")[0, 0].to(torch.uint8)
+
+
+def crw_labels(path, ann, size, grid):
+    """CropMAE vos.py: the first-frame label resized to the processing size with OpenCV's nearest rule, one channel
+    per id present there, one-hot, then bilinearly (no antialias) down to the grid: for a factor of 16 each cell
+    is the mean of the 2x2 pixels at the patch centre. Returns (ids in channel order, labels [C, h, w]).
+    CropMAE reads labels with cv2.imread, so its channels are the distinct BGR colours sorted (np.unique): for
+    palette PNGs that is palette order, not id order; it only decides exact argmax ties, and we keep it."""
+    small = nearest(ann, size).numpy()
+    with Image.open(path) as img:
+        pal = np.array(img.getpalette() or [], dtype=np.int64).reshape(-1, 3) if img.mode == "P" else None
+    ids = np.unique(small)
+    if pal is not None:
+        pal = np.concatenate([pal, np.zeros((256 - len(pal), 3), np.int64)])
+        ids = ids[np.lexsort(pal[ids].T)]  # by (B, G, R): lexsort's last key (B) sorts first
+    onehot = torch.from_numpy(small[None] == ids[:, None, None]).float()
+    return ids, F.interpolate(onehot[None], size=grid, mode="bilinear", align_corners=False)[0]
+
+
+def soft_maps(frames, labels0, size, embed, heads, params, device, batch_size=8):
+    """Propagate labels0 [C, h, w] through `frames` with every head: yields (t0, {name: soft labels [b, C, h, w]})
+    per batch of frames t0 .. t0 + b - 1 (frame 0's map is labels0). embed: normalised frames [B, 3, th, tw] ->
+    features [B, h, w, D]; heads: {name: module applied to those features, or None}. One encoder forward per
+    batch feeds every head."""
+    core = CRWPropagation if params["algorithm"] == "crw" else Propagation
+    props = {}
+    for b0 in range(0, len(frames), batch_size):
+        x = torch.stack([load_frame(f, size, params["mean"], params["std"], params["algorithm"] == "dino")
+                         for f in frames[b0:b0 + batch_size]])
+        with torch.no_grad():
+            base = embed(x.to(device))
+            out = {}
+            for name, head in heads.items():
+                feats = base if head is None else head(base)
+                if b0 == 0:
+                    props[name] = core(feats[0], labels0, params)
+                out[name] = torch.stack(([labels0] if b0 == 0 else []) + [props[name](f) for f in feats[b0 == 0:]])
+        yield b0, out
+
+
+def grid_size(H, W, params, patch, where):
+    """Processing size floored to the patch grid (patch 14, DINOv2 or CLIP-L: 480 -> 476, as DINOv2's own eval)."""
+    th, tw = target_size(H, W, params)
+    th, tw = th // patch * patch, tw // patch * patch
+    if th < patch or tw < patch:
+        raise BadInput(f"{where}: {W}x{H} frame gives a {tw}x{th} input, smaller than one {patch}-px patch")
+    return th, tw
+
+
+def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overlay=False, verbose=True, vip=False):
+    """Propagate every video of `plan` (read_davis or read_vip) and write id PNGs to outs[name]/<video>/<frame>.png
+    at the annotation's size. Returns the number of frames.
+    dino: ×patch bilinear, min-max per channel, argmax, PIL NEAREST back; frame 0 is the annotation itself.
+    crw (CropMAE src/utils/test_utils.py dump_predictions): bilinear to the processing size, argmax, the id of
+    that channel; back to the annotation's size with OpenCV's nearest (DAVIS: src/eval/convert_davis.py) or PIL's
+    (VIP: src/eval/eval_vip.py); frame 0 is written too, as its grid labels come back through the same path."""
+    dino, n_frames = params["algorithm"] == "dino", 0
     for seq, frames, _, first in plan:
         ann = read_ids(first, "first-frame annotation")
-        ann = np.where(ann == 255, 0, ann).astype(np.uint8)
+        ann = np.where(ann == 255, 0, ann).astype(np.uint8) if not vip else ann
         H, W = ann.shape
-        th, tw = target_size(H, W, params)
-        th, tw = th // patch * patch, tw // patch * patch  # patch 14 (DINOv2, CLIP-L): 480 -> 476, as DINOv2's eval
+        th, tw = grid_size(H, W, params, patch, frames[0])
         h, w = th // patch, tw // patch
-        if h < 1 or w < 1:
-            raise BadInput(f"{frames[0]}: {W}x{H} frame gives a {tw}x{th} input, smaller than one {patch}-px patch")
-        labels0 = first_labels(ann, h, w).to(device)
+        if dino:
+            ids, labels0 = np.arange(256, dtype=np.uint8), first_labels(ann, h, w)
+        else:
+            ids, labels0 = crw_labels(first, ann, (th, tw), (h, w))
+        lookup = torch.from_numpy(ids.astype(np.uint8)).to(device)
+        labels0 = labels0.to(device)
         show = set(np.linspace(0, len(frames) - 1, 4).round().astype(int).tolist()) if overlay else set()
-        props = {}
-        for b0 in range(0, len(frames), batch_size):
-            x = torch.stack([load_frame(f, (th, tw), params["mean"], params["std"])
-                             for f in frames[b0:b0 + batch_size]])
-            with torch.no_grad():
-                base = embed(x.to(device))
-                maps = {}
-                for name, head in heads.items():
-                    feats = base if head is None else head(base)
-                    if b0 == 0:
-                        props[name] = Propagation(feats[0], labels0, params, patch)
-                    maps[name] = [props[name](f) for f in feats[1 if b0 == 0 else 0:]]
-            for name, ms in maps.items():
-                ms = ([ann] if b0 == 0 else []) + (list(torch.stack(ms).cpu().numpy()) if ms else [])  # one sync
-                for t, m in enumerate(ms, start=b0):
-                    if t > 0:  # back to the original size as DINO does (PIL NEAREST); frame 0 is the annotation
+        for b0, maps in soft_maps(frames, labels0, (th, tw), embed, heads, params, device, batch_size):
+            for name, soft in maps.items():
+                if dino:
+                    up = F.interpolate(soft, scale_factor=patch, mode="bilinear", align_corners=False,
+                                       recompute_scale_factor=False)
+                    small = lookup[norm_mask(up).max(1).indices]
+                else:
+                    small = lookup[F.interpolate(soft, size=(th, tw), mode="bilinear", align_corners=False).argmax(1)]
+                    if not vip:
+                        small = F.interpolate(small[:, None].float(), size=(H, W), mode="nearest")[:, 0]
+                for t, m in enumerate(small.to(torch.uint8).cpu().numpy(), start=b0):  # one sync per batch
+                    if dino and t == 0:
+                        m = ann
+                    elif m.shape != (H, W):
                         m = np.array(Image.fromarray(m).resize((W, H), Image.NEAREST))
-                    write_png(outs[name] / seq / f"{frames[t].stem}.png", m)
+                    write_png(outs[name] / seq / f"{frames[t].stem}.png", m, mode="L" if vip else "P")
                     if t in show:
-                        write_png(outs[name] / "overlays" / seq / f"{frames[t].stem}.png", blend(frames[t], m), True)
+                        pic = blend(frames[t], m)
+                        write_png(outs[name] / "overlays" / seq / f"{frames[t].stem}.png",
+                                  legend(pic, m) if vip else pic, mode="RGB")
         n_frames += len(frames)
         if verbose:
-            print(f"  {seq}: {len(frames)} frames at {tw}x{th}, {labels0.shape[0] - 1} objects on the {w}x{h} grid")
+            print(f"  {seq}: {len(frames)} frames at {tw}x{th}, {labels0.shape[0]} labels on the {w}x{h} grid")
     return n_frames
 
 
 def blend(frame, ids):
-    """The image with each object's palette colour laid over it at 50%, background untouched."""
+    """The image with each label's palette colour laid over it at 50%, background untouched."""
     img = np.asarray(load_rgb(frame), dtype=np.float32)
     out = np.where(ids[..., None] > 0, 0.5 * img + 0.5 * PALETTE[ids], img)
     return out.round().astype(np.uint8)
+
+
+def legend(pic, ids):
+    """A VIP overlay with a key: one swatch and name per part class present, in a strip under the picture."""
+    present = [int(i) for i in np.unique(ids) if 0 < i < len(VIP_CLASSES)]
+    rows = max(1, len(present))
+    out = Image.new("RGB", (pic.shape[1], pic.shape[0] + 12 * rows + 4), (255, 255, 255))
+    out.paste(Image.fromarray(pic))
+    draw = ImageDraw.Draw(out)
+    for r, i in enumerate(present):
+        y = pic.shape[0] + 2 + 12 * r
+        draw.rectangle([2, y, 12, y + 9], fill=tuple(int(v) for v in PALETTE[i]))
+        draw.text((16, y - 1), f"{i} {VIP_CLASSES[i]}", fill=(0, 0, 0))
+    return np.array(out)
 
 
 def encoder_embed(encoder):
@@ -425,56 +664,96 @@ def encoder_embed(encoder):
     return lambda x: encoder(x).float().reshape(x.shape[0], x.shape[2] // p, x.shape[3] // p, -1)
 
 
-def run(encoder, heads, davis_root, out_dir, protocol="paper", device=None, batch_size=8, overlay=False,
-        verbose=True, **overrides):
-    """Propagate with each head and score it: {name: global metrics, or None where the set has no ground truth
-    beyond the first frames}. One variant writes into out_dir, several into out_dir/<name>. davis_root None: a
-    synthetic DAVIS set in a temporary folder."""
-    params = protocol_params(protocol, **overrides)
+def run(encoder, heads, tasks, out_dir, protocol="paper", device=None, batch_size=8, overlay=False, verbose=True,
+        vip_size=None, **overrides):
+    """Propagate with each head on each task and score it: {name: {task: metrics or None}}.
+
+    tasks: {"davis": DAVIS-2017 folder, "vip": VIP_Fine folder or list file}; {"davis": None} runs on a synthetic
+    DAVIS set in a temporary folder. `protocol` is DAVIS's (VIP always runs CropMAE's pipeline); overrides
+    (topk, context, radius, temperature, size, mean, std) apply to every task. Outputs go to out_dir, with a
+    <name>/ level when there are several heads and a <task>/ level when there are several tasks; each head's
+    folder gets summary.json ({task: metrics}). DAVIS metrics are None when the set has only first-frame
+    annotations (test-dev): the masks are written, nothing is scored."""
     device = device or next(encoder.parameters()).device
-    if davis_root is None:
+    if tasks.get("davis", "") is None:
         with tempfile.TemporaryDirectory() as tmp:
             if verbose:
                 print(f"no --davis: evaluating on a synthetic DAVIS set made in {tmp} (data.make_davis)")
-            return run(encoder, heads, make_davis(tmp), out_dir, protocol, device, batch_size, overlay, verbose,
-                       **overrides)
-    outs = {name: Path(out_dir) / name if len(heads) > 1 else Path(out_dir) for name in heads}
-    plan = read_davis(davis_root, scoring=False)  # every check before the first file is written
-    if verbose:
-        print(f"propagating {len(plan)} sequences, protocol {protocol} {params}, device {device}")
-    t0 = time.perf_counter()
-    n = segment(plan, encoder_embed(encoder), heads, outs, params, encoder.patch_size, device, batch_size,
-                overlay, verbose)
-    dt = time.perf_counter() - t0
-    if any(len(anns) < len(frames) for _, frames, anns, _ in plan):  # e.g. test-dev: first frames only
+            return run(encoder, heads, {**tasks, "davis": make_davis(tmp)}, out_dir, protocol, device, batch_size,
+                       overlay, verbose, vip_size, **overrides)
+    params = {"davis": protocol_params(protocol, **overrides),
+              "vip": protocol_params(VIP, **{"size": vip_size, **overrides})}
+    plans = {"davis": lambda p: read_davis(p, scoring=False), "vip": read_vip}
+    plans = {task: plans[task](path) for task, path in tasks.items()}  # every check before the first file
+    root = {name: Path(out_dir) / name if len(heads) > 1 else Path(out_dir) for name in heads}
+    results = {name: {} for name in heads}
+    embed = encoder_embed(encoder)
+    for task, plan in plans.items():
+        outs = {name: root[name] / task if len(tasks) > 1 else root[name] for name in heads}
         if verbose:
-            print(f"{davis_root}: no ground truth beyond the first frames, masks written to {out_dir}, not scored")
-        return {name: None for name in heads}
-    metrics = {name: score(davis_root, outs[name], device, verbose)[0] for name in heads}
-    if verbose:
-        print(f"{n} frames in {dt:.1f} s: {n / dt:.2f} frames/s ({len(heads)} variant(s) per encoder forward)")
-    return metrics
+            print(f"{task}: propagating {len(plan)} videos, {params[task]}, device {device}")
+        t0 = time.perf_counter()
+        n = segment(plan, embed, heads, outs, params[task], encoder.patch_size, device, batch_size, overlay,
+                    verbose, vip=task == "vip")
+        dt = time.perf_counter() - t0
+        if verbose:
+            print(f"{task}: {n} frames in {dt:.1f} s: {n / dt:.2f} frames/s ({len(heads)} head(s) per forward)")
+        for name in heads:
+            if task == "vip":
+                results[name][task] = score_vip(plan, outs[name], verbose)
+            elif any(len(anns) < len(frames) for _, frames, anns, _ in plan):  # e.g. test-dev: first frames only
+                if verbose:
+                    print(f"{tasks[task]}: no ground truth beyond the first frames, masks written to "
+                          f"{outs[name]}, not scored")
+                results[name][task] = None
+            else:
+                results[name][task] = score(tasks[task], outs[name], device, verbose)[0]
+    for name in heads:
+        write_json(root[name] / "summary.json", results[name])
+    return results
+
+
+def write_json(path, obj):
+    atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n"))
 
 
 def evaluate(encoder, projection, davis_root, out_dir, protocol="paper", **overrides):
-    """J&F of one variant: the frozen encoder (projection None) or + Co-Settle -> the 7 global metrics (None
-    when only first-frame annotations exist: the masks are written, nothing is scored).
-    overrides: protocol settings (height, width, mean, std, topk, context, radius, temperature) and run()'s device,
-    batch_size, overlay, verbose. davis_root None: a synthetic DAVIS set in a temporary folder."""
+    """J&F of one variant on DAVIS: the frozen encoder (projection None) or + Co-Settle -> the 7 global metrics
+    (None when only first-frame annotations exist). overrides: run()'s. davis_root None: a synthetic set."""
     name = "baseline" if projection is None else "cosettle"
-    return run(encoder, {name: projection}, davis_root, out_dir, protocol, **overrides)[name]
+    return run(encoder, {name: projection}, {"davis": davis_root}, out_dir, protocol, **overrides)[name]["davis"]
 
 
-def compare(encoder, projection, davis_root, out_dir, protocol="paper", **overrides):
-    """Baseline and + Co-Settle on the same frames (one encoder forward feeds both):
-    {'baseline': metrics, 'cosettle': metrics, 'difference': cosettle - baseline}."""
-    m = run(encoder, {"baseline": None, "cosettle": projection}, davis_root, out_dir, protocol, **overrides)
-    if m["baseline"] is None:  # nothing to score against
-        return m
-    m["difference"] = {k: m["cosettle"][k] - m["baseline"][k] for k in METRICS}
+def compare(encoder, projection, tasks, out_dir, protocol="paper", **overrides):
+    """Baseline and + Co-Settle on the same frames (one encoder forward feeds both): {'baseline': {task:
+    metrics}, 'cosettle': {...}, 'difference': {task: cosettle - baseline}}, also written to out_dir/summary.json.
+    tasks: as run()'s, or a DAVIS folder (None: synthetic)."""
+    tasks = tasks if isinstance(tasks, dict) else {"davis": tasks}
+    m = run(encoder, {"baseline": None, "cosettle": projection}, tasks, out_dir, protocol, **overrides)
+    m["difference"] = {task: difference(m["baseline"][task], m["cosettle"][task]) for task in m["baseline"]}
+    write_json(Path(out_dir) / "summary.json", m)
     if overrides.get("verbose", True):
-        print("baseline vs + Co-Settle\n" + table(list(m.values()), list(m)))
+        print("baseline vs + Co-Settle\n" + headline_table(m))
     return m
+
+
+def difference(a, b):
+    if a is None or b is None:
+        return None
+    return {k: (difference(a[k], b[k]) if isinstance(a[k], dict) else
+                [y - x for x, y in zip(a[k], b[k])] if isinstance(a[k], list) else b[k] - a[k]) for k in a}
+
+
+HEADLINE = {"davis": "J&F-Mean", "vip": "mIoU", "jhmdb": "PCK@0.1"}  # each task's Table 1 number
+
+
+def headline_table(m):
+    tasks = [t for t in HEADLINE if t in m["baseline"]]
+    lines = ["  " + f"{'':12s}" + "".join(f"{t + ' ' + HEADLINE[t]:>18s}" for t in tasks)]
+    for name, row in m.items():
+        cells = ["-" if row[t] is None else f"{100 * row[t][HEADLINE[t]]:.1f}" for t in tasks]
+        lines.append("  " + f"{name:12s}" + "".join(f"{c:>18s}" for c in cells))
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -566,53 +845,107 @@ def dino_loop(x, labels0, embed, patch, params):
     return torch.stack(out)
 
 
+def dino_post(soft, patch):
+    """DINO's read-out of soft maps [b, K, h, w]: ×patch bilinear, min-max per channel, argmax -> uint8."""
+    up = F.interpolate(soft, scale_factor=patch, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+    return norm_mask(up).max(1).indices.to(torch.uint8)
+
+
 @torch.no_grad()
 def fast_loop(x, labels0, embed, patch, params, batch_size=8):
-    """Our path on in-memory frames: batched forward, Propagation, one host transfer per batch."""
+    """Our path on in-memory frames (frames 1..T-1 -> uint8 labels): batched forward, the protocol's core, its
+    read-out, one host transfer per batch."""
     out, prop = [], None
+    core = Propagation if params["algorithm"] == "dino" else CRWPropagation
     for a in range(0, len(x), batch_size):
         feats = embed(x[a:a + batch_size])
-        prop = prop if prop is not None else Propagation(feats[0], labels0, params, patch)
-        out.append(torch.stack([prop(f) for f in feats[1 if a == 0 else 0:]]).cpu())
+        prop = prop if prop is not None else core(feats[0], labels0, params)
+        soft = [prop(f) for f in feats[1 if a == 0 else 0:]]
+        if soft and params["algorithm"] == "dino":
+            out.append(dino_post(torch.stack(soft), patch).cpu())
+        elif soft:
+            up = F.interpolate(torch.stack(soft), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            out.append(up.argmax(1).to(torch.uint8).cpu())
     return torch.cat(out)
 
 
-def bench(encoder, device, n_frames=10, height=480, width=832):
-    """Seconds per propagated frame, wall clock and CPU (the CPU seconds do not move when other processes load
-    the machine), for our path and DINO's loop on the same in-memory frames and encoder; their agreement."""
+def peak_memory(device, fn):
+    """Peak memory fn() adds, in MB: CUDA's allocator peak, or on CPU the growth of the process's peak RSS."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+    import resource  # POSIX; ru_maxrss is in kB on Linux
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def bench(encoder, device, n_frames=10):
+    """Seconds per propagated frame (wall clock, and CPU seconds, which do not move when other processes load the
+    machine) of each pipeline next to the encoder forward alone on the same in-memory frames; for DAVIS's dino
+    protocol also DINO's own per-frame loop and the agreement with it; the peak memory of a 100-frame sequence."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    embed, params, patch = encoder_embed(encoder), PROTOCOLS["dino"], encoder.patch_size
-    height, width = height // patch * patch, width // patch * patch
-    frames, masks = synthetic_video(0, n_frames, height, width, n_objects=2)
-    x = torch.stack([normalise(torch.from_numpy(f).permute(2, 0, 1).float(), (height, width), params["mean"],
-                               params["std"]) for f in frames]).to(device)
-    labels0 = first_labels(masks[0], height // patch, width // patch).to(device)
-    runs = [("DINO per-frame loop", dino_loop), ("ours", fast_loop),
-            ("encoder forward alone", lambda x, *_: [embed(x[a:a + 8]) for a in range(0, len(x), 8)])]
-    times, outs = {}, {}
+    embed, patch, a = encoder_embed(encoder), encoder.patch_size, encoder.arch
+    print(f"bench: {n_frames} synthetic frames, {encoder.family} ViT width {a['embed_dim']} patch {patch}, {name}, "
+          f"torch {torch.__version__}")
+
+    def timed(fn, *args):
+        sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        sync()
+        return out, ((time.perf_counter() - wall) / (n_frames - 1), (time.process_time() - cpu) / (n_frames - 1))
+
+    setups = [("DAVIS dino", PROTOCOLS["dino"], (480, 854), 3), ("DAVIS paper", PROTOCOLS["paper"], (480, 854), 3),
+              ("VIP", VIP, (720, 1280), 8), ("JHMDB", JHMDB, (240, 320), 16)]
+    results = {}
     with torch.no_grad():
-        embed(x[:2])  # warm-up
-        for key, fn in runs:
+        for task, params, (H, W), K in setups:
+            th, tw = grid_size(H, W, params, patch, "bench")
+            frames, masks = synthetic_video(0, n_frames, th, tw, n_objects=2)
+            x = torch.stack([normalise(torch.from_numpy(f).permute(2, 0, 1).float(), (th, tw), params["mean"],
+                                       params["std"]) for f in frames]).to(device)
+            labels0 = F.one_hot(torch.from_numpy(masks[0][::patch, ::patch]).long() % K, K).permute(2, 0, 1).float()
+            labels0 = labels0.to(device)
+            embed(x[:2])  # warm-up
+            _, enc = timed(lambda: [embed(x[i:i + 8]) for i in range(0, len(x), 8)])
+            ours, full = timed(fast_loop, x, labels0, embed, patch, params)
+            line = f"  {task:12s} {tw}x{th}: propagation {full[0]:6.3f} s/frame ({1 / full[0]:6.2f} frames/s, " \
+                   f"{full[1]:6.3f} CPU-s), encoder alone {enc[0]:6.3f} s/frame: propagation adds " \
+                   f"{100 * (full[0] / enc[0] - 1):+.0f}% wall, {100 * (full[1] / enc[1] - 1):+.0f}% CPU"
+            if params["algorithm"] == "dino":
+                ref, slow = timed(dino_loop, x, labels0, embed, patch, params)
+                line += f"; DINO's loop {slow[0]:6.3f} s/frame (x{slow[0] / full[0]:.2f}), same label on " \
+                        f"{100 * (ours == ref).float().mean().item():.3f}% of pixels"
+            print(line)
+            results[task] = dict(propagation=full[0], encoder=enc[0])
+        h, w = 480 // patch, 880 // patch
+        g = torch.Generator(device=device).manual_seed(0)
+        feats = lambda: F.normalize(torch.randn(h, w, a["embed_dim"], device=device, generator=g), dim=-1)
+
+        def hundred_frames():
+            prop = CRWPropagation(feats(), torch.ones(4, h, w, device=device) / 4, PROTOCOLS["paper"])
+            for _ in range(99):
+                prop(feats())
             sync()
-            wall, cpu = time.perf_counter(), time.process_time()
-            outs[key] = fn(x, labels0, embed, patch, params)
-            sync()
-            times[key] = ((time.perf_counter() - wall) / (n_frames - 1), (time.process_time() - cpu) / (n_frames - 1))
-    same = (outs["ours"] == outs["DINO per-frame loop"]).float().mean().item()
-    a = encoder.arch
-    print(f"bench: {n_frames} synthetic frames {width}x{height}, {encoder.family} ViT width {a['embed_dim']} "
-          f"patch {patch}, dino protocol, {name}, torch {torch.__version__}")
-    base = times["DINO per-frame loop"]
-    for key, (wall, cpu) in times.items():
-        print(f"  {key:22s} {wall:6.3f} s/frame ({1 / wall:5.2f} frames/s), {cpu:6.3f} CPU-s/frame   "
-              f"speed-up x{base[0] / wall:.1f} wall, x{base[1] / cpu:.1f} CPU")
-    print(f"  ours and DINO's loop give the same label on {100 * same:.3f}% of pixels")
-    return times, same
+        mb = peak_memory(device, hundred_frames)
+        print(f"  peak memory of the paper propagation over a 100-frame 854x480 sequence ({w}x{h} grid, width "
+              f"{a['embed_dim']}, 4 labels): {mb:.0f} MB above the encoder's (it does not grow with the length)")
+    return results
 
 
 # -----------------------------------------------------------------------------
+
+
+def size_arg(text):
+    h, _, w = text.partition("x")
+    if not (h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size HxW such as 480x880")
+    return int(h), int(w)
 
 
 def main(argv=None):
@@ -622,10 +955,13 @@ def main(argv=None):
     parser.add_argument("--native-stats", action="store_true",
                         help="normalise with the family's own mean/std (CLIP, BLIP) instead of ImageNet's")
     parser.add_argument("--ckpt", help="train.py checkpoint with the trained projection")
-    parser.add_argument("--davis", help="DAVIS-2017 folder (default: a synthetic one in a temporary folder)")
-    parser.add_argument("--out", default="results", help="where the result PNGs and CSVs go")
-    parser.add_argument("--masks", help="score this results folder only (no propagation)")
-    parser.add_argument("--protocol", default="paper", choices=list(PROTOCOLS))
+    parser.add_argument("--davis", help="DAVIS-2017 folder (with no task given: a synthetic one, temporary)")
+    parser.add_argument("--vip", help="VIP_Fine folder, or a list file of '<images dir> <labels dir>' lines")
+    parser.add_argument("--vip-size", type=size_arg, help="HxW for VIP instead of CropMAE's long side 880 rule "
+                        "(the paper's text says 480x880)")
+    parser.add_argument("--out", default="results", help="where the results and summary.json go")
+    parser.add_argument("--masks", help="score this results folder of --davis or --vip only (no propagation)")
+    parser.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="DAVIS's protocol")
     parser.add_argument("--topk", type=int)
     parser.add_argument("--context", type=int, help="previous frames in the queue (besides the first)")
     parser.add_argument("--radius", type=int, help="window half-size in patches (0: no window)")
@@ -635,15 +971,17 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8, help="frames per encoder forward")
     parser.add_argument("--tradeoff", action="store_true", help="label-free trade-off metrics on --videos")
     parser.add_argument("--videos", help="folder of frame folders for --tradeoff")
-    parser.add_argument("--bench", action="store_true", help="frames/s of ours vs DINO's per-frame loop "
-                        "(--weights, or a random ViT-S/16)")
+    parser.add_argument("--bench", action="store_true", help="s/frame of each pipeline vs the encoder alone and "
+                        "DINO's per-frame loop, peak memory (--weights, or a random ViT-S/16)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        tasks = {t: getattr(args, t) for t in ("davis", "vip") if getattr(args, t)} or {"davis": None}
         if args.masks:
-            if args.davis is None:
-                raise BadInput("--masks needs --davis (the ground truth to score against)")
-            score(args.davis, args.masks, device)
+            if tasks == {"davis": None} or len(tasks) > 1:
+                raise BadInput("--masks needs one of --davis or --vip (the ground truth to score against)")
+            m = score_vip(read_vip(args.vip), args.masks) if args.vip else score(args.davis, args.masks, device)[0]
+            write_json(Path(args.masks) / "summary.json", {next(iter(tasks)): m})
             return 0
         if args.compare and not args.ckpt:
             raise BadInput("--compare needs --ckpt (the projection to compare the frozen encoder with)")
@@ -672,9 +1010,10 @@ def main(argv=None):
         if args.native_stats:
             kw["mean"], kw["std"] = encoder.native_stats
         if args.compare:
-            compare(encoder, projection, args.davis, args.out, args.protocol, **kw)
+            compare(encoder, projection, tasks, args.out, args.protocol, vip_size=args.vip_size, **kw)
         else:
-            evaluate(encoder, projection, args.davis, args.out, args.protocol, **kw)
+            name = "baseline" if projection is None else "cosettle"
+            run(encoder, {name: projection}, tasks, args.out, args.protocol, vip_size=args.vip_size, **kw)
         return 0
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2664,17 +2664,25 @@ def test_void_pixels_count_as_background(tmp_path):
 
 def test_protocols_and_resize_rule():
     imagenet_mean = (0.485, 0.456, 0.406)
-    assert ed.PROTOCOLS["dino"] == dict(height=480, width=None, mean=imagenet_mean, std=(0.228, 0.224, 0.225),
+    assert ed.PROTOCOLS["dino"] == dict(algorithm="dino", size=480, mean=imagenet_mean, std=(0.228, 0.224, 0.225),
                                         topk=5, context=7, radius=12, temperature=0.1)
-    assert ed.PROTOCOLS["paper"] == dict(height=480, width=880, mean=imagenet_mean, std=(0.229, 0.224, 0.225),
-                                         topk=7, context=20, radius=20, temperature=0.7)
+    assert ed.PROTOCOLS["paper"] == dict(algorithm="crw", size=(480, 880), mean=imagenet_mean,
+                                         std=(0.229, 0.224, 0.225), topk=7, context=20, radius=20, temperature=0.7)
+    assert ed.VIP == dict(ed.PROTOCOLS["paper"], size=880, topk=10)
+    assert ed.JHMDB == dict(ed.PROTOCOLS["paper"], size=(320, 320))
     dino, paper = ed.protocol_params("dino"), ed.protocol_params("paper", topk=3, radius=None)
     assert (paper["topk"], paper["radius"]) == (3, 20)
     assert ed.target_size(480, 854, dino) == (480, 832) and ed.target_size(854, 480, dino) == (832, 480)
-    assert ed.target_size(480, 854, paper) == (480, 880) and ed.target_size(854, 480, paper) == (880, 480)
-    assert ed.target_size(50, 70, dict(dino, height=64)) == (64, 64)
-    with pytest.raises(BadInput):
-        ed.protocol_params("dino", size=3)
+    assert ed.target_size(480, 854, paper) == (480, 880) and ed.target_size(854, 480, paper) == (480, 880)
+    assert ed.target_size(50, 70, dict(dino, size=64)) == (64, 64)
+    # CropMAE vos.py, crop_size [880]: long side 880, int(short * 880 / long) floored to a multiple of 64
+    for (H, W), want in {(720, 1280): (448, 880), (1080, 1920): (448, 880), (480, 854): (448, 880),
+                         (360, 640): (448, 880), (480, 640): (640, 880), (1280, 720): (880, 448),
+                         (500, 500): (880, 832)}.items():
+        assert ed.target_size(H, W, ed.VIP) == want, (H, W)
+    for bad in (dict(height=3), dict(size=0), dict(size=(480, 0))):
+        with pytest.raises(BadInput):
+            ed.protocol_params("dino", **bad)
 
 
 def tiny_vit():
@@ -2713,7 +2721,7 @@ def oracle_embed(x, patch=4, n=256):
 def test_oracle_features_propagate_well(tmp_path):
     davis = make_davis(tmp_path / "d", n_seqs=3, n_frames=8, height=64, width=96, seed=1)
     plan = ed.read_davis(davis)
-    params = ed.protocol_params("dino", height=64, width=96)
+    params = ed.protocol_params("dino", size=(64, 96))
     noise = lambda x: torch.randn(x.shape[0], 16, 24, 64, generator=torch.Generator().manual_seed(0))
     outs = {"oracle": tmp_path / "oracle", "noise": tmp_path / "noise"}
     for name, embed in (("oracle", oracle_embed), ("noise", noise)):
@@ -2726,15 +2734,16 @@ def test_compare_odd_sizes_and_overlays(tmp_path):
     davis = make_davis(tmp_path / "d", n_seqs=2, n_frames=4, height=50, width=70)  # not multiples of the patch
     enc = tiny_vit()
     proj = Projection(enc.embed_dim).eval()
-    m = ed.compare(enc, proj, davis, tmp_path / "out", protocol="dino", height=64, overlay=True, verbose=False)
+    m = ed.compare(enc, proj, davis, tmp_path / "out", protocol="dino", size=64, overlay=True, verbose=False)
     assert set(m) == {"baseline", "cosettle", "difference"}
+    m = {k: v["davis"] for k, v in m.items()}
     assert all(0 <= m[k]["J&F-Mean"] <= 1 for k in ("baseline", "cosettle"))
     assert m["difference"]["J-Mean"] == pytest.approx(m["cosettle"]["J-Mean"] - m["baseline"]["J-Mean"])
     out = Image.open(tmp_path / "out" / "cosettle" / "synth-001" / "00003.png")
     assert out.mode == "P" and out.size == (70, 50)  # back to the original size
     overlay = Image.open(tmp_path / "out" / "baseline" / "overlays" / "synth-000" / "00003.png")
     assert overlay.mode == "RGB" and overlay.size == (70, 50)
-    one = ed.evaluate(enc, None, davis, tmp_path / "one", protocol="dino", height=64, verbose=False)
+    one = ed.evaluate(enc, None, davis, tmp_path / "one", protocol="dino", size=64, verbose=False)
     assert one == m["baseline"]  # the same frames, the same numbers
 
 
@@ -2789,7 +2798,7 @@ def test_first_frame_annotations_only_propagate_without_scoring(tmp_path, capsys
         ann.unlink()
     encoder = build_vit("vit_tiny", 16, seed=0).eval()
     out = tmp_path / "out"
-    assert ed.evaluate(encoder, None, davis, out, "dino", height=32, width=48) is None
+    assert ed.evaluate(encoder, None, davis, out, "dino", size=(32, 48)) is None
     assert "not scored" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "synth-000").glob("*.png")) == [f"{t:05d}.png" for t in range(5)]
     assert not (out / "global_results-val.csv").exists()
@@ -2800,7 +2809,7 @@ def test_patch_14_encoders_propagate_on_the_floored_grid(tmp_path):
     """480 is not a multiple of 14: the input is floored to the patch grid, masks still come back full size."""
     davis = make_davis(tmp_path / "davis", n_seqs=1, n_frames=3, height=30, width=44, seed=5)
     encoder = cosettle.ViT(14, 64, 1, 1, grid=(4, 4)).eval()
-    metrics = ed.evaluate(encoder, None, davis, tmp_path / "out", "paper", height=30, width=44, verbose=False)
+    metrics = ed.evaluate(encoder, None, davis, tmp_path / "out", "paper", size=(30, 44), verbose=False)
     assert 0 <= metrics["J&F-Mean"] <= 1
     with Image.open(tmp_path / "out" / "synth-000" / "00002.png") as img:
         assert img.size == (44, 30)

@@ -351,10 +351,10 @@ def demo(args):
     after = cycle_accuracy(trained.eval(), videos, device, dtype, args.seed)
     davis = make_davis(os.path.join(args.out, "synthetic_davis"), n_seqs=3, n_frames=12, seed=args.seed)
     jf = compare(trained.encoder, trained.projection, davis, os.path.join(args.out, "davis_results"), "paper",
-                 height=192, width=256, verbose=False)  # the paper protocol, at the synthetic frames' scale
+                 size=(192, 256), verbose=False)  # the paper protocol, at the synthetic frames' scale
     print(f"cycle accuracy on fixed synthetic pairs: before {before:.3f} -> after {after:.3f}")
-    print(f"J&F on 3 synthetic DAVIS sequences ({davis}): frozen {jf['baseline']['J&F-Mean']:.3f} -> "
-          f"+ Co-Settle {jf['cosettle']['J&F-Mean']:.3f}")
+    print(f"J&F on 3 synthetic DAVIS sequences ({davis}): frozen {jf['baseline']['davis']['J&F-Mean']:.3f} -> "
+          f"+ Co-Settle {jf['cosettle']['davis']['J&F-Mean']:.3f}")
 
 
 def bench(args):
