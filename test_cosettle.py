@@ -2832,3 +2832,250 @@ def test_bad_results_folders(tmp_path, capsys):
     assert not list(res.glob("*.csv"))  # nothing half-written
     copy_gt_as_results(davis, res)
     assert ed.main(argv) == 0 and (res / "global_results-val.csv").is_file()
+
+
+# =============================================================================
+# The paper's pipeline (CropMAE's CRW propagation) on DAVIS, and VIP
+# References written here from alexandre-eymael/CropMAE downstreams/propagation: src/test.py test(),
+# src/utils/test_utils.py (context_index_bank, mem_efficient_batched_affinity, dump_predictions), src/data/vos.py.
+
+
+def cropmae_padded_propagation(feats, labels0, k, radius, temp, n=20):
+    """CropMAE's test() as written, in float64: the video padded with n real copies of frame 0, key_indices
+    [0] + [t .. t+n-1] per target, the radius mask added as -1e10 to the short-term slots, A / temp, top-k
+    over all slots jointly, softmax, soft labels fed back. feats [T, D, h, w] L2-normalised, labels0 [C, h, w]."""
+    T, D, h, w = feats.shape
+    padded = torch.cat([feats[:1].expand(n, -1, -1, -1), feats])  # positions 0..n-1 are frame 0
+    lbls = torch.zeros(n + T, labels0.shape[0], h, w, dtype=feats.dtype)
+    lbls[:n + 1] = labels0
+    i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    dist = (((i.flatten()[:, None] - i.flatten()[None]) ** 2 + (j.flatten()[:, None] - j.flatten()[None]) ** 2)
+            .double() ** 0.5)
+    mask = torch.where(dist < radius, 0.0, -1e10).double()  # [keys, queries]
+    out = [labels0]
+    for t in range(1, T):
+        idx = [0] + list(range(t, t + n))
+        keys = padded[idx].flatten(2)  # [1 + n, D, N]
+        q = padded[t + n].flatten(1)  # [D, N]
+        A = torch.einsum("sdk,dq->skq", keys, q)
+        A[1:] += mask
+        A = A.reshape(-1, h * w) / temp
+        vals, ids = torch.topk(A, k, dim=0)
+        weights = torch.softmax(vals, dim=0)  # [k, N]
+        ctx = lbls[idx].flatten(2).permute(1, 0, 2).reshape(labels0.shape[0], -1)  # [C, (1 + n) N]
+        pred = (ctx[:, ids] * weights[None]).sum(1).reshape(-1, h, w)
+        lbls[t + n] = pred
+        out.append(pred)
+    return torch.stack(out)
+
+
+def crw_core(feats, labels0, **params):
+    p = dict(ed.PROTOCOLS["paper"], **params)
+    prop = ed.CRWPropagation(feats[0].permute(1, 2, 0), labels0, p)
+    return torch.stack([labels0] + [prop(f.permute(1, 2, 0)) for f in feats[1:]])
+
+
+@pytest.mark.parametrize("k,radius", [(7, 20), (10, 2.5), (1, 1), (21, 30)])
+def test_crw_propagation_equals_the_padded_reference(k, radius):
+    """26 frames cover t <= 20 (frame 0 repeated 22 - t times) and t > 20 (once); small radii mask the
+    short-term slots and not frame 0's long-memory slot. Features: a few distinct vectors plus noise, so similar
+    cells recur across frames (near-ties closer than float32 resolves are avoided: float64 vs float32)."""
+    g = torch.Generator().manual_seed(k)
+    base = F.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=1)
+    feats = base[torch.randint(0, 6, (26, 4, 5), generator=g)].permute(0, 3, 1, 2) + \
+        0.1 * torch.randn(26, 8, 4, 5, generator=g, dtype=torch.float64)
+    feats = F.normalize(feats, dim=1)
+    labels0 = torch.softmax(3 * torch.randn(3, 4, 5, generator=g, dtype=torch.float64), 0)
+    ref = cropmae_padded_propagation(feats, labels0, k, radius, 0.7)
+    ours = crw_core(feats.float(), labels0.float(), topk=k, radius=radius)
+    assert torch.allclose(ours.double(), ref, atol=1e-5), (ours.double() - ref).abs().max()
+
+
+def test_crw_frame0_multiplicity_by_hand():
+    """One cell, k = 21 (every slot kept), frame 0 at cosine 0 to the rest, frames >= 1 identical (cosine 1):
+    frame 0 fills 1 + (21 - t) slots for t <= 20 (21, 20, ..., 2) and 1 slot after, each at weight e^0, the
+    real frames e^(1/0.7). The recurrence below is worked from those counts alone."""
+    T, e = 24, math.exp(1 / 0.7)
+    feats = torch.zeros(T, 2, 1, 1)
+    feats[0, 0], feats[1:, 1] = 1, 1
+    labels0 = torch.tensor([1.0, 0.0])[:, None, None]
+    ours = crw_core(feats, labels0, topk=21, radius=5)[:, 0, 0, 0]
+    multiplicity = {1: 21, 2: 20, 20: 2, 21: 1, 22: 1}
+    p = [1.0]
+    for t in range(1, T):
+        m0 = max(1, 22 - t)
+        assert m0 == multiplicity.get(t, m0)
+        real = list(range(max(1, t - 20), t))  # the real frames among the short-term slots
+        p.append((m0 * 1.0 + e * sum(p[s] for s in real)) / (m0 + e * len(real)))
+    assert torch.allclose(ours, torch.tensor(p), atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 5, 7, 21])
+def test_crw_first_step_is_nearest_neighbour_of_frame_0(k):
+    """At t = 1 every slot holds frame 0: the top-k are k copies of the best cell, so the output is its label."""
+    g = torch.Generator().manual_seed(k)
+    f0, f1 = F.normalize(torch.randn(2, 16, 5, 6, generator=g), dim=1)
+    labels0 = torch.rand(4, 5, 6, generator=g)
+    out = crw_core(torch.stack([f0, f1]), labels0, topk=k, radius=100)[1]
+    best = (f1.flatten(1).T @ f0.flatten(1)).argmax(1)  # [queries] -> best key cell
+    assert torch.allclose(out.flatten(1), labels0.flatten(1)[:, best], atol=1e-6)
+
+
+def test_crw_labels_are_the_2x2_centre_mean_and_resizes_follow_opencv_and_pil(tmp_path):
+    rng = np.random.default_rng(0)
+    ann = rng.integers(0, 3, (32, 48)).astype(np.uint8)
+    Image.fromarray(ann).save(tmp_path / "a.png")
+    ids, labels = ed.crw_labels(tmp_path / "a.png", ann, (32, 48), (2, 3))
+    assert list(ids) == [0, 1, 2]
+    for c in range(3):
+        for i in range(2):
+            for j in range(3):
+                centre = ann[16 * i + 7:16 * i + 9, 16 * j + 7:16 * j + 9] == c
+                assert labels[c, i, j].item() == pytest.approx(centre.mean())
+    # OpenCV INTER_NEAREST: src = floor(dst * in / out); PIL NEAREST: floor((dst + 0.5) * in / out)
+    row = np.arange(7, dtype=np.uint8)[None]
+    assert ed.nearest(np.arange(3, dtype=np.uint8)[None], (1, 7)).tolist() == [[0, 0, 0, 1, 1, 2, 2]]
+    assert ed.nearest(row, (1, 3)).tolist() == [[0, 2, 4]]
+    assert np.array(Image.fromarray(row).resize((3, 1), Image.NEAREST)).tolist() == [[1, 3, 5]]
+    # palette PNGs: channels in the order cv2.imread's BGR colours sort
+    img = Image.fromarray(np.array([[0, 1, 2, 3, 4]], np.uint8), "P")
+    img.putpalette(davis_palette())
+    img.save(tmp_path / "p.png")
+    ids, _ = ed.crw_labels(tmp_path / "p.png", np.array([[0, 1, 2, 3, 4]], np.uint8), (1, 5), (1, 5))
+    # BGR: 0 (0,0,0), 1 (0,0,128), 2 (0,128,0), 3 (0,128,128), 4 (128,0,0)
+    assert list(ids) == [0, 1, 2, 3, 4]
+    img = Image.fromarray(np.array([[0, 8, 1]], np.uint8), "P")  # 8 is (64,0,0): BGR (0,0,64) before 1's
+    img.putpalette(davis_palette())
+    img.save(tmp_path / "q.png")
+    assert list(ed.crw_labels(tmp_path / "q.png", np.array([[0, 8, 1]], np.uint8), (1, 3), (1, 3))[0]) == [0, 8, 1]
+
+
+def cropmae_davis_masks(davis, seq, embed, size, patch, k=7, radius=20):
+    """CropMAE's DAVIS path end to end, from the files: frames resized in float, std 0.229, labels nearest then
+    one-hot then bilinear to the grid, the padded propagation above, bilinear to the processing size, argmax,
+    the id, OpenCV nearest back to the annotation size."""
+    frames = sorted((davis / "JPEGImages" / "480p" / seq).glob("*.jpg"))
+    ann = np.array(Image.open(davis / "Annotations" / "480p" / seq / "00000.png"))
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).double()
+                     for f in frames]) / 255
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).double()[:, None, None]) / \
+        torch.tensor([0.229, 0.224, 0.225]).double()[:, None, None]
+    feats = F.normalize(embed(x.float()).double().permute(0, 3, 1, 2), dim=1)
+    rows = np.floor(np.arange(size[0]) * ann.shape[0] / size[0]).astype(int)
+    cols = np.floor(np.arange(size[1]) * ann.shape[1] / size[1]).astype(int)
+    small = ann[rows][:, cols]
+    ids = np.unique(small)
+    onehot = torch.from_numpy(small[None] == ids[:, None, None]).double()
+    labels0 = F.interpolate(onehot[None], size=feats.shape[-2:], mode="bilinear", align_corners=False)[0]
+    soft = cropmae_padded_propagation(feats, labels0, k, radius, 0.7)
+    up = F.interpolate(soft, size=size, mode="bilinear", align_corners=False).argmax(1).numpy()
+    H, W = ann.shape
+    back = up[:, np.floor(np.arange(H) * size[0] / H).astype(int)][:, :, np.floor(np.arange(W) * size[1] / W)
+                                                                    .astype(int)]
+    return ids[back]
+
+
+def test_paper_protocol_reproduces_cropmae_masks_end_to_end(tmp_path):
+    davis = make_davis(tmp_path / "d", n_seqs=2, n_frames=6, height=40, width=56, seed=2)
+    embed = lambda x: oracle_embed(x, patch=8)
+    outs = {"oracle": tmp_path / "o"}
+    plan = ed.read_davis(davis)
+    params = ed.protocol_params("paper", size=(48, 64), radius=3)
+    ed.segment(plan, embed, {"oracle": None}, outs, params, 8, "cpu", batch_size=4, verbose=False)
+    for seq, frames, _, _ in plan:
+        ref = cropmae_davis_masks(davis, seq, embed, (48, 64), 8, radius=3)
+        ours = np.stack([np.array(Image.open(outs["oracle"] / seq / f"{f.stem}.png")) for f in frames])
+        assert (ours == ref).mean() >= 0.999, (seq, (ours == ref).mean())
+    assert ed.score(davis, outs["oracle"], verbose=False)[0]["J&F-Mean"] > 0.5  # measured 0.591 (noise: ~0.1)
+
+
+def write_vip_pair(root, video, stem, frame, ids):
+    (root / "Images" / video).mkdir(parents=True, exist_ok=True)
+    (root / "Annotations" / "Category_ids" / video).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(frame).save(root / "Images" / video / f"{stem}.jpg")
+    Image.fromarray(ids.astype(np.uint8)).save(root / "Annotations" / "Category_ids" / video / f"{stem}.png")
+
+
+def test_vip_metric_by_hand(tmp_path):
+    """gt 0 0 1 1 2 vs pred 0 1 1 1 0: IoU 1/3, 2/3, 0, the 17 absent classes NaN and dropped -> mIoU 1/3; pixel
+    accuracy 3/5; class accuracies 1/2, 1, 0 -> 1/2. A prediction at another size is resized with PIL NEAREST."""
+    root, res = tmp_path / "vip", tmp_path / "res"
+    write_vip_pair(root, "videos1", "000000000001", np.zeros((1, 5, 3), np.uint8), np.array([[0, 0, 1, 1, 2]]))
+    (root / "lists").mkdir()
+    (root / "lists" / "val_videos.txt").write_text("videos1\n")
+    (res / "videos1").mkdir(parents=True)
+    Image.fromarray(np.array([[0, 1, 1, 1, 0]], np.uint8)).save(res / "videos1" / "000000000001.png")
+    m = ed.score_vip(ed.read_vip(root), res, verbose=False)
+    assert m["mIoU"] == pytest.approx(1 / 3) and m["pixel_accuracy"] == pytest.approx(3 / 5)
+    assert m["mean_accuracy"] == pytest.approx(0.5) and m["IoU"][:3] == pytest.approx([1 / 3, 2 / 3, 0])
+    assert all(math.isnan(v) for v in m["IoU"][3:])
+    # twice as wide: PIL NEAREST takes columns 1, 3, 5, 7, 9 = the same 0 1 1 1 0
+    Image.fromarray(np.repeat(np.array([[0, 1, 1, 1, 0]], np.uint8), 2, 1)).save(res / "videos1" / "000000000001.png")
+    assert ed.score_vip(ed.read_vip(root), res, verbose=False)["mIoU"] == pytest.approx(1 / 3)
+    assert ed.main(["--vip", str(root), "--masks", str(res)]) == 0
+    assert json.loads((res / "summary.json").read_text())["vip"]["mIoU"] == pytest.approx(1 / 3)
+
+
+def test_vip_end_to_end_oracle_compare_and_summary(tmp_path):
+    vip = data.make_vip(tmp_path / "vip", n_videos=2, n_frames=4, height=48, width=64)
+    plan = ed.read_vip(vip)
+    assert [p[0] for p in plan] == ["videos1", "videos2"] and [f.name for f in plan[0][1]][:2] == \
+        ["000000000001.jpg", "000000000006.jpg"]
+    # features that identify positions only: every frame is frame 0's grid labels brought back (a copy)
+    position = lambda x: torch.eye(48)[None].expand(x.shape[0], -1, -1).reshape(x.shape[0], 6, 8, 48)
+    outs = {"pos": tmp_path / "pos"}
+    ed.segment(plan, position, {"pos": None}, outs, ed.protocol_params(ed.VIP, size=(48, 64)), 8, "cpu",
+               verbose=False, vip=True)
+    for video, frames, anns, _ in plan:
+        first = np.array(Image.open(outs["pos"] / video / frames[0].with_suffix(".png").name))
+        assert (first == np.array(Image.open(anns[0]))).mean() > 0.85  # the 8-px grid round trip: 0.896
+        for f in frames[1:]:
+            assert (np.array(Image.open(outs["pos"] / video / f.with_suffix(".png").name)) == first).all()
+    enc = tiny_vit()
+    list_file = tmp_path / "vip_vallist.txt"
+    list_file.write_text("".join(f"{vip / 'Images' / v} {vip / 'Annotations' / 'Category_ids' / v}\n"
+                                 for v in ("videos1", "videos2")))
+    m = ed.compare(enc, Projection(enc.embed_dim).eval(), {"davis": None, "vip": str(list_file)}, tmp_path / "out",
+                   size=(48, 64), verbose=False)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary) == {"baseline", "cosettle", "difference"} and set(summary["baseline"]) == {"davis", "vip"}
+    assert summary["difference"]["vip"]["mIoU"] == pytest.approx(m["cosettle"]["vip"]["mIoU"] -
+                                                                 m["baseline"]["vip"]["mIoU"])
+    assert 0 <= summary["cosettle"]["davis"]["J&F-Mean"] <= 1
+    with Image.open(tmp_path / "out" / "cosettle" / "vip" / "videos2" / "000000000016.png") as img:
+        assert img.mode == "L" and img.size == (64, 48)
+    assert json.loads((tmp_path / "out" / "baseline" / "summary.json").read_text()) == summary["baseline"]
+
+
+def vip_case(root, case):
+    write_vip_pair(root, "videos1", "000000000001", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8)))
+    write_vip_pair(root, "videos1", "000000000026", np.zeros((8, 8, 3), np.uint8), np.ones((8, 8)))
+    (root / "lists").mkdir()
+    (root / "lists" / "val_videos.txt").write_text("videos1\n")
+    labels = root / "Annotations" / "Category_ids" / "videos1"
+    if case == "no frames":
+        shutil.rmtree(root / "Images" / "videos1")
+        return "no frames"
+    if case == "no labels":
+        shutil.rmtree(labels)
+        return "no labels"
+    if case == "count":
+        (labels / "000000000026.png").unlink()
+        return "1 labels for 2 frames"
+    if case == "size":
+        Image.fromarray(np.zeros((8, 9), np.uint8)).save(labels / "000000000026.png")
+        return "9x8"
+    if case == "id":
+        Image.fromarray(np.full((8, 8), 20, np.uint8)).save(labels / "000000000026.png")
+        return "part id 20"
+    (root / "lists" / "val_videos.txt").write_text("\n")
+    return "lists no videos"
+
+
+@pytest.mark.parametrize("case", ["no frames", "no labels", "count", "size", "id", "empty"])
+def test_bad_vip_sets(tmp_path, capsys, case):
+    want = vip_case(tmp_path / "vip", case)
+    err = fail(capsys, ["--vip", str(tmp_path / "vip"), "--out", str(tmp_path / "o")])
+    assert want in err, err
+    assert not (tmp_path / "o").exists()  # nothing half-written
