@@ -476,9 +476,10 @@ class CRWPropagation:
     long-memory slot, never spatially restricted) plus the n previous padded positions (restricted to cells at
     Euclidean distance < radius), i.e. frame 0 appears 1 + max(0, n + 1 - t) times, and real frames
     max(1, t - n) .. t - 1 once each. It then takes the top-k of cos / T over all those slots jointly and
-    softmaxes them. Copies of frame 0 have identical scores and labels, so here each distinct candidate is
-    scored once and carries its multiplicity: the top-k multiset is the top-k distinct candidates, each taken
-    min(multiplicity, what is left of k) times, and a candidate taken c times weighs c exp(s / T)."""
+    softmaxes them. Copies of frame 0 have identical scores and labels, so here each frame is scored once: the
+    top-k of every distinct slot (frame 0 unrestricted, frame 0 within the radius carrying its n + 1 - t copies,
+    each real frame within the radius) are merged, each candidate taken min(copies, what is left of k) times, and
+    a candidate taken c times weighs c exp(s / T) in the softmax."""
 
     def __init__(self, feat0, labels0, params):
         h, w, D = feat0.shape
@@ -488,27 +489,40 @@ class CRWPropagation:
         self.label0 = labels0.reshape(C, N).T.float()
         self.feats = torch.zeros(n, N, D, device=feat0.device)  # ring of the n latest real frames t >= 1
         self.labels = torch.zeros(n, N, C, device=feat0.device)
-        self.near = within_radius(h, w, params["radius"], feat0.device)  # [queries, keys], symmetric
+        # [queries, keys]: 0 within the radius, -inf outside (added to the scores, as the reference adds -1e10)
+        self.bias = torch.zeros(N, N, device=feat0.device).masked_fill_(
+            ~within_radius(h, w, params["radius"], feat0.device), -math.inf)
 
     def __call__(self, feat):
         (C, h, w), N, n, t = self.shape, self.shape[1] * self.shape[2], self.params["context"], self.t
         q = F.normalize(feat.reshape(N, -1).float(), dim=1)
         r = min(t - 1, n)  # real frames among the short-term slots: ring slots 0 .. r-1 (their order is moot)
         copies = max(0, n + 1 - t)  # copies of frame 0 among the short-term slots
-        keys = self.feats[:r].flatten(0, 1)  # a view: no copy of the context
+        k, kk = self.params["topk"], min(self.params["topk"], N)  # k in all; at most N from one slot
         labels = torch.cat([self.label0, self.labels[:r].reshape(r * N, C)])  # [(1 + r) N, C]
-        k, temp = self.params["topk"], self.params["temperature"]
+        offset = N * torch.arange(1, r + 1, device=q.device)[:, None, None]  # real frame j's cells in `labels`
         soft = torch.empty(N, C, device=q.device)
-        step = max(1, (1 << 24) // ((1 + r) * N))  # queries per chunk: scores stay under 64 MB
+        step = max(1, (1 << 24) // (max(r, 1) * N))  # queries per chunk: scores stay under 64 MB
         for a in range(0, N, step):
-            near = self.near[a:a + step].float()  # [Q, N]
-            score = torch.cat([q[a:a + step] @ self.key0.T, q[a:a + step] @ keys.T], 1) / temp
-            count = torch.cat([1 + copies * near, near.repeat(1, r)], 1)  # multiplicity of each candidate
-            score = score.masked_fill(count == 0, -math.inf)
-            vals, idx = score.topk(min(k, score.shape[1]), dim=1)
-            c = count.gather(1, idx)
+            qa, bias = q[a:a + step], self.bias[a:a + step]
+            s0 = qa @ self.key0.T
+            cands = [s0.topk(kk, dim=1)]  # the long-memory slot: unrestricted, once
+            counts = [1]
+            if copies:
+                cands.append((s0 + bias).topk(kk, dim=1))
+                counts.append(copies)
+            if r:
+                vals, idx = torch.baddbmm(bias, qa.expand(r, -1, -1), self.feats[:r].transpose(1, 2)).topk(kk, dim=2)
+                cands.append((vals.permute(1, 0, 2).flatten(1), (idx + offset).permute(1, 0, 2).flatten(1)))
+                counts.append(1)
+            vals = torch.cat([v for v, _ in cands], 1)
+            idx = torch.cat([i for _, i in cands], 1)
+            count = torch.cat([torch.full_like(v, c) for (v, _), c in zip(cands, counts)], 1)
+            count = count.masked_fill(vals == -math.inf, 0)  # outside the radius: never a candidate
+            vals, order = vals.topk(min(k, vals.shape[1]), dim=1)
+            c, idx = count.gather(1, order), idx.gather(1, order)
             take = torch.minimum(c, (k - (c.cumsum(1) - c)).clamp(min=0))  # copies of each kept in the top-k
-            weights = torch.softmax(vals + take.log(), dim=1)
+            weights = torch.softmax(vals / self.params["temperature"] + take.log(), dim=1)
             soft[a:a + step] = (weights[..., None] * labels[idx]).sum(1)
         if n > 0:
             self.feats[(t - 1) % n], self.labels[(t - 1) % n] = q, soft
@@ -883,9 +897,11 @@ def peak_memory(device, fn):
 
 
 def bench(encoder, device, n_frames=10):
-    """Seconds per propagated frame (wall clock, and CPU seconds, which do not move when other processes load the
-    machine) of each pipeline next to the encoder forward alone on the same in-memory frames; for DAVIS's dino
-    protocol also DINO's own per-frame loop and the agreement with it; the peak memory of a 100-frame sequence."""
+    """Seconds per frame of each pipeline next to the encoder forward alone, on the same in-memory frames: the
+    propagation is timed at its steady state (a full context: for CRW frames 21.. of a 25-frame sequence whose
+    features repeat the n encoded frames); wall clock, and CPU seconds, which do not move when other processes
+    load the machine. For DAVIS's dino protocol also DINO's own per-frame loop and the agreement with it. First,
+    the peak memory of the paper propagation over 25 and then 100 frames at 854x480."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
@@ -893,48 +909,57 @@ def bench(encoder, device, n_frames=10):
     print(f"bench: {n_frames} synthetic frames, {encoder.family} ViT width {a['embed_dim']} patch {patch}, {name}, "
           f"torch {torch.__version__}")
 
-    def timed(fn, *args):
+    def timed(fn, *args, frames=n_frames - 1):
         sync()
         wall, cpu = time.perf_counter(), time.process_time()
         out = fn(*args)
         sync()
-        return out, ((time.perf_counter() - wall) / (n_frames - 1), (time.process_time() - cpu) / (n_frames - 1))
+        return out, ((time.perf_counter() - wall) / frames, (time.process_time() - cpu) / frames)
 
-    setups = [("DAVIS dino", PROTOCOLS["dino"], (480, 854), 3), ("DAVIS paper", PROTOCOLS["paper"], (480, 854), 3),
-              ("VIP", VIP, (720, 1280), 8), ("JHMDB", JHMDB, (240, 320), 16)]
-    results = {}
     with torch.no_grad():
+        h, w = 480 // patch, 880 // patch
+        g = torch.Generator(device=device).manual_seed(0)
+        prop = CRWPropagation(torch.randn(h, w, a["embed_dim"], device=device), torch.ones(4, h, w, device=device),
+                              PROTOCOLS["paper"])
+        frames = lambda n: [prop(torch.randn(h, w, a["embed_dim"], device=device, generator=g)) for _ in range(n)]
+        mb = [peak_memory(device, lambda: frames(25)), peak_memory(device, lambda: frames(75))]
+        print(f"  paper propagation at 854x480 ({w}x{h} grid, width {a['embed_dim']}, 4 labels): peak memory "
+              f"+{mb[0]:.0f} MB over frames 1-25, +{mb[1]:.0f} MB more over frames 26-100 (bounded in the length)")
+        setups = [("DAVIS dino", PROTOCOLS["dino"], (480, 854), 3), ("DAVIS paper", PROTOCOLS["paper"], (480, 854), 3),
+                  ("VIP", VIP, (720, 1280), 8), ("JHMDB", JHMDB, (240, 320), 16)]
+        results = {}
         for task, params, (H, W), K in setups:
             th, tw = grid_size(H, W, params, patch, "bench")
-            frames, masks = synthetic_video(0, n_frames, th, tw, n_objects=2)
+            video, masks = synthetic_video(0, n_frames, th, tw, n_objects=2)
             x = torch.stack([normalise(torch.from_numpy(f).permute(2, 0, 1).float(), (th, tw), params["mean"],
-                                       params["std"]) for f in frames]).to(device)
+                                       params["std"]) for f in video]).to(device)
             labels0 = F.one_hot(torch.from_numpy(masks[0][::patch, ::patch]).long() % K, K).permute(2, 0, 1).float()
             labels0 = labels0.to(device)
             embed(x[:2])  # warm-up
-            _, enc = timed(lambda: [embed(x[i:i + 8]) for i in range(0, len(x), 8)])
-            ours, full = timed(fast_loop, x, labels0, embed, patch, params)
-            line = f"  {task:12s} {tw}x{th}: propagation {full[0]:6.3f} s/frame ({1 / full[0]:6.2f} frames/s, " \
-                   f"{full[1]:6.3f} CPU-s), encoder alone {enc[0]:6.3f} s/frame: propagation adds " \
-                   f"{100 * (full[0] / enc[0] - 1):+.0f}% wall, {100 * (full[1] / enc[1] - 1):+.0f}% CPU"
-            if params["algorithm"] == "dino":
-                ref, slow = timed(dino_loop, x, labels0, embed, patch, params)
-                line += f"; DINO's loop {slow[0]:6.3f} s/frame (x{slow[0] / full[0]:.2f}), same label on " \
-                        f"{100 * (ours == ref).float().mean().item():.3f}% of pixels"
-            print(line)
-            results[task] = dict(propagation=full[0], encoder=enc[0])
-        h, w = 480 // patch, 880 // patch
-        g = torch.Generator(device=device).manual_seed(0)
-        feats = lambda: F.normalize(torch.randn(h, w, a["embed_dim"], device=device, generator=g), dim=-1)
+            feats, enc = timed(lambda: torch.cat([embed(x[i:i + 8]) for i in range(0, len(x), 8)]), frames=n_frames)
+            core = Propagation if params["algorithm"] == "dino" else CRWPropagation
+            warm = params["context"] + 1
+            prop = core(feats[0], labels0, params)
+            for t in range(1, warm):
+                prop(feats[t % n_frames])
 
-        def hundred_frames():
-            prop = CRWPropagation(feats(), torch.ones(4, h, w, device=device) / 4, PROTOCOLS["paper"])
-            for _ in range(99):
-                prop(feats())
-            sync()
-        mb = peak_memory(device, hundred_frames)
-        print(f"  peak memory of the paper propagation over a 100-frame 854x480 sequence ({w}x{h} grid, width "
-              f"{a['embed_dim']}, 4 labels): {mb:.0f} MB above the encoder's (it does not grow with the length)")
+            def steady():
+                soft = torch.stack([prop(feats[t % n_frames]) for t in range(warm, warm + 4)])
+                if params["algorithm"] == "dino":
+                    return dino_post(soft, patch).cpu()
+                return F.interpolate(soft, size=(th, tw), mode="bilinear", align_corners=False).argmax(1).cpu()
+            _, core_t = timed(steady, frames=4)
+            line = f"  {task:12s} {tw}x{th}: encoder {enc[0]:6.3f} s/frame, propagation + read-out {core_t[0]:6.3f} " \
+                   f"s/frame: {1 / (enc[0] + core_t[0]):6.2f} frames/s, the propagation adds " \
+                   f"{100 * core_t[0] / enc[0]:.0f}% wall, {100 * core_t[1] / enc[1]:.0f}% CPU"
+            if params["algorithm"] == "dino":
+                ours, full = timed(fast_loop, x, labels0, embed, patch, params)
+                ref, slow = timed(dino_loop, x, labels0, embed, patch, params)
+                line += f"; {n_frames} frames end to end {full[0]:6.3f} s/frame, DINO's loop {slow[0]:6.3f} " \
+                        f"(x{slow[0] / full[0]:.2f}), same label on {100 * (ours == ref).float().mean().item():.3f}%" \
+                        " of pixels"
+            print(line)
+            results[task] = dict(encoder=enc[0], propagation=core_t[0])
     return results
 
 
