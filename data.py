@@ -15,8 +15,10 @@ import argparse
 import math
 import os
 import random
+import struct
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -401,6 +403,145 @@ def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
             atomic(annotation_dir / f"{t:05d}.png", lambda tmp: annotation.save(tmp, "PNG"))
     atomic(root / 'ImageSets' / '2017' / 'val.txt', lambda tmp: tmp.write_text(''.join(n + '\n' for n in names)))
     return root
+
+
+# -----------------------------------------------------------------------------
+# JHMDB: MATLAB v5 MAT-files and the dataset layout
+#
+# The format is MathWorks' "MAT-File Format" (v5/v6/v7): a 128-byte header, then data elements. Details checked
+# against scipy/scipy scipy/io/matlab/_mio5.py and _mio5_utils.pyx (small data elements, padding, flags).
+
+MI_MATRIX, MI_COMPRESSED = 14, 15
+MI_DTYPES = {1: 'i1', 2: 'u1', 3: 'i2', 4: 'u2', 5: 'i4', 6: 'u4', 7: 'f4', 9: 'f8', 12: 'i8', 13: 'u8'}
+MX_DTYPES = {6: 'f8', 7: 'f4', 8: 'i1', 9: 'u1', 10: 'i2', 11: 'u2', 12: 'i4', 13: 'u4', 14: 'i8', 15: 'u8'}
+MX_CELL, MX_STRUCT, MX_CHAR = 1, 2, 4
+MAT_LOGICAL, MAT_COMPLEX = 0x200, 0x800  # array-flag bits (class in the low byte)
+
+
+def mat_element(buf, p, order):
+    """The data element at buf[p:]: (type, data bytes, position of the next element).
+
+    A tag whose upper 16 bits are non-zero is a small data element: count << 16 | type in 4 bytes, the data in the
+    next 4. Otherwise the tag is (type, count) and the data is padded to a multiple of 8 bytes."""
+    if p + 8 > len(buf):
+        raise ValueError("element tag past the end")
+    word, count = struct.unpack_from(order + 'II', buf, p)
+    if word >> 16:
+        return word & 0xFFFF, buf[p + 4:p + 4 + (word >> 16)], p + 8
+    if p + 8 + count > len(buf):
+        raise ValueError("element data past the end")
+    return word, buf[p + 8:p + 8 + count], p + 8 + count + (-count) % 8
+
+
+def mat_matrix(buf, order):
+    """(name, array) of one miMATRIX element's data; None for classes other than numeric (char, cell, struct,
+    object, sparse...) and for an empty element."""
+    if not buf:
+        return None
+    _, flags, p = mat_element(buf, 0, order)
+    flags = struct.unpack_from(order + 'I', flags)[0]
+    if flags & 0xFF not in MX_DTYPES:
+        return None
+    _, dims, p = mat_element(buf, p, order)
+    _, name, p = mat_element(buf, p, order)
+    kind, real, p = mat_element(buf, p, order)
+    # the stored type may be narrower than the class (MATLAB saves a double of small integers as miUINT8)
+    values = np.frombuffer(real, order + MI_DTYPES[kind]).astype(MX_DTYPES[flags & 0xFF])
+    if flags & MAT_COMPLEX:
+        kind, imag, p = mat_element(buf, p, order)
+        values = values + 1j * np.frombuffer(imag, order + MI_DTYPES[kind])
+    if flags & MAT_LOGICAL:
+        values = values != 0
+    dims = tuple(int(d) for d in np.frombuffer(dims, order + 'i4'))
+    # MATLAB stores arrays column-major: pos_img comes back (2, 15, T) as MATLAB shows it
+    return name.decode('latin-1'), values.reshape(dims, order='F')
+
+
+def read_mat(path):
+    """The numeric variables of a MATLAB v5 MAT-file as {name: numpy array} (MATLAB's shapes and classes).
+
+    Compressed (MATLAB's default) and uncompressed elements, either byte order. Variables of other classes (char,
+    cell, struct, object, sparse) are skipped. A v7.3 (HDF5) file, a truncated file or a non-MAT file is a
+    BadInput naming the file.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read the MAT-file ({e.strerror or e}).") from e
+    if raw.startswith(b'MATLAB 7.3') or raw[:8] == b'\x89HDF\r\n\x1a\n':
+        raise BadInput(f"{path}: is a MATLAB v7.3 (HDF5) MAT-file, which is not supported; "
+                       f"re-save it in MATLAB with save(..., '-v7').")
+    if not raw.startswith(b'MATLAB 5.0 MAT-file'):
+        raise BadInput(f"{path}: is not a MATLAB v5 MAT-file (no 'MATLAB 5.0 MAT-file' header).")
+    if len(raw) < 128 or raw[126:128] not in (b'IM', b'MI'):
+        raise BadInput(f"{path}: truncated or damaged MAT-file header.")
+    order = '<' if raw[126:128] == b'IM' else '>'  # 'MI' written as a uint16 by the saving machine
+    version = struct.unpack_from(order + 'H', raw, 124)[0]
+    if version != 0x0100:
+        raise BadInput(f"{path}: MAT-file version 0x{version:04x} is not supported (only v5, 0x0100).")
+    arrays, p = {}, 128
+    try:
+        while p < len(raw):
+            kind, body, _ = mat_element(raw, p, order)
+            p += 8 + len(body)  # top-level elements are not padded (a compressed one has any length)
+            if kind == MI_COMPRESSED:
+                kind, body, _ = mat_element(zlib.decompress(body), 0, order)
+            variable = mat_matrix(body, order) if kind == MI_MATRIX else None
+            if variable is not None and variable[0]:  # a nameless one is MATLAB's subsystem data
+                arrays[variable[0]] = variable[1]
+    except (ValueError, KeyError, struct.error, zlib.error) as e:
+        raise BadInput(f"{path}: truncated or damaged MAT-file (element at byte {p}: {e}).") from e
+    return arrays
+
+
+def mat_sub(kind, data):
+    """One data sub-element (little-endian): the small format for 1..4 bytes, else tag + data + padding."""
+    if 0 < len(data) <= 4:
+        return struct.pack('<I', len(data) << 16 | kind) + data.ljust(4, b'\0')
+    return struct.pack('<II', kind, len(data)) + data + b'\0' * (-len(data) % 8)
+
+
+def mat_matrix_bytes(name, value):
+    """A whole miMATRIX element for a numeric/bool array, a str (char), a list (cell) or a dict (struct)."""
+    if isinstance(value, str):
+        codes = np.frombuffer(value.encode('utf-16-le'), '<u2')
+        cls, dims, parts = MX_CHAR, (1, len(codes)), [mat_sub(4, codes.tobytes())]
+    elif isinstance(value, (list, tuple)):
+        cls, dims, parts = MX_CELL, (1, len(value)), [mat_matrix_bytes('', v) for v in value]
+    elif isinstance(value, dict):
+        fields = b''.join(k.encode('ascii')[:31].ljust(32, b'\0') for k in value)
+        cls, dims = MX_STRUCT, (1, 1)
+        parts = [mat_sub(5, struct.pack('<i', 32)), mat_sub(1, fields)]
+        parts += [mat_matrix_bytes('', v) for v in value.values()]
+    else:
+        value = np.asarray(value)
+        logical = value.dtype == np.bool_
+        data = value.astype(np.uint8) if logical else value
+        cls = {v: k for k, v in MX_DTYPES.items()}[data.dtype.str[1:]]
+        kind = {v: k for k, v in MI_DTYPES.items()}[data.dtype.str[1:]]
+        dims = value.shape if value.ndim >= 2 else (1, value.size)  # MATLAB arrays have at least 2 dims
+        parts = [mat_sub(kind, data.astype(data.dtype.newbyteorder('<')).tobytes(order='F'))]
+        cls |= MAT_LOGICAL if logical else 0
+    head = [mat_sub(6, struct.pack('<II', cls, 0)), mat_sub(5, np.asarray(dims, '<i4').tobytes()),
+            mat_sub(1, name.encode('ascii'))]
+    return mat_sub(MI_MATRIX, b''.join(head + parts))
+
+
+def write_mat(path, arrays, compress=True):
+    """Write {name: value} as a little-endian MATLAB v5 MAT-file, atomically.
+
+    Values: numeric or bool numpy arrays (kept in their dtype; 1-D becomes 1×n), str (char array), list (cell),
+    dict (1×1 struct). compress=True puts each variable in a zlib miCOMPRESSED element, as MATLAB does by default.
+    """
+    text = b'MATLAB 5.0 MAT-file, Platform: Co-Settle-ref data.py, Created by write_mat'
+    parts = [text.ljust(116, b' ') + b'\0' * 8 + struct.pack('<H', 0x0100) + b'IM']
+    for name, value in arrays.items():
+        element = mat_matrix_bytes(name, value)
+        if compress:
+            packed = zlib.compress(element)
+            element = struct.pack('<II', MI_COMPRESSED, len(packed)) + packed
+        parts.append(element)
+    atomic(path, lambda tmp: tmp.write_bytes(b''.join(parts)))
 
 
 # -----------------------------------------------------------------------------
