@@ -9,6 +9,7 @@ Also here: synthetic videos with ground-truth object masks (for the demo, the te
 a DAVIS-2017 folder writer, and a small CLI:
     python data.py --make-davis DIR [--seqs N --frames N --height H --width W --seed S]
     python data.py --make-videos DIR [--videos N --frames N --height H --width W --seed S]
+    python data.py --make-jhmdb DIR [--videos N-per-action --frames N --seed S]
 """
 
 import argparse
@@ -544,6 +545,197 @@ def write_mat(path, arrays, compress=True):
     atomic(path, lambda tmp: tmp.write_bytes(b''.join(parts)))
 
 
+# JHMDB's 15 joints (0 neck, 1 belly, 2 face, 3/4 right/left shoulder, 5/6 hip, 7/8 elbow, 9/10 knee, 11/12 wrist,
+# 13/14 ankle) in a standing rest pose, body coordinates in pixels (y down, origin at the belly).
+JHMDB_REST = np.array([[0, -52], [0, 0], [0, -78], [-24, -46], [24, -46], [-14, 10], [14, 10], [-34, -10], [34, -10],
+                       [-17, 56], [17, 56], [-40, 26], [40, 26], [-19, 102], [19, 102]], dtype=np.float64)
+# Limbs drawn as textured capsules (joint a, joint b, half-thickness): torso, head, legs, arms. Each limb's texture
+# is fixed in its own frame, so a joint (a capsule end) moves exactly with the texture around it.
+JHMDB_LIMBS = [(0, 1, 20), (3, 4, 9), (5, 6, 9), (2, 0, 13), (5, 9, 8), (6, 10, 8), (9, 13, 7), (10, 14, 7),
+               (3, 7, 7), (4, 8, 7), (7, 11, 6), (8, 12, 6)]
+# (parent, child) chains swung about the parent by an angle: upper limbs, then lower limbs (which add the angle of
+# their upper limb).
+JHMDB_SWINGS = [(3, 7), (4, 8), (5, 9), (6, 10), (7, 11), (8, 12), (9, 13), (10, 14)]
+
+
+def jhmdb_pose(rng, n_frames, width, height):
+    """Joint positions [T, 15, 2] (x, y, 0-based pixels) of a swinging, walking, slightly rotating person."""
+    t = np.arange(n_frames, dtype=np.float64)
+    amp = rng.uniform(0.15, 0.45, len(JHMDB_SWINGS)) * [1, 1, 0.5, 0.5, 1, 1, 0.5, 0.5]  # legs swing less
+    period, phase = rng.uniform(10, 20), rng.uniform(0, 2 * np.pi)
+    angles = amp[:, None] * np.sin(2 * np.pi * t / period + phase + np.pi * np.arange(len(JHMDB_SWINGS))[:, None])
+    joints = np.repeat(JHMDB_REST[None], n_frames, axis=0)  # [T, 15, 2]
+    for s, (parent, child) in enumerate(JHMDB_SWINGS):
+        turn = angles[s] + (angles[s - 4] if s >= 4 else 0.0)  # a lower limb also turns with its upper limb
+        offset = JHMDB_REST[child] - JHMDB_REST[parent]
+        c, s_ = np.cos(turn), np.sin(turn)
+        rotated = np.stack([c * offset[0] - s_ * offset[1], s_ * offset[0] + c * offset[1]], axis=-1)
+        joints[:, child] = joints[:, parent] + rotated
+        if child in (7, 8, 9, 10):  # the wrist/ankle below follows its elbow/knee
+            below = child + 4
+            joints[:, below] = joints[:, child] + (JHMDB_REST[below] - JHMDB_REST[child])
+    theta = rng.uniform(-0.06, 0.06) + rng.uniform(-0.01, 0.01) * t
+    scale = 1.0 - 0.03 * rng.uniform() * (1 + np.sin(2 * np.pi * t / rng.uniform(15, 30)))
+    centre = np.stack([width / 2 + rng.uniform(-20, 20) + rng.uniform(-20, 20) * np.sin(2 * np.pi * t / 25),
+                       height / 2 - 7 + rng.uniform(-2, 2) + 3 * np.sin(2 * np.pi * t / period)], axis=-1)
+    c, s_ = np.cos(theta)[:, None], np.sin(theta)[:, None]
+    x, y = joints[..., 0], joints[..., 1]
+    return centre[:, None] + scale[:, None, None] * np.stack([c * x - s_ * y, s_ * x + c * y], axis=-1)
+
+
+def draw_person(frame, joints, rng_state):
+    """Paint the limbs of one frame's pose onto frame (float [H,W,3]) in place; textures from rng_state."""
+    rng = np.random.default_rng(rng_state)  # the same draws every frame: each limb keeps its look
+    height, width = frame.shape[:2]
+    for a, b, half in JHMDB_LIMBS:
+        colour = saturated_colour(rng.uniform())
+        wavelength, beta, shade = rng.uniform(5, 9), rng.uniform(0, np.pi), rng.uniform(0.4, 0.8)
+        pa, pb = joints[a], joints[b]
+        # only the capsule's bounding box is computed (cheap); `window` is a view into the frame
+        x0, y0 = (np.floor(np.minimum(pa, pb) - half).astype(int)).clip(0)
+        x1, y1 = np.ceil(np.maximum(pa, pb) + half + 1).astype(int)
+        window = frame[y0:min(y1, height), x0:min(x1, width)]
+        y, x = np.mgrid[y0:y0 + window.shape[0], x0:x0 + window.shape[1]].astype(np.float64)
+        length = max(np.hypot(*(pb - pa)), 1e-6)
+        along_x, along_y = (pb - pa) / length
+        u = (x - pa[0]) * along_x + (y - pa[1]) * along_y  # limb frame: u along a -> b, v across
+        v = -(x - pa[0]) * along_y + (y - pa[1]) * along_x
+        inside = np.hypot(u - np.clip(u, 0, length), v) <= half
+        texture = np.sin(2 * np.pi * (np.cos(beta) * u + np.sin(beta) * v) / wavelength)
+        ramp = shade + (1 - shade) * np.clip(u / length, 0, 1)  # darker at joint a: the two ends differ
+        window[inside] = colour * (ramp * (0.75 + 0.25 * texture))[inside][:, None]
+
+
+def make_jhmdb(root, actions=('catch', 'pour', 'walk'), n_videos=3, n_frames=12, seed=0):
+    """Write a synthetic JHMDB folder in the real layout and return it.
+
+    root/Rename_Images/<action>/<video>/00001.png … (320x240 RGB PNG), root/joint_positions/<action>/<video>/
+    joint_positions.mat (pos_img (2, 15, T) 1-based x, y; pos_world (2, 15, T); scale (1, T); viewpoint, a char
+    array), root/splits/<action>_test_split{1,2,3}.txt ("<video>.avi 1|2", 2 = test; in split s, video s-1 is the
+    training one). A textured person (capsule limbs carrying the joints at their ends) walks and swings its limbs
+    over the panning background and moving objects of synthetic_video; its joints' bounding box has a diagonal of
+    about 180 px, so PCK@0.1 allows ~11 px.
+    """
+    root = prepare_root(root)
+    if n_videos < 1 or n_frames < 2 or not actions:
+        raise BadInput(f"synthetic JHMDB: need actions, at least 1 video and 2 frames, got {list(actions)}, "
+                       f"{n_videos}, {n_frames}.")
+    width, height = 320, 240
+    for a, action in enumerate(actions):
+        names = [f"synth_{action}_{v:02d}" for v in range(n_videos)]
+        for v, name in enumerate(names):
+            frames, _ = synthetic_video((seed, 2, a, v), n_frames, height, width, n_objects=2)
+            rng = np.random.default_rng((seed, 3, a, v))
+            joints = jhmdb_pose(rng, n_frames, width, height)
+            look = rng.integers(2 ** 32)
+            folder = root / 'Rename_Images' / action / name
+            for t in range(n_frames):
+                frame = frames[t].astype(np.float64)
+                draw_person(frame, joints[t], look)
+                image = Image.fromarray(np.clip(frame + 0.5, 0, 255).astype(np.uint8))
+                atomic(folder / f"{t + 1:05d}.png", lambda tmp: image.save(tmp, "PNG"))
+            pos_img = joints.transpose(2, 1, 0) + 1.0  # (2, 15, T), MATLAB's 1-based pixels
+            write_mat(root / 'joint_positions' / action / name / 'joint_positions.mat',
+                      {'pos_img': pos_img, 'pos_world': (pos_img - pos_img[:, 1:2]) / 100.0,
+                       'scale': np.ones((1, n_frames)), 'viewpoint': 'E'})
+        for split in (1, 2, 3):
+            lines = ''.join(f"{name}.avi {1 if v == (split - 1) % n_videos and n_videos > 1 else 2}\n"
+                            for v, name in enumerate(names))
+            atomic(root / 'splits' / f"{action}_test_split{split}.txt", lambda tmp: tmp.write_text(lines))
+    return root
+
+
+def png_frames(folder):
+    """The .png frames of a JHMDB video folder sorted by number (alexandre-eymael/CropMAE
+    downstreams/propagation/src/data/jhmdb.py make_paths keeps '.png' names sorted by int(stem))."""
+    try:
+        names = [n for n in os.listdir(folder) if n.lower().endswith('.png')]
+    except OSError:
+        return []
+    try:
+        names.sort(key=lambda n: int(n.split('.')[0]))
+    except ValueError:
+        raise BadInput(f"{folder}: frame names must be numbers (00001.png …), found {sorted(names)[0]}.")
+    return [Path(folder) / n for n in names]
+
+
+def jhmdb_video(mat, frames_dir, source):
+    """(name "<action>/<video>", frame paths, pos_img (2, 15, T) float64), checked; source names the list."""
+    frames_dir, mat = Path(frames_dir), Path(mat)
+    frames = png_frames(frames_dir)
+    if not frames:
+        raise BadInput(f"{source}: the frames folder {frames_dir} is missing or holds no .png frames.")
+    if not mat.is_file():
+        raise BadInput(f"{source}: the joint positions file {mat} is missing.")
+    arrays = read_mat(mat)
+    if 'pos_img' not in arrays:
+        raise BadInput(f"{mat}: has no numeric pos_img variable (found {sorted(arrays) or 'none'}).")
+    pos = arrays['pos_img'].astype(np.float64)
+    if pos.ndim == 2:
+        pos = pos[..., None]  # MATLAB drops a trailing singleton: a one-frame video
+    if pos.ndim != 3 or pos.shape[:2] != (2, 15):
+        raise BadInput(f"{mat}: pos_img has shape {pos.shape}, expected (2, 15, T).")
+    if pos.shape[2] > len(frames):
+        # CropMAE's eval_pck.py indexes the predictions by the GT frame index: more annotations than frames fails
+        raise BadInput(f"{mat}: annotates {pos.shape[2]} frames but {frames_dir} holds only {len(frames)}.")
+    return f"{frames_dir.parent.name}/{frames_dir.name}", frames, pos
+
+
+def read_jhmdb(path, split=1, list_order=None):
+    """The JHMDB test videos: [(name "<action>/<video>", frame paths sorted by number, pos_img (2, 15, T))].
+
+    `path` is the JHMDB root (the videos marked 2 in splits/*_test_split<split>.txt) or a list file with one
+    "<mat> <frames dir>" per line (alexandre-eymael/CropMAE downstreams/propagation/jhmdb_vallist.txt order), or
+    "<frames dir> <mat>" (ajabri/videowalk code/data/jhmdb.py order). list_order None detects the order from
+    which column ends in '.mat'; 'mat-first' or 'frames-first' forces it. Relative list paths are taken from the
+    current folder, else from the list's folder. Everything is checked before anything runs: each problem is a
+    BadInput naming the file.
+    """
+    path = Path(path)
+    videos = []
+    if path.is_dir():
+        split_files = sorted((path / 'splits').glob(f"*_test_split{split}.txt"))
+        if not split_files:
+            raise BadInput(f"{path}: no splits/*_test_split{split}.txt files (is this the JHMDB root?).")
+        for split_file in split_files:
+            action = split_file.name[:-len(f"_test_split{split}.txt")]
+            for n, line in enumerate(split_file.read_text().splitlines(), 1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) != 2 or fields[1] not in ('1', '2'):
+                    raise BadInput(f"{split_file}: line {n} is not '<video>.avi 1|2': {line.strip()!r}.")
+                if fields[1] != '2':
+                    continue
+                video = fields[0][:-4] if fields[0].endswith('.avi') else fields[0]
+                frames_dir = path / 'Rename_Images' / action / video
+                mat = path / 'joint_positions' / action / video / 'joint_positions.mat'
+                if not frames_dir.is_dir():
+                    raise BadInput(f"{split_file}: names video {video}, but {frames_dir} is missing.")
+                videos.append(jhmdb_video(mat, frames_dir, split_file))
+    elif path.is_file():
+        if list_order not in (None, 'mat-first', 'frames-first'):
+            raise BadInput(f"JHMDB list order must be 'mat-first' or 'frames-first', got {list_order!r}.")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise BadInput(f"{path}: line {n} is not '<mat> <frames dir>': {line.strip()!r}.")
+            order = list_order or ('mat-first' if fields[0].endswith('.mat') else
+                                   'frames-first' if fields[1].endswith('.mat') else None)
+            if order is None:
+                raise BadInput(f"{path}: line {n} names no .mat file: {line.strip()!r}.")
+            mat, frames_dir = [Path(f) if Path(f).is_absolute() or Path(f).exists() else path.parent / f
+                               for f in (fields if order == 'mat-first' else fields[::-1])]
+            videos.append(jhmdb_video(mat, frames_dir, f"{path} line {n}"))
+    else:
+        raise BadInput(f"{path}: no such JHMDB folder or list file.")
+    if not videos:
+        raise BadInput(f"{path}: lists no test videos" + (f" for split {split}." if path.is_dir() else "."))
+    return videos
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -551,9 +743,12 @@ def main(argv=None):
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument('--make-davis', metavar='DIR', help='write a synthetic DAVIS-2017 folder')
     target.add_argument('--make-videos', metavar='DIR', help='write synthetic training videos (frame folders)')
+    target.add_argument('--make-jhmdb', metavar='DIR', help='write a synthetic JHMDB folder (320x240, .mat, splits)')
     parser.add_argument('--seqs', type=int, default=3, help='DAVIS sequences')
-    parser.add_argument('--videos', type=int, default=8, help='training videos')
-    parser.add_argument('--frames', type=int, default=None, help='frames per video (default 12 DAVIS, 16 videos)')
+    parser.add_argument('--videos', type=int, default=None, help='training videos (default 8), or JHMDB videos per '
+                        'action (default 3)')
+    parser.add_argument('--frames', type=int, default=None, help='frames per video (default 12 DAVIS and JHMDB, '
+                        '16 videos)')
     parser.add_argument('--height', type=int, default=96)
     parser.add_argument('--width', type=int, default=128)
     parser.add_argument('--seed', type=int, default=0)
@@ -564,9 +759,16 @@ def main(argv=None):
             root = make_davis(args.make_davis, args.seqs, n_frames, args.height, args.width, args.seed)
             print(f"wrote {args.seqs} synthetic DAVIS-2017 sequences ({n_frames} frames, "
                   f"{args.height}x{args.width}) to {root}")
+        elif args.make_jhmdb:
+            n_frames = 12 if args.frames is None else args.frames
+            n_videos = 3 if args.videos is None else args.videos
+            root = make_jhmdb(args.make_jhmdb, n_videos=n_videos, n_frames=n_frames, seed=args.seed)
+            print(f"wrote a synthetic JHMDB set (3 actions x {n_videos} videos, {n_frames} frames, 320x240) "
+                  f"to {root}")
         else:
             n_frames = 16 if args.frames is None else args.frames
-            folders = write_synthetic_videos(args.make_videos, args.videos, n_frames, args.height, args.width,
+            n_videos = 8 if args.videos is None else args.videos
+            folders = write_synthetic_videos(args.make_videos, n_videos, n_frames, args.height, args.width,
                                              args.seed)
             print(f"wrote {len(folders)} synthetic videos ({n_frames} frames, {args.height}x{args.width}) "
                   f"to {args.make_videos}")
