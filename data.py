@@ -570,10 +570,7 @@ def jhmdb_pose(rng, n_frames, width, height):
         offset = JHMDB_REST[child] - JHMDB_REST[parent]
         c, s_ = np.cos(turn), np.sin(turn)
         rotated = np.stack([c * offset[0] - s_ * offset[1], s_ * offset[0] + c * offset[1]], axis=-1)
-        joints[:, child] = joints[:, parent] + rotated
-        if child in (7, 8, 9, 10):  # the wrist/ankle below follows its elbow/knee
-            below = child + 4
-            joints[:, below] = joints[:, child] + (JHMDB_REST[below] - JHMDB_REST[child])
+        joints[:, child] = joints[:, parent] + rotated  # upper limbs come first: a lower limb hangs off the moved one
     theta = rng.uniform(-0.06, 0.06) + rng.uniform(-0.01, 0.01) * t
     scale = 1.0 - 0.03 * rng.uniform() * (1 + np.sin(2 * np.pi * t / rng.uniform(15, 30)))
     centre = np.stack([width / 2 + rng.uniform(-20, 20) + rng.uniform(-20, 20) * np.sin(2 * np.pi * t / 25),
