@@ -9,14 +9,17 @@ Also here: synthetic videos with ground-truth object masks (for the demo, the te
 a DAVIS-2017 folder writer, and a small CLI:
     python data.py --make-davis DIR [--seqs N --frames N --height H --width W --seed S]
     python data.py --make-videos DIR [--videos N --frames N --height H --width W --seed S]
+    python data.py --make-jhmdb DIR [--videos N-per-action --frames N --seed S]
 """
 
 import argparse
 import math
 import os
 import random
+import struct
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -433,6 +436,333 @@ def make_vip(root, n_videos=2, n_frames=6, height=72, width=128, stride=5, seed=
 
 
 # -----------------------------------------------------------------------------
+# JHMDB: MATLAB v5 MAT-files and the dataset layout
+#
+# The format is MathWorks' "MAT-File Format" (v5/v6/v7): a 128-byte header, then data elements. Details checked
+# against scipy/scipy scipy/io/matlab/_mio5.py and _mio5_utils.pyx (small data elements, padding, flags).
+
+MI_MATRIX, MI_COMPRESSED = 14, 15
+MI_DTYPES = {1: 'i1', 2: 'u1', 3: 'i2', 4: 'u2', 5: 'i4', 6: 'u4', 7: 'f4', 9: 'f8', 12: 'i8', 13: 'u8'}
+MX_DTYPES = {6: 'f8', 7: 'f4', 8: 'i1', 9: 'u1', 10: 'i2', 11: 'u2', 12: 'i4', 13: 'u4', 14: 'i8', 15: 'u8'}
+MX_CELL, MX_STRUCT, MX_CHAR = 1, 2, 4
+MAT_LOGICAL, MAT_COMPLEX = 0x200, 0x800  # array-flag bits (class in the low byte)
+
+
+def mat_element(buf, p, order):
+    """The data element at buf[p:]: (type, data bytes, position of the next element).
+
+    A tag whose upper 16 bits are non-zero is a small data element: count << 16 | type in 4 bytes, the data in the
+    next 4. Otherwise the tag is (type, count) and the data is padded to a multiple of 8 bytes."""
+    if p + 8 > len(buf):
+        raise ValueError("element tag past the end")
+    word, count = struct.unpack_from(order + 'II', buf, p)
+    if word >> 16:
+        return word & 0xFFFF, buf[p + 4:p + 4 + (word >> 16)], p + 8
+    if p + 8 + count > len(buf):
+        raise ValueError("element data past the end")
+    return word, buf[p + 8:p + 8 + count], p + 8 + count + (-count) % 8
+
+
+def mat_matrix(buf, order):
+    """(name, array) of one miMATRIX element's data; None for classes other than numeric (char, cell, struct,
+    object, sparse...) and for an empty element."""
+    if not buf:
+        return None
+    _, flags, p = mat_element(buf, 0, order)
+    flags = struct.unpack_from(order + 'I', flags)[0]
+    if flags & 0xFF not in MX_DTYPES:
+        return None
+    _, dims, p = mat_element(buf, p, order)
+    _, name, p = mat_element(buf, p, order)
+    kind, real, p = mat_element(buf, p, order)
+    # the stored type may be narrower than the class (MATLAB saves a double of small integers as miUINT8)
+    values = np.frombuffer(real, order + MI_DTYPES[kind]).astype(MX_DTYPES[flags & 0xFF])
+    if flags & MAT_COMPLEX:
+        kind, imag, p = mat_element(buf, p, order)
+        values = values + 1j * np.frombuffer(imag, order + MI_DTYPES[kind])
+    if flags & MAT_LOGICAL:
+        values = values != 0
+    dims = tuple(int(d) for d in np.frombuffer(dims, order + 'i4'))
+    # MATLAB stores arrays column-major: pos_img comes back (2, 15, T) as MATLAB shows it
+    return name.decode('latin-1'), values.reshape(dims, order='F')
+
+
+def read_mat(path):
+    """The numeric variables of a MATLAB v5 MAT-file as {name: numpy array} (MATLAB's shapes and classes).
+
+    Compressed (MATLAB's default) and uncompressed elements, either byte order. Variables of other classes (char,
+    cell, struct, object, sparse) are skipped. A v7.3 (HDF5) file, a truncated file or a non-MAT file is a
+    BadInput naming the file.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read the MAT-file ({e.strerror or e}).") from e
+    if raw.startswith(b'MATLAB 7.3') or raw[:8] == b'\x89HDF\r\n\x1a\n':
+        raise BadInput(f"{path}: is a MATLAB v7.3 (HDF5) MAT-file, which is not supported; "
+                       f"re-save it in MATLAB with save(..., '-v7').")
+    if not raw.startswith(b'MATLAB 5.0 MAT-file'):
+        raise BadInput(f"{path}: is not a MATLAB v5 MAT-file (no 'MATLAB 5.0 MAT-file' header).")
+    if len(raw) < 128 or raw[126:128] not in (b'IM', b'MI'):
+        raise BadInput(f"{path}: truncated or damaged MAT-file header.")
+    order = '<' if raw[126:128] == b'IM' else '>'  # 'MI' written as a uint16 by the saving machine
+    version = struct.unpack_from(order + 'H', raw, 124)[0]
+    if version != 0x0100:
+        raise BadInput(f"{path}: MAT-file version 0x{version:04x} is not supported (only v5, 0x0100).")
+    arrays, p = {}, 128
+    try:
+        while p < len(raw):
+            kind, body, _ = mat_element(raw, p, order)
+            p += 8 + len(body)  # top-level elements are not padded (a compressed one has any length)
+            if kind == MI_COMPRESSED:
+                kind, body, _ = mat_element(zlib.decompress(body), 0, order)
+            variable = mat_matrix(body, order) if kind == MI_MATRIX else None
+            if variable is not None and variable[0]:  # a nameless one is MATLAB's subsystem data
+                arrays[variable[0]] = variable[1]
+    except (ValueError, KeyError, struct.error, zlib.error) as e:
+        raise BadInput(f"{path}: truncated or damaged MAT-file (element at byte {p}: {e}).") from e
+    return arrays
+
+
+def mat_sub(kind, data):
+    """One data sub-element (little-endian): the small format for 1..4 bytes, else tag + data + padding."""
+    if 0 < len(data) <= 4:
+        return struct.pack('<I', len(data) << 16 | kind) + data.ljust(4, b'\0')
+    return struct.pack('<II', kind, len(data)) + data + b'\0' * (-len(data) % 8)
+
+
+def mat_matrix_bytes(name, value):
+    """A whole miMATRIX element for a numeric/bool array, a str (char), a list (cell) or a dict (struct)."""
+    if isinstance(value, str):
+        codes = np.frombuffer(value.encode('utf-16-le'), '<u2')
+        cls, dims, parts = MX_CHAR, (1, len(codes)), [mat_sub(4, codes.tobytes())]
+    elif isinstance(value, (list, tuple)):
+        cls, dims, parts = MX_CELL, (1, len(value)), [mat_matrix_bytes('', v) for v in value]
+    elif isinstance(value, dict):
+        fields = b''.join(k.encode('ascii')[:31].ljust(32, b'\0') for k in value)
+        cls, dims = MX_STRUCT, (1, 1)
+        parts = [mat_sub(5, struct.pack('<i', 32)), mat_sub(1, fields)]
+        parts += [mat_matrix_bytes('', v) for v in value.values()]
+    else:
+        value = np.asarray(value)
+        logical = value.dtype == np.bool_
+        data = value.astype(np.uint8) if logical else value
+        cls = {v: k for k, v in MX_DTYPES.items()}[data.dtype.str[1:]]
+        kind = {v: k for k, v in MI_DTYPES.items()}[data.dtype.str[1:]]
+        dims = value.shape if value.ndim >= 2 else (1, value.size)  # MATLAB arrays have at least 2 dims
+        parts = [mat_sub(kind, data.astype(data.dtype.newbyteorder('<')).tobytes(order='F'))]
+        cls |= MAT_LOGICAL if logical else 0
+    head = [mat_sub(6, struct.pack('<II', cls, 0)), mat_sub(5, np.asarray(dims, '<i4').tobytes()),
+            mat_sub(1, name.encode('ascii'))]
+    return mat_sub(MI_MATRIX, b''.join(head + parts))
+
+
+def write_mat(path, arrays, compress=True):
+    """Write {name: value} as a little-endian MATLAB v5 MAT-file, atomically.
+
+    Values: numeric or bool numpy arrays (kept in their dtype; 1-D becomes 1×n), str (char array), list (cell),
+    dict (1×1 struct). compress=True puts each variable in a zlib miCOMPRESSED element, as MATLAB does by default.
+    """
+    text = b'MATLAB 5.0 MAT-file, Platform: Co-Settle-ref data.py, Created by write_mat'
+    parts = [text.ljust(116, b' ') + b'\0' * 8 + struct.pack('<H', 0x0100) + b'IM']
+    for name, value in arrays.items():
+        element = mat_matrix_bytes(name, value)
+        if compress:
+            packed = zlib.compress(element)
+            element = struct.pack('<II', MI_COMPRESSED, len(packed)) + packed
+        parts.append(element)
+    atomic(path, lambda tmp: tmp.write_bytes(b''.join(parts)))
+
+
+# JHMDB's 15 joints (0 neck, 1 belly, 2 face, 3/4 right/left shoulder, 5/6 hip, 7/8 elbow, 9/10 knee, 11/12 wrist,
+# 13/14 ankle) in a standing rest pose, body coordinates in pixels (y down, origin at the belly).
+JHMDB_REST = np.array([[0, -52], [0, 0], [0, -78], [-24, -46], [24, -46], [-14, 10], [14, 10], [-34, -10], [34, -10],
+                       [-17, 56], [17, 56], [-40, 26], [40, 26], [-19, 102], [19, 102]], dtype=np.float64)
+# Limbs drawn as textured capsules (joint a, joint b, half-thickness): torso, head, legs, arms. Each limb's texture
+# is fixed in its own frame, so a joint (a capsule end) moves exactly with the texture around it.
+JHMDB_LIMBS = [(0, 1, 20), (3, 4, 9), (5, 6, 9), (2, 0, 13), (5, 9, 8), (6, 10, 8), (9, 13, 7), (10, 14, 7),
+               (3, 7, 7), (4, 8, 7), (7, 11, 6), (8, 12, 6)]
+# (parent, child) chains swung about the parent by an angle: upper limbs, then lower limbs (which add the angle of
+# their upper limb).
+JHMDB_SWINGS = [(3, 7), (4, 8), (5, 9), (6, 10), (7, 11), (8, 12), (9, 13), (10, 14)]
+
+
+def jhmdb_pose(rng, n_frames, width, height):
+    """Joint positions [T, 15, 2] (x, y, 0-based pixels) of a swinging, walking, slightly rotating person."""
+    t = np.arange(n_frames, dtype=np.float64)
+    amp = rng.uniform(0.15, 0.45, len(JHMDB_SWINGS)) * [1, 1, 0.5, 0.5, 1, 1, 0.5, 0.5]  # legs swing less
+    period, phase = rng.uniform(10, 20), rng.uniform(0, 2 * np.pi)
+    angles = amp[:, None] * np.sin(2 * np.pi * t / period + phase + np.pi * np.arange(len(JHMDB_SWINGS))[:, None])
+    joints = np.repeat(JHMDB_REST[None], n_frames, axis=0)  # [T, 15, 2]
+    for s, (parent, child) in enumerate(JHMDB_SWINGS):
+        turn = angles[s] + (angles[s - 4] if s >= 4 else 0.0)  # a lower limb also turns with its upper limb
+        offset = JHMDB_REST[child] - JHMDB_REST[parent]
+        c, s_ = np.cos(turn), np.sin(turn)
+        rotated = np.stack([c * offset[0] - s_ * offset[1], s_ * offset[0] + c * offset[1]], axis=-1)
+        joints[:, child] = joints[:, parent] + rotated  # upper limbs come first: a lower limb hangs off the moved one
+    theta = rng.uniform(-0.06, 0.06) + rng.uniform(-0.01, 0.01) * t
+    scale = 1.0 - 0.03 * rng.uniform() * (1 + np.sin(2 * np.pi * t / rng.uniform(15, 30)))
+    centre = np.stack([width / 2 + rng.uniform(-20, 20) + rng.uniform(-20, 20) * np.sin(2 * np.pi * t / 25),
+                       height / 2 - 7 + rng.uniform(-2, 2) + 3 * np.sin(2 * np.pi * t / period)], axis=-1)
+    c, s_ = np.cos(theta)[:, None], np.sin(theta)[:, None]
+    x, y = joints[..., 0], joints[..., 1]
+    return centre[:, None] + scale[:, None, None] * np.stack([c * x - s_ * y, s_ * x + c * y], axis=-1)
+
+
+def draw_person(frame, joints, rng_state):
+    """Paint the limbs of one frame's pose onto frame (float [H,W,3]) in place; textures from rng_state."""
+    rng = np.random.default_rng(rng_state)  # the same draws every frame: each limb keeps its look
+    height, width = frame.shape[:2]
+    for a, b, half in JHMDB_LIMBS:
+        colour = saturated_colour(rng.uniform())
+        wavelength, beta, shade = rng.uniform(5, 9), rng.uniform(0, np.pi), rng.uniform(0.4, 0.8)
+        pa, pb = joints[a], joints[b]
+        # only the capsule's bounding box is computed (cheap); `window` is a view into the frame
+        x0, y0 = (np.floor(np.minimum(pa, pb) - half).astype(int)).clip(0)
+        x1, y1 = np.ceil(np.maximum(pa, pb) + half + 1).astype(int)
+        window = frame[y0:min(y1, height), x0:min(x1, width)]
+        y, x = np.mgrid[y0:y0 + window.shape[0], x0:x0 + window.shape[1]].astype(np.float64)
+        length = max(np.hypot(*(pb - pa)), 1e-6)
+        along_x, along_y = (pb - pa) / length
+        u = (x - pa[0]) * along_x + (y - pa[1]) * along_y  # limb frame: u along a -> b, v across
+        v = -(x - pa[0]) * along_y + (y - pa[1]) * along_x
+        inside = np.hypot(u - np.clip(u, 0, length), v) <= half
+        texture = np.sin(2 * np.pi * (np.cos(beta) * u + np.sin(beta) * v) / wavelength)
+        ramp = shade + (1 - shade) * np.clip(u / length, 0, 1)  # darker at joint a: the two ends differ
+        window[inside] = colour * (ramp * (0.75 + 0.25 * texture))[inside][:, None]
+
+
+def make_jhmdb(root, actions=('catch', 'pour', 'walk'), n_videos=3, n_frames=12, seed=0):
+    """Write a synthetic JHMDB folder in the real layout and return it.
+
+    root/Rename_Images/<action>/<video>/00001.png … (320x240 RGB PNG), root/joint_positions/<action>/<video>/
+    joint_positions.mat (pos_img (2, 15, T) 1-based x, y; pos_world (2, 15, T); scale (1, T); viewpoint, a char
+    array), root/splits/<action>_test_split{1,2,3}.txt ("<video>.avi 1|2", 2 = test; in split s, video s-1 is the
+    training one). A textured person (capsule limbs carrying the joints at their ends) walks and swings its limbs
+    over the panning background and moving objects of synthetic_video; its joints' bounding box has a diagonal of
+    about 180 px, so PCK@0.1 allows ~11 px.
+    """
+    root = prepare_root(root)
+    if n_videos < 1 or n_frames < 2 or not actions:
+        raise BadInput(f"synthetic JHMDB: need actions, at least 1 video and 2 frames, got {list(actions)}, "
+                       f"{n_videos}, {n_frames}.")
+    width, height = 320, 240
+    for a, action in enumerate(actions):
+        names = [f"synth_{action}_{v:02d}" for v in range(n_videos)]
+        for v, name in enumerate(names):
+            frames, _ = synthetic_video((seed, 2, a, v), n_frames, height, width, n_objects=2)
+            rng = np.random.default_rng((seed, 3, a, v))
+            joints = jhmdb_pose(rng, n_frames, width, height)
+            look = rng.integers(2 ** 32)
+            folder = root / 'Rename_Images' / action / name
+            for t in range(n_frames):
+                frame = frames[t].astype(np.float64)
+                draw_person(frame, joints[t], look)
+                image = Image.fromarray(np.clip(frame + 0.5, 0, 255).astype(np.uint8))
+                atomic(folder / f"{t + 1:05d}.png", lambda tmp: image.save(tmp, "PNG"))
+            pos_img = joints.transpose(2, 1, 0) + 1.0  # (2, 15, T), MATLAB's 1-based pixels
+            write_mat(root / 'joint_positions' / action / name / 'joint_positions.mat',
+                      {'pos_img': pos_img, 'pos_world': (pos_img - pos_img[:, 1:2]) / 100.0,
+                       'scale': np.ones((1, n_frames)), 'viewpoint': 'E'})
+        for split in (1, 2, 3):
+            lines = ''.join(f"{name}.avi {1 if v == (split - 1) % n_videos and n_videos > 1 else 2}\n"
+                            for v, name in enumerate(names))
+            atomic(root / 'splits' / f"{action}_test_split{split}.txt", lambda tmp: tmp.write_text(lines))
+    return root
+
+
+def png_frames(folder):
+    """The .png frames of a JHMDB video folder sorted by number (alexandre-eymael/CropMAE
+    downstreams/propagation/src/data/jhmdb.py make_paths keeps '.png' names sorted by int(stem))."""
+    try:
+        names = [n for n in os.listdir(folder) if n.lower().endswith('.png')]
+    except OSError:
+        return []
+    try:
+        names.sort(key=lambda n: int(n.split('.')[0]))
+    except ValueError:
+        raise BadInput(f"{folder}: frame names must be numbers (00001.png …), found {sorted(names)[0]}.")
+    return [Path(folder) / n for n in names]
+
+
+def jhmdb_video(mat, frames_dir, source):
+    """(name "<action>/<video>", frame paths, pos_img (2, 15, T) float64), checked; source names the list."""
+    frames_dir, mat = Path(frames_dir), Path(mat)
+    frames = png_frames(frames_dir)
+    if not frames:
+        raise BadInput(f"{source}: the frames folder {frames_dir} is missing or holds no .png frames.")
+    if not mat.is_file():
+        raise BadInput(f"{source}: the joint positions file {mat} is missing.")
+    arrays = read_mat(mat)
+    if 'pos_img' not in arrays:
+        raise BadInput(f"{mat}: has no numeric pos_img variable (found {sorted(arrays) or 'none'}).")
+    pos = arrays['pos_img'].astype(np.float64)
+    if pos.ndim == 2:
+        pos = pos[..., None]  # MATLAB drops a trailing singleton: a one-frame video
+    if pos.ndim != 3 or pos.shape[:2] != (2, 15):
+        raise BadInput(f"{mat}: pos_img has shape {pos.shape}, expected (2, 15, T).")
+    if pos.shape[2] > len(frames):
+        # CropMAE's eval_pck.py indexes the predictions by the GT frame index: more annotations than frames fails
+        raise BadInput(f"{mat}: annotates {pos.shape[2]} frames but {frames_dir} holds only {len(frames)}.")
+    return f"{frames_dir.parent.name}/{frames_dir.name}", frames, pos
+
+
+def read_jhmdb(path, split=1, list_order=None):
+    """The JHMDB test videos: [(name "<action>/<video>", frame paths sorted by number, pos_img (2, 15, T))].
+
+    `path` is the JHMDB root (the videos marked 2 in splits/*_test_split<split>.txt) or a list file with one
+    "<mat> <frames dir>" per line (alexandre-eymael/CropMAE downstreams/propagation/jhmdb_vallist.txt order), or
+    "<frames dir> <mat>" (ajabri/videowalk code/data/jhmdb.py order). list_order None detects the order from
+    which column ends in '.mat'; 'mat-first' or 'frames-first' forces it. Relative list paths are taken from the
+    current folder, else from the list's folder. Everything is checked before anything runs: each problem is a
+    BadInput naming the file.
+    """
+    path = Path(path)
+    videos = []
+    if path.is_dir():
+        split_files = sorted((path / 'splits').glob(f"*_test_split{split}.txt"))
+        if not split_files:
+            raise BadInput(f"{path}: no splits/*_test_split{split}.txt files (is this the JHMDB root?).")
+        for split_file in split_files:
+            action = split_file.name[:-len(f"_test_split{split}.txt")]
+            for n, line in enumerate(split_file.read_text().splitlines(), 1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) != 2 or fields[1] not in ('1', '2'):
+                    raise BadInput(f"{split_file}: line {n} is not '<video>.avi 1|2': {line.strip()!r}.")
+                if fields[1] != '2':
+                    continue
+                video = fields[0][:-4] if fields[0].endswith('.avi') else fields[0]
+                frames_dir = path / 'Rename_Images' / action / video
+                mat = path / 'joint_positions' / action / video / 'joint_positions.mat'
+                if not frames_dir.is_dir():
+                    raise BadInput(f"{split_file}: names video {video}, but {frames_dir} is missing.")
+                videos.append(jhmdb_video(mat, frames_dir, split_file))
+    elif path.is_file():
+        if list_order not in (None, 'mat-first', 'frames-first'):
+            raise BadInput(f"JHMDB list order must be 'mat-first' or 'frames-first', got {list_order!r}.")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise BadInput(f"{path}: line {n} is not '<mat> <frames dir>': {line.strip()!r}.")
+            order = list_order or ('mat-first' if fields[0].endswith('.mat') else
+                                   'frames-first' if fields[1].endswith('.mat') else None)
+            if order is None:
+                raise BadInput(f"{path}: line {n} names no .mat file: {line.strip()!r}.")
+            mat, frames_dir = [Path(f) if Path(f).is_absolute() or Path(f).exists() else path.parent / f
+                               for f in (fields if order == 'mat-first' else fields[::-1])]
+            videos.append(jhmdb_video(mat, frames_dir, f"{path} line {n}"))
+    else:
+        raise BadInput(f"{path}: no such JHMDB folder or list file.")
+    if not videos:
+        raise BadInput(f"{path}: lists no test videos" + (f" for split {split}." if path.is_dir() else "."))
+    return videos
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write synthetic data for Co-Settle (see PAPER.md step 1).")
@@ -440,9 +770,12 @@ def main(argv=None):
     target.add_argument('--make-davis', metavar='DIR', help='write a synthetic DAVIS-2017 folder')
     target.add_argument('--make-videos', metavar='DIR', help='write synthetic training videos (frame folders)')
     target.add_argument('--make-vip', metavar='DIR', help='write a synthetic VIP_Fine folder')
+    target.add_argument('--make-jhmdb', metavar='DIR', help='write a synthetic JHMDB folder (320x240, .mat, splits)')
     parser.add_argument('--seqs', type=int, default=3, help='DAVIS sequences')
-    parser.add_argument('--videos', type=int, default=8, help='training (8) or VIP videos')
-    parser.add_argument('--frames', type=int, default=None, help='frames per video (default 12 DAVIS, 16 videos)')
+    parser.add_argument('--videos', type=int, default=None, help='training videos (default 8), VIP videos (default '
+                        '2), or JHMDB videos per action (default 3)')
+    parser.add_argument('--frames', type=int, default=None, help='frames per video (default 12 DAVIS and JHMDB, '
+                        '6 VIP, 16 videos)')
     parser.add_argument('--height', type=int, default=96)
     parser.add_argument('--width', type=int, default=128)
     parser.add_argument('--seed', type=int, default=0)
@@ -455,12 +788,20 @@ def main(argv=None):
                   f"{args.height}x{args.width}) to {root}")
         elif args.make_vip:
             n_frames = 6 if args.frames is None else args.frames
-            root = make_vip(args.make_vip, args.videos, n_frames, args.height, args.width, seed=args.seed)
-            print(f"wrote {args.videos} synthetic VIP videos ({n_frames} key frames, {args.height}x{args.width}) "
+            n_videos = 2 if args.videos is None else args.videos
+            root = make_vip(args.make_vip, n_videos, n_frames, args.height, args.width, seed=args.seed)
+            print(f"wrote {n_videos} synthetic VIP videos ({n_frames} key frames, {args.height}x{args.width}) "
+                  f"to {root}")
+        elif args.make_jhmdb:
+            n_frames = 12 if args.frames is None else args.frames
+            n_videos = 3 if args.videos is None else args.videos
+            root = make_jhmdb(args.make_jhmdb, n_videos=n_videos, n_frames=n_frames, seed=args.seed)
+            print(f"wrote a synthetic JHMDB set (3 actions x {n_videos} videos, {n_frames} frames, 320x240) "
                   f"to {root}")
         else:
             n_frames = 16 if args.frames is None else args.frames
-            folders = write_synthetic_videos(args.make_videos, args.videos, n_frames, args.height, args.width,
+            n_videos = 8 if args.videos is None else args.videos
+            folders = write_synthetic_videos(args.make_videos, n_videos, n_frames, args.height, args.width,
                                              args.seed)
             print(f"wrote {len(folders)} synthetic videos ({n_frames} frames, {args.height}x{args.width}) "
                   f"to {args.make_videos}")

@@ -395,6 +395,137 @@ def table(rows, names=None):
 
 
 # -----------------------------------------------------------------------------
+# JHMDB: keypoints as heatmaps, PCK
+# alexandre-eymael/CropMAE downstreams/propagation/src/: data/jhmdb.py (labels), utils/test_utils.py (read-out,
+# drawing), eval/eval_pck.py (metric). Keypoints are (x, y); maps are [C, h, w] with channel 0 the background.
+
+# parent of each joint in CropMAE utils/test_utils.py vis_pose: face, shoulders -> neck; neck <-> belly; hips ->
+# belly; elbows -> shoulders; wrists -> elbows; knees -> hips; ankles -> knees
+JHMDB_PARENTS = (1, 0, 0, 0, 0, 1, 1, 3, 4, 5, 6, 7, 8, 9, 10)
+JHMDB_COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
+                 (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255),
+                 (85, 0, 255), (170, 0, 255))
+PCK_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def draw_labelmap(h, w, x, y, sigma=0.5):
+    """float64 [h, w]: the unnormalised Gaussian (peak 1) of one joint at grid point (x, y), drawn by the hourglass
+    rule of CropMAE data/jhmdb.py draw_labelmap_np: a (6σ+1)² kernel centred on its cell size//2, pasted with its
+    top-left at (int(x - 3σ), int(y - 3σ)), int() truncating toward zero, clipped to the grid; nothing when the
+    window misses the grid. For σ = 0.5 that is a 4x4 kernel centred on its cell (2, 2): offsets -2..+1, so the
+    peak lands on round-half-up(x) for x >= 1.5 and the -2 row/column exists only up and left."""
+    out = np.zeros((h, w))
+    left, top = int(x - 3 * sigma), int(y - 3 * sigma)
+    right, bottom = int(x + 3 * sigma + 1), int(y + 3 * sigma + 1)  # exclusive
+    if left >= w or top >= h or right < 0 or bottom < 0:
+        return out
+    size = 6 * sigma + 1
+    k = np.arange(0, size, 1.0)
+    g = np.exp(-((k[None] - size // 2) ** 2 + (k[:, None] - size // 2) ** 2) / (2 * sigma ** 2))
+    # the grid window and the part of the kernel that lands in it
+    x0, x1, y0, y1 = max(0, left), min(right, w), max(0, top), min(bottom, h)
+    out[y0:y1, x0:x1] = g[y0 - top:y1 - top, x0 - left:x1 - left]
+    return out
+
+
+def jhmdb_labels(pos_xy, W0, H0, grid=(20, 20), size=(320, 320), patch=16, sigma=0.5):
+    """float32 [16, grid h, grid w]: frame 0's label maps from its joints pos_xy [15, 2] (x, y, 0-based pixels of
+    the W0 x H0 frame, i.e. pos_img - 1): channel 0 = 1 where no joint map is non-zero, channels 1..15 one Gaussian
+    per joint at x * (size W / W0) / patch, y * (size H / H0) / patch (CropMAE data/jhmdb.py JhmdbSet.__getitem__:
+    the frame is stretched to `size` (H, W) and the grid is size / patch; no half-cell offset)."""
+    pos_xy = np.asarray(pos_xy, dtype=np.float64)
+    gx = pos_xy[:, 0] * size[1] / W0 / patch
+    gy = pos_xy[:, 1] * size[0] / H0 / patch
+    joints = np.stack([draw_labelmap(grid[0], grid[1], x, y, sigma) for x, y in zip(gx, gy)])
+    background = (joints.sum(0) == 0)[None]
+    return np.concatenate([background, joints]).astype(np.float32)
+
+
+def keypoints_from_maps(maps, topk=5):
+    """float64 [T, 15, 2]: (x, y) in grid cells from propagated maps [T, 16, h, w] (torch or numpy; channel 0 is
+    the background and is dropped). CropMAE utils/test_utils.py process_pose: the top-k cells of each joint map
+    (flattened row-major; ties here go to the lower index) weighted by their values normalised to sum 1; (-1, -1)
+    where the whole map sums to 0."""
+    maps = maps.detach().cpu().numpy() if torch.is_tensor(maps) else np.asarray(maps)
+    T, C, h, w = maps.shape
+    flat = maps[:, 1:].reshape(T, C - 1, h * w).astype(np.float64)
+    k = min(topk, h * w)
+    ids = np.argsort(-flat, axis=-1, kind='stable')[..., :k]
+    vals = np.take_along_axis(flat, ids, axis=-1)
+    empty = flat.sum(-1) == 0
+    with np.errstate(invalid='ignore', divide='ignore'):
+        weights = vals / vals.sum(-1, keepdims=True)
+    out = np.stack([(weights * (ids % w)).sum(-1), (weights * (ids // w)).sum(-1)], axis=-1)
+    out[empty] = -1.0
+    return out
+
+
+def keypoints_to_pixels(kps, W0, H0, grid=(20, 20)):
+    """[..., 15, 2] grid cells -> 0-based original pixels (x / grid w · W0, y / grid h · H0, CropMAE
+    eval/eval_pck.py); -1 stays -1 (no prediction)."""
+    kps = np.asarray(kps, dtype=np.float64)
+    out = kps * [W0 / grid[1], H0 / grid[0]]
+    out[kps[..., 0] < 0] = -1.0
+    return out
+
+
+def pck(preds, gts, sizes, alphas=PCK_ALPHAS, grid=(20, 20)):
+    """PCK as CropMAE eval/eval_pck.py computes it, over all videos.
+
+    preds: per video [T, 15, 2] (x, y) in grid cells (keypoints_from_maps), T >= T_gt; gts: per video pos_img
+    (2, 15, T_gt) as read from the .mat (1-based; 1 is subtracted here); sizes: per video (W0, H0).
+    A joint is visible iff its predicted x >= 0; frame 0 is skipped; the reference of frame k is 0.6 x the
+    diagonal of the tight box of frame k's visible GT joints; correct iff distance / reference <= alpha
+    (a one-point box gives inf or nan: scored, never correct, as upstream).
+    Returns {'PCK@0.1': fraction, ... (mean over the 15 joints of the per-joint fraction), 'per_joint':
+    {'PCK@0.1': [15 fractions], ...}, 'count': [15 scored (joint, frame) pairs]}. A joint never scored is NaN in
+    per_joint and left out of the mean (upstream divides by zero there).
+    """
+    dists = [[] for _ in range(15)]
+    for pred, gt, (W0, H0) in zip(preds, gts, sizes):
+        gt = np.asarray(gt, dtype=np.float64).transpose(2, 1, 0) - 1.0  # [T_gt, 15, 2], 0-based
+        pred = np.asarray(pred, dtype=np.float64)
+        if len(pred) < len(gt):
+            raise ValueError(f"pck: {len(pred)} predicted frames for {len(gt)} annotated ones.")
+        visible = pred[:, :, 0] >= 0
+        pixels = pred[:, :, :2] * [W0 / grid[1], H0 / grid[0]]
+        for k in range(1, len(gt)):
+            seen = visible[k]
+            if not seen.any():
+                continue
+            box = gt[k, seen]
+            reference = 0.6 * np.linalg.norm(box.max(0) - box.min(0))
+            with np.errstate(invalid='ignore', divide='ignore'):
+                d = np.linalg.norm(pixels[k] - gt[k], axis=-1) / reference
+            for j in np.flatnonzero(seen):
+                dists[j].append(d[j])
+    count = [len(d) for d in dists]
+    result = {'per_joint': {}, 'count': count}
+    for alpha in alphas:
+        with np.errstate(invalid='ignore'):
+            per_joint = [float(np.mean(np.asarray(d) <= alpha)) if d else float('nan') for d in dists]
+        result[f'PCK@{alpha:g}'] = float(np.nanmean(per_joint)) if any(count) else float('nan')
+        result['per_joint'][f'PCK@{alpha:g}'] = per_joint
+    return result
+
+
+def draw_skeleton(rgb, kps, width=4):
+    """uint8 [H, W, 3]: a copy of rgb with the 15-joint tree drawn (CropMAE utils/test_utils.py vis_pose: a line
+    from each joint to its parent in the joint's colour; skipped when either end has a coordinate that int()
+    makes negative, so -1 joints are not drawn). kps [15, 2] (x, y) in rgb's pixels. Upstream draws 8-px lines on
+    the 320x320 input; `width` is ours."""
+    from PIL import ImageDraw
+    image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    pen = ImageDraw.Draw(image)
+    points = [(int(x), int(y)) for x, y in np.asarray(kps, dtype=np.float64)]
+    for j, parent in enumerate(JHMDB_PARENTS):
+        (x1, y1), (x2, y2) = points[parent], points[j]
+        if min(x1, y1, x2, y2) >= 0:
+            pen.line([(x1, y1), (x2, y2)], fill=JHMDB_COLOURS[j], width=width)
+    return np.asarray(image)
+
+
+# -----------------------------------------------------------------------------
 # Label propagation: DINO's algorithm and CRW's (as CropMAE runs it), batched and on the device
 
 _windows = {}

@@ -3079,3 +3079,242 @@ def test_bad_vip_sets(tmp_path, capsys, case):
     err = fail(capsys, ["--vip", str(tmp_path / "vip"), "--out", str(tmp_path / "o")])
     assert want in err, err
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+# -----------------------------------------------------------------------------
+# JHMDB building blocks: MAT-files, the dataset layout, Gaussian labels, the top-5 read-out, PCK, the skeleton
+
+import struct as _struct
+
+E2, E4, E8 = math.exp(-2), math.exp(-4), math.exp(-8)
+
+
+def test_jhmdb_gaussian_interior():
+    """σ = 0.5: peak 1 at the cell, 4-neighbours e^-2, diagonals e^-4, the -2 offsets only up/left (e^-8)."""
+    g = ed.draw_labelmap(20, 20, 10.0, 7.0)
+    assert g[7, 10] == 1.0
+    assert np.allclose([g[6, 10], g[8, 10], g[7, 9], g[7, 11]], E2)
+    assert np.allclose([g[6, 9], g[6, 11], g[8, 9], g[8, 11]], E4)
+    assert np.isclose(g[5, 10], E8) and np.isclose(g[7, 8], E8) and g[9, 10] == 0 and g[7, 12] == 0
+    assert np.count_nonzero(g) == 16 and g[5:9, 8:12].sum() == g.sum()  # the 4x4 window, offsets -2..+1
+    assert ed.draw_labelmap(20, 20, 10.5, 7.49).argmax() == 7 * 20 + 11  # round half up in x, down in y
+
+
+@pytest.mark.parametrize("x, column", [(0.3, [E2, 1.0, 0, 0]), (-1.2, [1.0, 0, 0, 0]), (-1.6, [0, 0, 0, 0]),
+                                       (19.6, [0] * 2 + [E8, E2])])
+def test_jhmdb_gaussian_border(x, column):
+    """int() truncates toward zero: x = 0.3 peaks at column 1 (window int(-1.2) = -1 .. int(2.8) = 2 exclusive:
+    the +1 column is lost), -1.2 at column 0 (only that column), -1.6 draws nothing; past the right edge only the
+    -2/-1 columns of the kernel land (x = 19.6 peaks at 20, off the grid)."""
+    g = ed.draw_labelmap(20, 20, x, 5.0)
+    row = g[5, :4] if x < 10 else g[5, 16:]
+    assert np.allclose(row, column) and np.isclose(g.sum(), g[3:7].sum())
+
+
+def test_jhmdb_labels_channels_and_scaling():
+    """Background = 1 where no joint map is non-zero; x · 320/W0 / 16, y · 320/H0 / 16 (320x240: x/16, y/12)."""
+    pos = np.full((15, 2), -100.0)  # off the grid: nothing drawn
+    pos[3] = (160.0, 120.0)  # grid (10, 10)
+    lab = ed.jhmdb_labels(pos, 320, 240)
+    assert lab.shape == (16, 20, 20) and lab.dtype == np.float32
+    assert lab[4, 10, 10] == 1.0 and lab[1:].sum(0)[lab[0] == 1].sum() == 0
+    assert lab[0].sum() == 400 - 16 and not lab[[1, 2, 3, 5]].any()
+
+
+def test_jhmdb_readout_on_hand_maps():
+    maps = np.zeros((2, 16, 20, 20))
+    maps[0, 1, 2, 3], maps[0, 1, 2, 4] = 3.0, 1.0  # x = (3·3 + 4·1) / 4, y = 2 (zeros weigh nothing)
+    maps[0, 2] = ed.draw_labelmap(20, 20, 7.0, 11.0)  # symmetric neighbours: exactly the peak
+    maps[1, 3, 19, 0] = 0.5  # the last row: row-major ids, x = id % w, y = id // w
+    kps = ed.keypoints_from_maps(torch.from_numpy(maps))
+    assert kps.shape == (2, 15, 2)
+    assert np.allclose(kps[0, 0], (3.25, 2.0)) and np.allclose(kps[0, 1], (7.0, 11.0))
+    assert np.allclose(kps[1, 2], (0.0, 19.0))
+    assert (kps[0, 2:] == -1).all() and (kps[1, :2] == -1).all()  # empty maps
+    assert np.allclose(ed.keypoints_from_maps(maps, topk=1)[0, 0], (3, 2))
+    px = ed.keypoints_to_pixels(kps, 320, 240)
+    assert np.allclose(px[0, 1], (112.0, 132.0)) and (px[0, 2] == -1).all()
+
+
+def pck_case(W0=40, H0=20):
+    """One video, 3 frames, in pixels: joints 0 and 1 span a 30x40 box (diag 50, reference 30), others inside."""
+    gt = np.full((3, 15, 2), 10.0)
+    gt[:, 0], gt[:, 1] = (0.0, 0.0), (30.0, 40.0)
+    pred = gt.copy()
+    return gt, pred, (W0, H0)
+
+
+def pck_of(gt, pred, size, **kw):
+    W0, H0 = size
+    grid_pred = np.where(pred >= 0, pred / [W0 / 20, H0 / 20], -1.0)
+    return ed.pck([grid_pred], [gt.transpose(2, 1, 0) + 1], [size], **kw)
+
+
+def test_jhmdb_pck_hand_cases():
+    gt, pred, size = pck_case()
+    pred[0] += 100  # frame 0 is never scored
+    pred[1, 2, 0] += 3.0  # exactly 0.1 · 30: counted (<=)
+    pred[2, 2, 0] += 3.3  # 0.11: wrong at 0.1, right at 0.2
+    r = pck_of(gt, pred, size)
+    assert r['per_joint']['PCK@0.1'][2] == 0.5 and r['per_joint']['PCK@0.2'][2] == 1.0
+    assert np.isclose(r['PCK@0.1'], (14 + 0.5) / 15) and r['PCK@0.2'] == 1.0 and r['count'] == [2] * 15
+    assert set(r) == {'PCK@0.1', 'PCK@0.2', 'PCK@0.3', 'PCK@0.4', 'PCK@0.5', 'per_joint', 'count'}
+    pred[2, 1] = -1  # joint 1 unseen in frame 2: skipped, and the box shrinks to (0,0)-(10,10), reference 8.49
+    r = pck_of(gt, pred, size)
+    assert r['count'][1] == 1 and r['per_joint']['PCK@0.2'][2] == 0.5  # 3.3 / (0.6 · 10√2) = 0.389
+    assert r['per_joint']['PCK@0.3'][2] == 0.5 and r['per_joint']['PCK@0.4'][2] == 1.0
+
+
+def test_jhmdb_pck_never_scored_joint_is_nan():
+    gt, pred, size = pck_case()
+    pred[1:, 4] = -1
+    r = pck_of(gt, pred, size)
+    assert math.isnan(r['per_joint']['PCK@0.1'][4]) and r['PCK@0.1'] == 1.0 and r['count'][4] == 0
+
+
+def mat_header(order):
+    text = b'MATLAB 5.0 MAT-file, hand-built'.ljust(116, b' ') + b'\0' * 8
+    return text + _struct.pack(order + 'H', 0x0100) + (b'IM' if order == '<' else b'MI')
+
+
+def test_mat_reader_on_a_hand_built_big_endian_file(tmp_path):
+    """Independent of write_mat: big-endian, uncompressed, a double stored as miUINT8 with a small-element
+    name, and a char variable that is skipped."""
+    def sub(kind, data):
+        return _struct.pack('>II', kind, len(data)) + data + b'\0' * (-len(data) % 8)
+
+    def small(kind, data):
+        return _struct.pack('>HH', len(data), kind) + data.ljust(4, b'\0')
+
+    double = sub(14, sub(6, _struct.pack('>II', 6, 0)) + sub(5, _struct.pack('>ii', 2, 3)) + small(1, b'ab')
+                 + sub(2, bytes([1, 2, 3, 4, 5, 6])))
+    char = sub(14, sub(6, _struct.pack('>II', 4, 0)) + sub(5, _struct.pack('>ii', 1, 2)) + small(1, b'vp')
+               + small(4, 'EF'.encode('utf-16-be')))
+    path = tmp_path / 'hand.mat'
+    path.write_bytes(mat_header('>') + char + double)
+    arrays = data.read_mat(path)
+    assert list(arrays) == ['ab'] and arrays['ab'].dtype == np.float64
+    assert arrays['ab'].tolist() == [[1, 3, 5], [2, 4, 6]]  # column-major
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_mat_round_trip(tmp_path, compress):
+    pos = np.random.default_rng(0).uniform(1, 320, (2, 15, 7))
+    arrays = {'pos_img': pos, 'scale': np.float32([[1.5, 2.5]]), 'i': np.arange(-3, 3, dtype=np.int16).reshape(3, 2),
+              'u': np.arange(4, dtype=np.uint64).reshape(1, 2, 2), 'b': np.array([[True, False]]),
+              'viewpoint': 'E', 'cell': ['ab', np.ones(3)], 'st': {'f': 1.0, 'g': 'x'}}
+    data.write_mat(tmp_path / 'r.mat', arrays, compress=compress)
+    back = data.read_mat(tmp_path / 'r.mat')
+    assert set(back) == {'pos_img', 'scale', 'i', 'u', 'b'}  # char, cell, struct skipped
+    for name in back:
+        assert back[name].dtype == arrays[name].dtype and back[name].shape == arrays[name].shape
+        assert np.array_equal(back[name], arrays[name])
+
+
+def test_mat_bad_files(tmp_path):
+    good = tmp_path / 'good.mat'
+    data.write_mat(good, {'pos_img': np.ones((2, 15, 40))})
+    cases = {'trunc.mat': good.read_bytes()[:-20], 'text.mat': b'hello, not a mat file\n' * 10,
+             'v73.mat': (b'MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .'.ljust(512, b' ')
+                         + b'\x89HDF\r\n\x1a\n' + b'\0' * 64),
+             'head.mat': good.read_bytes()[:100]}
+    expect = {'trunc.mat': 'truncated', 'text.mat': 'not a MATLAB v5', 'v73.mat': 'v7.3', 'head.mat': 'truncated'}
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(BadInput, match=expect[name]) as e:
+            data.read_mat(tmp_path / name)
+        assert name in str(e.value)
+    data.write_mat(good, {'pos_img': np.ones((2, 15, 40))}, compress=False)
+    (tmp_path / 'cut.mat').write_bytes(good.read_bytes()[:300])
+    with pytest.raises(BadInput, match="cut.mat: truncated"):
+        data.read_mat(tmp_path / 'cut.mat')
+
+
+@pytest.fixture(scope="module")
+def jhmdb_root(tmp_path_factory):
+    return data.make_jhmdb(tmp_path_factory.mktemp("jhmdb") / "JHMDB", actions=('catch', 'walk'), n_videos=2,
+                           n_frames=4, seed=1)
+
+
+def test_make_jhmdb_layout_and_read(jhmdb_root, tmp_path):
+    root = jhmdb_root
+    frames = sorted((root / 'Rename_Images' / 'catch' / 'synth_catch_01').iterdir())
+    assert [f.name for f in frames] == ['00001.png', '00002.png', '00003.png', '00004.png']
+    with Image.open(frames[0]) as img:
+        assert img.size == (320, 240) and img.mode == 'RGB'
+    assert (root / 'splits' / 'catch_test_split1.txt').read_text() == "synth_catch_00.avi 1\nsynth_catch_01.avi 2\n"
+    mat = data.read_mat(root / 'joint_positions' / 'catch' / 'synth_catch_01' / 'joint_positions.mat')
+    assert mat['pos_img'].shape == (2, 15, 4) and mat['scale'].shape == (1, 4) and 'viewpoint' not in mat
+    videos = data.read_jhmdb(root)
+    assert [v[0] for v in videos] == ['catch/synth_catch_01', 'walk/synth_walk_01']
+    assert [v[0] for v in data.read_jhmdb(root, split=2)] == ['catch/synth_catch_00', 'walk/synth_walk_00']
+    name, paths, pos = videos[0]
+    assert paths == frames and np.array_equal(pos, mat['pos_img'])
+    for order, fmt in (('mat-first', "{mat} {frames}\n"), ('frames-first', "{frames} {mat}\n")):
+        lst = tmp_path / f'{order}.txt'
+        lst.write_text(''.join(fmt.format(mat=root / 'joint_positions' / n / 'joint_positions.mat',
+                                          frames=root / 'Rename_Images' / n) for n, _, _ in videos))
+        for forced in (None, order):
+            got = data.read_jhmdb(lst, list_order=forced)
+            assert [g[0] for g in got] == [v[0] for v in videos] and np.array_equal(got[1][2], videos[1][2])
+    assert data.main(['--make-jhmdb', str(tmp_path / 'cli'), '--videos', '1', '--frames', '2']) == 0
+    assert len(data.read_jhmdb(tmp_path / 'cli')) == 3
+
+
+def test_jhmdb_dataset_errors(jhmdb_root, tmp_path):
+    root = tmp_path / 'J'
+    shutil.copytree(jhmdb_root, root)
+    mat = root / 'joint_positions' / 'catch' / 'synth_catch_01' / 'joint_positions.mat'
+    frames = root / 'Rename_Images' / 'catch' / 'synth_catch_01'
+    lst = tmp_path / 'list.txt'
+
+    def fails(text, match, path=None, **kw):
+        if text is not None:
+            lst.write_text(text)
+        with pytest.raises(BadInput, match=match):
+            data.read_jhmdb(path or lst, **kw)
+
+    (tmp_path / 'empty_dir').mkdir()
+    fails(f"{mat} {tmp_path / 'empty_dir'}\n", "empty_dir is missing or holds no .png")
+    fails("", "lists no test videos")
+    fails(f"{mat} {frames} extra\n", "line 1 is not")
+    fails(f"{frames}/a.txt {frames}\n", "names no .mat")
+    fails(f"{tmp_path / 'none.mat'} {frames}\n", "none.mat is missing")
+    (frames / '00004.png').unlink()
+    fails(f"{mat} {frames}\n", "annotates 4 frames but .* holds only 3")
+    data.write_mat(mat, {'pos_world': np.ones((2, 15, 3)), 'viewpoint': 'E'})
+    fails(f"{mat} {frames}\n", "joint_positions.mat: has no numeric pos_img")
+    (root / 'splits' / 'aaa_test_split1.txt').write_text("ghost.avi 2\n")  # read first (sorted)
+    fails(None, "aaa_test_split1.txt: names video ghost", path=root)
+    fails(None, "no splits/\\*_test_split3.txt", path=tmp_path / 'empty_dir', split=3)
+
+
+def test_jhmdb_oracle_round_trip(jhmdb_root):
+    """GT heatmaps read straight back: within the grid round trip (8 px in x, 6 px in y at 320x240), and PCK of
+    both these and of the exact GT is 1 (the synthetic person's box diagonal is >= 170 px)."""
+    preds, gts, sizes = [], [], []
+    for split in (1, 2):
+        for name, paths, pos in data.read_jhmdb(jhmdb_root, split=split):
+            gt = pos.transpose(2, 1, 0) - 1  # [T, 15, 2]
+            assert min(np.linalg.norm(g.max(0) - g.min(0)) for g in gt) >= 170
+            maps = np.stack([ed.jhmdb_labels(g, 320, 240) for g in gt])
+            kps = ed.keypoints_from_maps(maps)
+            err = np.abs(ed.keypoints_to_pixels(kps, 320, 240) - gt)
+            assert (err[..., 0] <= 8).all() and (err[..., 1] <= 6).all(), name
+            preds.append(kps), gts.append(pos), sizes.append((320, 240))
+    assert ed.pck(preds, gts, sizes)['PCK@0.1'] == 1.0
+    exact = [(g.transpose(2, 1, 0) - 1) / [16, 12] for g in gts]
+    r = ed.pck(exact, gts, sizes)
+    assert all(r[f'PCK@{a:g}'] == 1.0 for a in ed.PCK_ALPHAS)
+
+
+def test_jhmdb_draw_skeleton():
+    rgb = np.zeros((40, 40, 3), np.uint8)
+    kps = np.full((15, 2), -1.0)
+    kps[0], kps[1], kps[2] = (5, 5), (5, 30), (-0.5, 2)  # neck, belly; the face's int(x) = 0: drawn as upstream
+    out = ed.draw_skeleton(rgb, kps, width=1)
+    assert out.dtype == np.uint8 and out.shape == rgb.shape and not rgb.any()
+    assert tuple(out[20, 5]) == ed.JHMDB_COLOURS[1]  # belly -> neck drawn after neck -> belly
+    assert tuple(out[3, 2]) == ed.JHMDB_COLOURS[2] or tuple(out[4, 3]) == ed.JHMDB_COLOURS[2]
+    kps[2] = (-1, 2)
+    assert not ed.draw_skeleton(rgb, kps, width=1)[:, :4].any()  # -1 joints are not drawn
