@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from cosettle import FAMILIES, BadInput, build_vit, cycle_loss, load_encoder, load_projection
 from data import (IMAGENET_MEAN, IMAGENET_STD, atomic, davis_palette, find_videos, list_frames, load_rgb, make_davis,
-                  synthetic_video)
+                  read_jhmdb, synthetic_video)
 
 # Two protocols for DAVIS, one propagation loop. Sizes: a (height, width) pair is fixed; one number is a rule.
 # paper: the pipeline behind the paper's Table 1 (Sec. 4.1: "following SiamMAE/CropMAE/RSP"): CropMAE's
@@ -406,6 +406,8 @@ JHMDB_COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 
                  (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255),
                  (85, 0, 255), (170, 0, 255))
 PCK_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
+JHMDB_JOINTS = ("neck", "belly", "face", "r-shoulder", "l-shoulder", "r-hip", "l-hip", "r-elbow", "l-elbow",
+                "r-knee", "l-knee", "r-wrist", "l-wrist", "r-ankle", "l-ankle")  # pos_img's joint order
 
 
 def draw_labelmap(h, w, x, y, sigma=0.5):
@@ -783,6 +785,51 @@ def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overl
     return n_frames
 
 
+def track(plan, embed, heads, outs, params, patch, device, batch_size=8, overlay=False, verbose=True):
+    """JHMDB (CropMAE src/test.py on src/data/jhmdb.py): every video's frames stretched to the processing size,
+    frame 0's joints as Gaussian maps plus a background channel, propagated, each frame's joints read out as the
+    top-5 weighted cell of their map. Writes outs[name]/<action>/<video>.npy, float (T, 15, 2) of (x, y) in
+    0-based original pixels, -1 where a map is empty; returns ({name: [keypoints in grid cells per video]},
+    number of frames)."""
+    preds, n_frames = {name: [] for name in heads}, 0
+    for video, frames, pos in plan:
+        H0, W0 = image_size(frames[0])
+        th, tw = grid_size(H0, W0, params, patch, frames[0])
+        grid = (th // patch, tw // patch)
+        labels0 = jhmdb_labels(pos[:, :, 0].T - 1, W0, H0, grid=grid, size=(th, tw), patch=patch)
+        kps = {name: [] for name in heads}
+        for _, maps in soft_maps(frames, torch.from_numpy(labels0).to(device), (th, tw), embed, heads, params,
+                                 device, batch_size):
+            for name, soft in maps.items():
+                kps[name].append(keypoints_from_maps(soft))  # one sync per batch
+        show = set(np.linspace(0, len(frames) - 1, 4).round().astype(int).tolist()) if overlay else set()
+        for name in heads:
+            preds[name].append(np.concatenate(kps[name]))
+            pixels = keypoints_to_pixels(preds[name][-1], W0, H0, grid)
+            atomic(outs[name] / f"{video}.npy", lambda tmp: save_npy(tmp, pixels))
+            for t in sorted(show):
+                pic = draw_skeleton(np.asarray(load_rgb(frames[t])), pixels[t])
+                write_png(outs[name] / "overlays" / video / f"{frames[t].stem}.png", pic, mode="RGB")
+        n_frames += len(frames)
+        if verbose:
+            print(f"  {video}: {len(frames)} frames at {tw}x{th}, 15 joints on the {grid[1]}x{grid[0]} grid")
+    return preds, n_frames
+
+
+def save_npy(path, array):
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+        np.save(f, array)
+
+
+def score_jhmdb(plan, preds, grid, verbose=True):
+    """PCK (pck()) of the grid keypoints `preds` against the plan's ground truth, printed per joint."""
+    m = pck(preds, [pos for _, _, pos in plan], [image_size(frames[0])[::-1] for _, frames, _ in plan], grid=grid)
+    if verbose:
+        print("JHMDB " + ", ".join(f"PCK@{a:g} {m[f'PCK@{a:g}']:.4f}" for a in PCK_ALPHAS) + "\n  per joint PCK@0.1: " +
+              " ".join(f"{JHMDB_JOINTS[j]} {v:.3f}" for j, v in enumerate(m["per_joint"]["PCK@0.1"])))
+    return m
+
+
 def blend(frame, ids):
     """The image with each label's palette colour laid over it at 50%, background untouched."""
     img = np.asarray(load_rgb(frame), dtype=np.float32)
@@ -810,11 +857,12 @@ def encoder_embed(encoder):
 
 
 def run(encoder, heads, tasks, out_dir, protocol="paper", device=None, batch_size=8, overlay=False, verbose=True,
-        vip_size=None, **overrides):
+        vip_size=None, jhmdb_split=1, jhmdb_order=None, **overrides):
     """Propagate with each head on each task and score it: {name: {task: metrics or None}}.
 
-    tasks: {"davis": DAVIS-2017 folder, "vip": VIP_Fine folder or list file}; {"davis": None} runs on a synthetic
-    DAVIS set in a temporary folder. `protocol` is DAVIS's (VIP always runs CropMAE's pipeline); overrides
+    tasks: {"davis": DAVIS-2017 folder, "vip": VIP_Fine folder or list file, "jhmdb": JHMDB folder (split
+    `jhmdb_split`'s test videos) or list file (data.read_jhmdb)}; {"davis": None} runs on a synthetic DAVIS set
+    in a temporary folder. `protocol` is DAVIS's (VIP and JHMDB always run CropMAE's pipeline); overrides
     (topk, context, radius, temperature, size, mean, std) apply to every task. Outputs go to out_dir, with a
     <name>/ level when there are several heads and a <task>/ level when there are several tasks; each head's
     folder gets summary.json ({task: metrics}). DAVIS metrics are None when the set has only first-frame
@@ -825,10 +873,12 @@ def run(encoder, heads, tasks, out_dir, protocol="paper", device=None, batch_siz
             if verbose:
                 print(f"no --davis: evaluating on a synthetic DAVIS set made in {tmp} (data.make_davis)")
             return run(encoder, heads, {**tasks, "davis": make_davis(tmp)}, out_dir, protocol, device, batch_size,
-                       overlay, verbose, vip_size, **overrides)
+                       overlay, verbose, vip_size, jhmdb_split, jhmdb_order, **overrides)
     params = {"davis": protocol_params(protocol, **overrides),
-              "vip": protocol_params(VIP, **{"size": vip_size, **overrides})}
-    plans = {"davis": lambda p: read_davis(p, scoring=False), "vip": read_vip}
+              "vip": protocol_params(VIP, **{"size": vip_size, **overrides}),
+              "jhmdb": protocol_params(JHMDB, **overrides)}
+    plans = {"davis": lambda p: read_davis(p, scoring=False), "vip": read_vip,
+             "jhmdb": lambda p: read_jhmdb(p, jhmdb_split, jhmdb_order)}
     plans = {task: plans[task](path) for task, path in tasks.items()}  # every check before the first file
     root = {name: Path(out_dir) / name if len(heads) > 1 else Path(out_dir) for name in heads}
     results = {name: {} for name in heads}
@@ -838,13 +888,21 @@ def run(encoder, heads, tasks, out_dir, protocol="paper", device=None, batch_siz
         if verbose:
             print(f"{task}: propagating {len(plan)} videos, {params[task]}, device {device}")
         t0 = time.perf_counter()
-        n = segment(plan, embed, heads, outs, params[task], encoder.patch_size, device, batch_size, overlay,
-                    verbose, vip=task == "vip")
+        if task == "jhmdb":
+            preds, n = track(plan, embed, heads, outs, params[task], encoder.patch_size, device, batch_size, overlay,
+                             verbose)
+        else:
+            n = segment(plan, embed, heads, outs, params[task], encoder.patch_size, device, batch_size, overlay,
+                        verbose, vip=task == "vip")
         dt = time.perf_counter() - t0
         if verbose:
             print(f"{task}: {n} frames in {dt:.1f} s: {n / dt:.2f} frames/s ({len(heads)} head(s) per forward)")
         for name in heads:
-            if task == "vip":
+            if task == "jhmdb":
+                size = grid_size(*params[task]["size"], params[task], encoder.patch_size, "JHMDB")
+                results[name][task] = score_jhmdb(plan, preds[name], (size[0] // encoder.patch_size,
+                                                                      size[1] // encoder.patch_size), verbose)
+            elif task == "vip":
                 results[name][task] = score_vip(plan, outs[name], verbose)
             elif any(len(anns) < len(frames) for _, frames, anns, _ in plan):  # e.g. test-dev: first frames only
                 if verbose:
@@ -859,7 +917,10 @@ def run(encoder, heads, tasks, out_dir, protocol="paper", device=None, batch_siz
 
 
 def write_json(path, obj):
-    atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, allow_nan=True) + "\n"))
+    """JSON with NaN (a class or joint never seen) written as null, as strict parsers need."""
+    clean = lambda o: {k: clean(v) for k, v in o.items()} if isinstance(o, dict) else \
+        [clean(v) for v in o] if isinstance(o, list) else None if isinstance(o, float) and math.isnan(o) else o
+    atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(clean(obj), indent=1, allow_nan=False) + "\n"))
 
 
 def evaluate(encoder, projection, davis_root, out_dir, protocol="paper", **overrides):
@@ -1113,6 +1174,9 @@ def main(argv=None):
     parser.add_argument("--ckpt", help="train.py checkpoint with the trained projection")
     parser.add_argument("--davis", help="DAVIS-2017 folder (with no task given: a synthetic one, temporary)")
     parser.add_argument("--vip", help="VIP_Fine folder, or a list file of '<images dir> <labels dir>' lines")
+    parser.add_argument("--jhmdb", help="JHMDB folder (Rename_Images, joint_positions, splits), or a list file of "
+                        "'<mat> <frames dir>' lines (CropMAE's order; CRW's reverse order is detected)")
+    parser.add_argument("--jhmdb-split", type=int, default=1, choices=(1, 2, 3), help="JHMDB test split (default 1)")
     parser.add_argument("--vip-size", type=size_arg, help="HxW for VIP instead of CropMAE's long side 880 rule "
                         "(the paper's text says 480x880)")
     parser.add_argument("--out", default="results", help="where the results and summary.json go")
@@ -1132,9 +1196,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        tasks = {t: getattr(args, t) for t in ("davis", "vip") if getattr(args, t)} or {"davis": None}
+        tasks = {t: getattr(args, t) for t in ("davis", "vip", "jhmdb") if getattr(args, t)} or {"davis": None}
         if args.masks:
-            if tasks == {"davis": None} or len(tasks) > 1:
+            if tasks == {"davis": None} or len(tasks) > 1 or args.jhmdb:
                 raise BadInput("--masks needs one of --davis or --vip (the ground truth to score against)")
             m = score_vip(read_vip(args.vip), args.masks) if args.vip else score(args.davis, args.masks, device)[0]
             write_json(Path(args.masks) / "summary.json", {next(iter(tasks)): m})
@@ -1161,15 +1225,16 @@ def main(argv=None):
             for name, r in res.items():
                 print(f"{name:10s} {r['cycle_acc']:10.4f} {r['D_intra']:8.4f} {r['D_inter']:8.4f} {r['margin']:8.4f}")
             return 0
-        kw = dict(device=device, batch_size=args.batch_size, overlay=args.overlay, topk=args.topk,
+        kw = dict(device=device, batch_size=args.batch_size, overlay=args.overlay, vip_size=args.vip_size,
+                  jhmdb_split=args.jhmdb_split, topk=args.topk,
                   context=args.context, radius=args.radius, temperature=args.temperature)
         if args.native_stats:
             kw["mean"], kw["std"] = encoder.native_stats
         if args.compare:
-            compare(encoder, projection, tasks, args.out, args.protocol, vip_size=args.vip_size, **kw)
+            compare(encoder, projection, tasks, args.out, args.protocol, **kw)
         else:
             name = "baseline" if projection is None else "cosettle"
-            run(encoder, {name: projection}, tasks, args.out, args.protocol, vip_size=args.vip_size, **kw)
+            run(encoder, {name: projection}, tasks, args.out, args.protocol, **kw)
         return 0
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3318,3 +3318,38 @@ def test_jhmdb_draw_skeleton():
     assert tuple(out[3, 2]) == ed.JHMDB_COLOURS[2] or tuple(out[4, 3]) == ed.JHMDB_COLOURS[2]
     kps[2] = (-1, 2)
     assert not ed.draw_skeleton(rgb, kps, width=1)[:, :4].any()  # -1 joints are not drawn
+
+
+def test_jhmdb_pipeline_oracle_compare_and_outputs(tmp_path, capsys):
+    """Features that identify positions only (static keypoints): every frame's keypoints are frame 0's read-out,
+    within the 320x320 -> 20x20 grid round trip of the ground truth (<= 8 px in x, 6 px in y at 320x240)."""
+    root = data.make_jhmdb(tmp_path / "jhmdb", n_videos=2, n_frames=5)
+    plan = data.read_jhmdb(root)
+    position = lambda x: torch.eye(400)[None].expand(x.shape[0], -1, -1).reshape(x.shape[0], 20, 20, 400)
+    outs = {"pos": tmp_path / "pos"}
+    preds, n = ed.track(plan, position, {"pos": None}, outs, ed.JHMDB, 16, "cpu", batch_size=3, verbose=False)
+    assert n == 5 * len(plan)
+    for (video, frames, pos), kps in zip(plan, preds["pos"]):
+        pixels = np.load(outs["pos"] / f"{video}.npy")
+        assert pixels.shape == (5, 15, 2) and (pixels == pixels[:1]).all()
+        err = np.abs(pixels[0] - (pos[:, :, 0].T - 1))
+        assert (err[:, 0] <= 8).all() and (err[:, 1] <= 6).all(), err.max(0)
+    enc = tiny_vit()
+    m = ed.compare(enc, Projection(enc.embed_dim).eval(), {"jhmdb": str(root), "davis": None}, tmp_path / "out",
+                   size=(48, 64), overlay=True, verbose=True)
+    printed = capsys.readouterr().out
+    assert "per joint PCK@0.1" in printed and "jhmdb PCK@0.1" in printed
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for name in ("baseline", "cosettle"):
+        j = summary[name]["jhmdb"]
+        assert set(j) >= {"PCK@0.1", "PCK@0.2", "PCK@0.5", "per_joint"} and 0 <= j["PCK@0.1"] <= j["PCK@0.2"] <= 1
+        assert len(j["per_joint"]["PCK@0.1"]) == 15
+    assert summary["difference"]["jhmdb"]["PCK@0.2"] == pytest.approx(m["cosettle"]["jhmdb"]["PCK@0.2"] -
+                                                                      m["baseline"]["jhmdb"]["PCK@0.2"])
+    video = plan[0][0]
+    assert np.load(tmp_path / "out" / "cosettle" / "jhmdb" / f"{video}.npy").shape == (5, 15, 2)
+    assert (tmp_path / "out" / "baseline" / "jhmdb" / "overlays" / video / "00005.png").is_file()  # the last
+    # a bad set is refused before anything is written
+    (root / "splits" / "catch_test_split1.txt").write_text("ghost.avi 2\n")
+    err = fail(capsys, ["--jhmdb", str(root), "--out", str(tmp_path / "bad")])
+    assert "ghost" in err and not (tmp_path / "bad").exists()
