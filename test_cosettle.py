@@ -1080,7 +1080,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tiny_weights, small_videos, t
     b = tmp_path / "b"
     sigterm_at(3)
     code, out, _ = run_main(common + ["--out", b], capsys)
-    assert code == 0 and "interrupted: step 3/8" in out and not guard
+    assert code == 143 and "interrupted: step 3/8" in out and not guard  # 128 + SIGTERM
     ckpt = torch.load(b / "cosettle.pth", map_location="cpu", weights_only=True)
     assert set(ckpt) == {"projection", "optimizer", "step", "epoch", "args", "world", "videos", "encoder"}
     assert ckpt["step"] == 3 and ckpt["epoch"] == 0
@@ -1095,7 +1095,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tiny_weights, small_videos, t
 
     sigterm_at(3)  # resume, and interrupt again mid-epoch 1 (global step 6)
     code, out, _ = run_main(common + ["--out", b, "--resume"], capsys)
-    assert code == 0 and "starting at step 3" in out and "interrupted: step 6/8" in out
+    assert code == 143 and "starting at step 3" in out and "interrupted: step 6/8" in out
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     code, out, _ = run_main(common + ["--out", b, "--resume"], capsys)
     assert code == 0 and "starting at step 6" in out and "done: step 8/8" in out
