@@ -2774,7 +2774,9 @@ def test_bad_davis_folders(tmp_path, capsys):
     Image.new("P", (40, 32)).save(ann)
     assert "40x32" in fail(capsys, run) or "48x32" in fail(capsys, run)
     ann.write_bytes(good)
-    assert "topk >= 1" in fail(capsys, run + ["--topk", "0"])
+    with pytest.raises(SystemExit) as exit_:  # checked by argparse now (protocol_params still checks for callers)
+        ed.main(run + ["--topk", "0"])
+    assert exit_.value.code == 2 and "argument --topk: must be > 0" in capsys.readouterr().err
     torch.save({"projection": Projection(64).state_dict()}, tmp_path / "p.pth")
     assert "width 64" in fail(capsys, run + ["--ckpt", str(tmp_path / "p.pth")])
     shutil.rmtree(davis / "ImageSets")
