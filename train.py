@@ -395,6 +395,7 @@ def demo(args):
     model = model.to(device)
     before = cycle_accuracy(model.eval(), videos, device, dtype, args.seed)
     trained, _ = train(args)
+    trained.loss_fn = objective  # measured as `before` is, eagerly (the fused loss would compile again for no_grad)
     after = cycle_accuracy(trained.eval(), videos, device, dtype, args.seed)
     davis = make_davis(os.path.join(args.out, "synthetic_davis"), n_seqs=3, n_frames=12, seed=args.seed)
     jf = compare(trained.encoder, trained.projection, davis, os.path.join(args.out, "davis_results"), "paper",
