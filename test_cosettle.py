@@ -1169,6 +1169,8 @@ def test_ddp_two_processes_equal_one(tiny_weights, small_videos, tmp_path):
     rb = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == [2]
     assert ra[0]["lr"] == pytest.approx(rb[0]["lr"], rel=1e-12)
+    for k in ("loss", "cycle", "reg", "accuracy"):  # the all-reduced mean of the global batch, not rank 0's half
+        assert ra[0][k] == pytest.approx(rb[0][k], abs=2e-5), (k, ra[0], rb[0])
 
 
 
