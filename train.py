@@ -32,8 +32,8 @@ SIZE = 224               # training crops, as the paper
 LOG_EVERY = 10           # steps between progress lines / log.jsonl records
 SAVE_EVERY_S = 15 * 60   # besides each epoch end and SIGTERM/SIGINT: a checkpoint at least this often
 DEMO_VIDEOS, DEMO_FRAMES = 64, 16
-# Before the user's flags. --blr 0.1, 1000x the official 1e-4: the demo's 80 steps at 1e-4 would leave the
-# projection at its initialisation. --overwrite: a second `python train.py` replaces the first demo.
+# Before the user's flags. --blr 0.1, 1000x the official 1e-4: the demo's 80 steps at 1e-4 would barely move the
+# projection from its initialisation. --overwrite: a second `python train.py` replaces the first demo.
 DEMO_ARGS = ["--epochs", "10", "--batch-size", "8", "--blr", "0.1", "--out", "out/demo", "--overwrite"]
 OFFICIAL_BLR, SHORT_RUN = 1e-4, 1000  # fewer steps than this at the official rate barely move the projection
 
@@ -380,7 +380,7 @@ def epoch_loader(data, epoch, skip, steps_per_epoch, args, rank, world, device):
 def demo(args):
     """No --weights and no --videos: synthetic videos, a seeded random ViT-S/16, a short run, before vs after."""
     print(f"No --weights and no --videos: embedded demo (--blr {args.blr:g}, not the official 1e-4: its few steps "
-          f"would leave the projection where it started). It writes synthetic videos (data.py) under {args.out}, "
+          f"would barely move the projection). It writes synthetic videos (data.py) under {args.out}, "
           "trains the projection on a randomly initialised ViT-S/16 (seed 0), NOT on pretrained weights, and "
           "reports cycle accuracy and DAVIS-style J&F on synthetic sequences before and after. Expect small numbers: "
           "the point is the mechanics.")
