@@ -130,8 +130,9 @@ def find_videos(path):
                 found.append((Path(dirpath), n))
             n_video_files += sum(1 for name in filenames if name.lower().endswith(VIDEO_SUFFIXES))
         if not found and n_video_files:  # Kinetics as downloaded: .mp4 files, no frames yet
-            raise BadInput(f"{path}: holds {n_video_files} video file{'s' * (n_video_files > 1)} but no folders of frames; extract the frames "
-                           f"first, one folder per video, e.g. `{EXTRACT}` (README, \"Kinetics as downloaded\").")
+            raise BadInput(f"{path}: holds {n_video_files} video file{'s' * (n_video_files > 1)} but no folders of "
+                           f"frames; extract the frames first, one folder per video, e.g. `{EXTRACT}` (README, "
+                           f"\"Kinetics as downloaded\").")
     elif path.suffix.lower() == '.txt':
         try:
             lines = path.read_text().splitlines()
