@@ -9,7 +9,9 @@ the published numbers, and say so.
     python cosettle.py --bench      # eager official cycle loss vs the fused (compiled) one, fwd+bwd
 """
 import argparse
+import contextlib
 import hashlib
+import logging
 import math
 import os
 import re
@@ -22,10 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import IMAGENET_MEAN, IMAGENET_STD, BadInput
-
-# torch's own inductor calls a helper that torch deprecates; nothing a user can act on, so keep the demo quiet.
-warnings.filterwarnings("ignore", message=r"`torch\._prims_common\.check` is deprecated", category=FutureWarning)
+from data import IMAGENET_MEAN, IMAGENET_STD, BadInput, positive
 
 # -----------------------------------------------------------------------------
 # The ViT (DINO's vision_transformer.py, written to be read in one sitting)
@@ -228,8 +227,14 @@ def read_checkpoint(path):
     archive (CLIP's ViT-B-16.pt). Every failure becomes one sentence about the file."""
     if not os.path.isfile(path):
         raise BadInput(f"{path}: no such file")
+    zipped = zipfile.is_zipfile(path)
+    with open(path, "rb") as f:
+        pickled = f.read(1) == b"\x80"  # the PROTO opcode that starts torch.save's legacy (non-zip) format
+    if not (zipped or pickled):  # say so, rather than what the unpickler makes of text ("pop from empty list")
+        raise BadInput(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle, the two "
+                       f"formats torch.save writes)")
     try:
-        if zipfile.is_zipfile(path):
+        if zipped:
             with zipfile.ZipFile(path) as z:
                 scripted = any("/code/" in n for n in z.namelist())
             if scripted:
@@ -438,13 +443,18 @@ def pool_tokens(p):
     """2x2 average pooling of [B, side*side, D] tokens on their grid -> [B, side*side/4, D] (not re-normalised)."""
     B, n, D = p.shape
     s = math.isqrt(n)
+    if s * s != n or s % 2:
+        raise ValueError(f"cycle loss: {n} tokens per frame are not an even square grid (side x side patch tokens, "
+                         f"side even, e.g. 196 = 14 x 14; drop CLS and register tokens first)")
     return p.view(B, s // 2, 2, s // 2, 2, D).mean(dim=(2, 4)).reshape(B, n // 4, D)
 
 
 def cycle_loss(p1, p2, p1b, temp=0.03):
     """Temporal cycle-consistency, paper Eq. 2 (step 5) -> (loss, cycle accuracy, sim_identity).
 
-    p1, p2, p1b: L2-normalised projected tokens [B, N, D] of frame t1, frame t2 and frame t1 encoded with PEA.
+    p1, p2, p1b: L2-normalised projected tokens [B, N, D] of frame t1, frame t2 and frame t1 encoded with PEA,
+    patch tokens only, N = side x side with side even (the 2x2 pooling; anything else is a ValueError). The
+    inputs are not normalised here: unnormalised tokens give a loss, but not this one.
     A = softmax(p1 p2^T / temp), A~ = softmax(p2 p1b^T / temp) on 2x2-pooled tokens, M = A A~, and the official
     loss is cross_entropy(log(M + 1e-6), identity). Rows of M sum to 1, so that equals
         -mean_i log(M_ii + 1e-6) + log(1 + N 1e-6),   M_ii = sum_j A_ij A~_ji,
@@ -501,9 +511,30 @@ def fuse(fn, shape=(1, 3 * 16, 8), device="cpu", *args):
     hands it fp32), so that a missing compiler fails now, with its reason, and the run never recompiles."""
     fused = torch.compile(fn, dynamic=False)
     probe = torch.randn(shape, device=device, requires_grad=True)
-    out = fused(probe, probe.detach(), *args)
-    (out[0] if isinstance(out, tuple) else out).backward()
+    with quiet_compile():
+        out = fused(probe, probe.detach(), *args)
+        (out[0] if isinstance(out, tuple) else out).backward()
     return fused
+
+
+@contextlib.contextmanager
+def quiet_compile():
+    """Silence, while fuse() compiles, two messages from inside torch that no user can act on: inductor calling a
+    helper torch itself deprecates (a FutureWarning), and on a CUDA build of torch without a GPU,
+    torch.utils.cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." as inductor imports it to
+    compile for the CPU. Nothing else is filtered, and nothing outside the compile."""
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+
+    def keep(record):
+        return not record.getMessage().startswith("No CUDA runtime is found")
+    cpp_extension_log.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\._prims_common\.check` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        cpp_extension_log.removeFilter(keep)
 
 
 class CoSettle(nn.Module):
@@ -597,7 +628,7 @@ def bench(batch=64, tokens=196, dim=768, iters=10):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", action="store_true", help="time the cycle loss: official eager vs fused")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive(), default=64)
     args = parser.parse_args()
     if not args.bench:
         parser.print_help()

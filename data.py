@@ -18,7 +18,6 @@ import os
 import random
 import struct
 import sys
-import warnings
 import zlib
 from pathlib import Path
 
@@ -27,6 +26,8 @@ import torch
 from PIL import Image
 
 FRAME_SUFFIXES = ('.jpg', '.jpeg', '.png')  # matched case-insensitively
+VIDEO_SUFFIXES = ('.mp4', '.avi', '.mkv', '.webm', '.mov')  # video files, which need their frames extracted first
+EXTRACT = "ffmpeg -nostdin -i CLASS/VIDEO.mp4 -q:v 2 FRAMES/CLASS/VIDEO/%05d.jpg"  # README, "Kinetics as downloaded"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -36,6 +37,53 @@ class BadInput(Exception):
 
     Scripts catch it, print the message and exit non-zero. cosettle.py re-exports it (`from data import BadInput`).
     """
+
+
+# -----------------------------------------------------------------------------
+# checks every script shares: numeric flags at parse time, the output folder before any work
+
+def _number(text, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def at_least(lo, kind=int, below=None):
+    """An argparse `type`: a `kind` (int or float) >= lo, and < below when given. Anything else (NaN included)
+    is argparse's one-line error, "argument --flag: ...", exit 2."""
+    def parse(text):
+        value = _number(text, kind)
+        if not value >= lo or (below is not None and not value < below):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}{'' if below is None else f' and < {below}'}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+def positive(kind=int):
+    """An argparse `type`: a `kind` > 0 (for floats inf passes, NaN does not)."""
+    def parse(text):
+        value = _number(text, kind)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def check_out_dir(path, flag="--out"):
+    """Raise BadInput unless `path` is a folder we can write into, or one we could create; creates nothing, so a
+    run that fails later leaves no empty folder behind. (As root every folder is writable.)"""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"{flag} {path}: is a file, not a folder.")
+    probe = path.absolute()
+    while not probe.exists():  # the nearest existing ancestor decides whether the folder can be made
+        probe = probe.parent
+    if not probe.is_dir():
+        raise BadInput(f"{flag} {path}: cannot be created, {probe} is a file.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag} {path}: no permission to write in {probe}.")
 
 
 # -----------------------------------------------------------------------------
@@ -78,11 +126,16 @@ def find_videos(path):
     if path.is_dir():
         # os.walk reads each directory once with scandir and needs no per-file stat: fine for 240k folders.
         # followlinks: dataset trees are often assembled from symlinked class folders.
-        found = []
+        found, n_video_files = [], 0
         for dirpath, _, filenames in os.walk(path, followlinks=True):
             n = sum(1 for name in filenames if is_frame(name))
             if n > 0:
                 found.append((Path(dirpath), n))
+            n_video_files += sum(1 for name in filenames if name.lower().endswith(VIDEO_SUFFIXES))
+        if not found and n_video_files:  # Kinetics as downloaded: .mp4 files, no frames yet
+            raise BadInput(f"{path}: holds {n_video_files} video file{'s' * (n_video_files > 1)} but no folders of "
+                           f"frames; extract the frames first, one folder per video, e.g. `{EXTRACT}` (README, "
+                           f"\"Kinetics as downloaded\").")
     elif path.suffix.lower() == '.txt':
         try:
             lines = path.read_text().splitlines()
@@ -248,8 +301,8 @@ class FramePairs(torch.utils.data.Dataset):
             v = (idx + k) % len(self.videos)
             try:
                 return self.load(v)
-            except BadInput as e:
-                warnings.warn(f"{e} Using video {(v + 1) % len(self.videos)} instead.")
+            except BadInput as e:  # one line naming the file (warnings.warn would add its own source line)
+                print(f"warning: {e} Using video {(v + 1) % len(self.videos)} instead.", file=sys.stderr, flush=True)
         raise BadInput(f"{self.videos[idx]}: this and the next {tries - 1} videos all failed to load.")
 
 
@@ -269,60 +322,81 @@ def synthetic_video(seed, n_frames=16, height=96, width=128, n_objects=2):
     its own colour and stripe/checker texture fixed to its body, moves on a smooth bounded path, rotates and
     breathes slightly. Objects occlude in a fixed depth order (id k+1 covers id k); masks give the visible owner
     of each pixel (0 = background). Deterministic in `seed` (anything numpy's default_rng accepts).
+    The whole video in memory; writers use synthetic_frames, which holds one frame at a time.
     """
+    frames, masks = zip(*synthetic_frames(seed, n_frames, height, width, n_objects))
+    return np.stack(frames), np.stack(masks)
+
+
+def synthetic_frames(seed, n_frames=16, height=96, width=128, n_objects=2):
+    """synthetic_video one (frame [H,W,3], mask [H,W]) at a time: the same values, memory independent of n_frames
+    (every random choice is drawn up front, in synthetic_video's order, then each frame is rendered alone)."""
     if n_frames < 1 or height < 16 or width < 16 or not 1 <= n_objects <= 255:
         raise BadInput(f"synthetic video: need n_frames >= 1, height and width >= 16 and 1..255 objects, "
                        f"got {n_frames}, {height}x{width}, {n_objects}.")
     rng = np.random.default_rng(seed)
-    t = np.arange(n_frames, dtype=np.float32)[:, None, None]  # [T,1,1]
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)  # [H,W]
-
     # background: three oriented sine waves per channel, evaluated at panned coordinates (a camera pan)
     pan = rng.uniform(0.5, 1.5, 2) * rng.choice([-1.0, 1.0], 2)  # pixels per frame along x and y
-    bx, by = x + pan[0] * t, y + pan[1] * t  # [T,H,W]
-    frames = np.empty((n_frames, height, width, 3), dtype=np.float32)
+    channels = []
     for c in range(3):
-        value = rng.uniform(70, 180)
+        value, waves = rng.uniform(70, 180), []
         for _ in range(3):
             angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(0.02, 0.07), rng.uniform(0, 2 * np.pi)
-            value = value + rng.uniform(8, 20) * np.sin(
-                2 * np.pi * freq * (np.cos(angle) * bx + np.sin(angle) * by) + phase)
-        frames[..., c] = value
-
-    masks = np.zeros((n_frames, height, width), dtype=np.uint8)
+            waves.append((angle, freq, phase, rng.uniform(8, 20)))
+        channels.append((value, waves))
     hue0 = rng.uniform()
+    objects = []
     for k in range(n_objects):
-        colour = saturated_colour((hue0 + k / n_objects) % 1.0)  # hues spread apart: distinct colours
-        rx, ry = min(height, width) * rng.uniform(0.12, 0.2, 2)  # half-axes in pixels
+        o = dict(colour=saturated_colour((hue0 + k / n_objects) % 1.0))  # hues spread apart: distinct colours
+        o["rx"], o["ry"] = min(height, width) * rng.uniform(0.12, 0.2, 2)  # half-axes in pixels
         # centre: c0 + amp·sin(2πt/period + phase), bounded for any video length and inside the frame
-        c0 = rng.uniform(0.35, 0.65, 2) * (width, height)
-        amp = rng.uniform(0.08, 0.16, 2) * (width, height)
-        period, phase = rng.uniform(20, 40, 2), rng.uniform(0, 2 * np.pi, 2)
-        cx = c0[0] + amp[0] * np.sin(2 * np.pi * t / period[0] + phase[0])
-        cy = c0[1] + amp[1] * np.sin(2 * np.pi * t / period[1] + phase[1])
-        theta = rng.uniform(0, 2 * np.pi) + rng.uniform(-0.08, 0.08) * t  # slow rotation
-        s = 1.0 + 0.1 * np.sin(2 * np.pi * t / rng.uniform(15, 30) + rng.uniform(0, 2 * np.pi))  # breathing
-        # object-body coordinates in pixels: the texture rotates and scales with the object
-        u = (np.cos(theta) * (x - cx) + np.sin(theta) * (y - cy)) / s
-        v = (-np.sin(theta) * (x - cx) + np.cos(theta) * (y - cy)) / s
-        shape = rng.integers(3)
-        if shape == 0:  # ellipse
-            inside = (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
-        elif shape == 1:  # rectangle
-            inside = np.maximum(np.abs(u) / rx, np.abs(v) / ry) <= 1.0
-        else:  # blob: an ellipse with a wavy rim
-            lobes, rim_phase = rng.integers(3, 6), rng.uniform(0, 2 * np.pi)
-            rim = 1.0 + 0.25 * np.sin(lobes * np.arctan2(v, u) + rim_phase)
-            inside = np.sqrt((u / rx) ** 2 + (v / ry) ** 2) <= rim
-        wavelength = rng.uniform(4, 9)
-        if rng.uniform() < 0.5:  # stripes at an angle of their own
-            beta = rng.uniform(0, np.pi)
-            texture = np.sin(2 * np.pi * (np.cos(beta) * u + np.sin(beta) * v) / wavelength)
-        else:  # checker
-            texture = np.sin(2 * np.pi * u / wavelength) * np.sin(2 * np.pi * v / wavelength)
-        frames[inside] = colour * (0.7 + 0.3 * texture[inside])[:, None]
-        masks[inside] = k + 1
-    return np.clip(frames + 0.5, 0, 255).astype(np.uint8), masks
+        o["c0"] = rng.uniform(0.35, 0.65, 2) * (width, height)
+        o["amp"] = rng.uniform(0.08, 0.16, 2) * (width, height)
+        o["period"], o["phase"] = rng.uniform(20, 40, 2), rng.uniform(0, 2 * np.pi, 2)
+        o["theta"] = rng.uniform(0, 2 * np.pi), rng.uniform(-0.08, 0.08)  # angle at t = 0, slow rotation
+        o["breath"] = rng.uniform(15, 30), rng.uniform(0, 2 * np.pi)  # period and phase of a 10% breathing
+        o["shape"] = rng.integers(3)
+        if o["shape"] == 2:
+            o["lobes"], o["rim_phase"] = rng.integers(3, 6), rng.uniform(0, 2 * np.pi)
+        o["wavelength"] = rng.uniform(4, 9)
+        o["beta"] = rng.uniform(0, np.pi) if rng.uniform() < 0.5 else None  # stripes at an angle, or a checker
+        objects.append(o)
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)  # [H,W]
+    for ti in range(n_frames):
+        t = np.full((1, 1), ti, dtype=np.float32)
+        bx, by = x + pan[0] * t, y + pan[1] * t
+        frame = np.empty((height, width, 3), dtype=np.float32)
+        for c, (value, waves) in enumerate(channels):
+            for angle, freq, phase, amplitude in waves:
+                value = value + amplitude * np.sin(2 * np.pi * freq * (np.cos(angle) * bx + np.sin(angle) * by)
+                                                   + phase)
+            frame[..., c] = value
+        mask = np.zeros((height, width), dtype=np.uint8)
+        for k, o in enumerate(objects):
+            cx = o["c0"][0] + o["amp"][0] * np.sin(2 * np.pi * t / o["period"][0] + o["phase"][0])
+            cy = o["c0"][1] + o["amp"][1] * np.sin(2 * np.pi * t / o["period"][1] + o["phase"][1])
+            theta = o["theta"][0] + o["theta"][1] * t
+            s = 1.0 + 0.1 * np.sin(2 * np.pi * t / o["breath"][0] + o["breath"][1])
+            # object-body coordinates in pixels: the texture rotates and scales with the object
+            u = (np.cos(theta) * (x - cx) + np.sin(theta) * (y - cy)) / s
+            v = (-np.sin(theta) * (x - cx) + np.cos(theta) * (y - cy)) / s
+            rx, ry = o["rx"], o["ry"]
+            if o["shape"] == 0:  # ellipse
+                inside = (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
+            elif o["shape"] == 1:  # rectangle
+                inside = np.maximum(np.abs(u) / rx, np.abs(v) / ry) <= 1.0
+            else:  # blob: an ellipse with a wavy rim
+                rim = 1.0 + 0.25 * np.sin(o["lobes"] * np.arctan2(v, u) + o["rim_phase"])
+                inside = np.sqrt((u / rx) ** 2 + (v / ry) ** 2) <= rim
+            wavelength, beta = o["wavelength"], o["beta"]
+            if beta is not None:
+                texture = np.sin(2 * np.pi * (np.cos(beta) * u + np.sin(beta) * v) / wavelength)
+            else:
+                texture = np.sin(2 * np.pi * u / wavelength) * np.sin(2 * np.pi * v / wavelength)
+            frame[inside] = o["colour"] * (0.7 + 0.3 * texture[inside])[:, None]
+            mask[inside] = k + 1
+        yield np.clip(frame + 0.5, 0, 255).astype(np.uint8), mask
 
 
 def atomic(path, write):
@@ -352,10 +426,8 @@ def write_synthetic_videos(root, n_videos=8, n_frames=16, height=96, width=128, 
         raise BadInput(f"synthetic videos: need at least 1 video, got {n_videos}.")
     folders = []
     for v in range(n_videos):
-        frames, _ = synthetic_video((seed, 0, v), n_frames, height, width)
         folder = root / f"video_{v:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for t, frame in enumerate(frames):
+        for t, (frame, _) in enumerate(synthetic_frames((seed, 0, v), n_frames, height, width)):
             atomic(folder / f"{t:05d}.jpg", lambda tmp: Image.fromarray(frame).save(tmp, "JPEG", quality=95))
         folders.append(folder)
     return folders
@@ -392,14 +464,12 @@ def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
     palette = davis_palette()
     names = [f"synth-{s:03d}" for s in range(n_seqs)]
     for s, name in enumerate(names):
-        frames, masks = synthetic_video((seed, 1, s), n_frames, height, width, n_objects=1 + s % 3)
         image_dir = root / 'JPEGImages' / '480p' / name
         annotation_dir = root / 'Annotations' / '480p' / name
-        image_dir.mkdir(parents=True, exist_ok=True)
-        annotation_dir.mkdir(parents=True, exist_ok=True)
-        for t in range(n_frames):
-            atomic(image_dir / f"{t:05d}.jpg", lambda tmp: Image.fromarray(frames[t]).save(tmp, "JPEG", quality=95))
-            annotation = Image.frombytes('P', (width, height), masks[t].tobytes())
+        # frame by frame: memory stays that of one frame however long the sequences are
+        for t, (frame, mask) in enumerate(synthetic_frames((seed, 1, s), n_frames, height, width, 1 + s % 3)):
+            atomic(image_dir / f"{t:05d}.jpg", lambda tmp: Image.fromarray(frame).save(tmp, "JPEG", quality=95))
+            annotation = Image.frombytes('P', (width, height), mask.tobytes())
             annotation.putpalette(palette)
             atomic(annotation_dir / f"{t:05d}.png", lambda tmp: annotation.save(tmp, "PNG"))
     atomic(root / 'ImageSets' / '2017' / 'val.txt', lambda tmp: tmp.write_text(''.join(n + '\n' for n in names)))
@@ -771,14 +841,14 @@ def main(argv=None):
     target.add_argument('--make-videos', metavar='DIR', help='write synthetic training videos (frame folders)')
     target.add_argument('--make-vip', metavar='DIR', help='write a synthetic VIP_Fine folder')
     target.add_argument('--make-jhmdb', metavar='DIR', help='write a synthetic JHMDB folder (320x240, .mat, splits)')
-    parser.add_argument('--seqs', type=int, default=3, help='DAVIS sequences')
-    parser.add_argument('--videos', type=int, default=None, help='training videos (default 8), VIP videos (default '
-                        '2), or JHMDB videos per action (default 3)')
-    parser.add_argument('--frames', type=int, default=None, help='frames per video (default 12 DAVIS and JHMDB, '
-                        '6 VIP, 16 videos)')
-    parser.add_argument('--height', type=int, default=96)
-    parser.add_argument('--width', type=int, default=128)
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seqs', type=positive(), default=3, help='DAVIS sequences')
+    parser.add_argument('--videos', type=positive(), default=None, help='training videos (default 8), VIP videos '
+                        '(default 2), or JHMDB videos per action (default 3)')
+    parser.add_argument('--frames', type=positive(), default=None, help='frames per video (default 12 DAVIS and '
+                        'JHMDB, 6 VIP, 16 videos)')
+    parser.add_argument('--height', type=at_least(16), default=96)
+    parser.add_argument('--width', type=at_least(16), default=128)
+    parser.add_argument('--seed', type=at_least(0), default=0)
     args = parser.parse_args(argv)
     try:
         if args.make_davis:

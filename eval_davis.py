@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from cosettle import FAMILIES, BadInput, build_vit, cycle_loss, load_encoder, load_projection
-from data import (IMAGENET_MEAN, IMAGENET_STD, atomic, davis_palette, find_videos, list_frames, load_rgb, make_davis,
-                  read_jhmdb, synthetic_video)
+from data import (IMAGENET_MEAN, IMAGENET_STD, at_least, atomic, check_out_dir, davis_palette, find_videos, list_frames,
+                  load_rgb, make_davis, positive, read_jhmdb, synthetic_video)
 
 # Two protocols for DAVIS, one propagation loop. Sizes: a (height, width) pair is fixed; one number is a rule.
 # paper: the pipeline behind the paper's Table 1 (Sec. 4.1: "following SiamMAE/CropMAE/RSP"): CropMAE's
@@ -136,7 +136,9 @@ def read_davis(davis, scoring=True):
 
     Propagation needs every frame of equal size and a first-frame annotation of that size (DINO's path:
     Annotations/480p/<seq>/<first frame>.png); scoring needs an annotation for every frame, which is what
-    davis2017-evaluation reads (the sorted PNGs of Annotations/480p/<seq>)."""
+    davis2017-evaluation reads (the sorted PNGs of Annotations/480p/<seq>). So a set is either fully annotated
+    (scored), or annotated on first frames only, like test-dev (propagated, not scored: refused when `scoring`);
+    anything in between is refused before any work, naming the missing files."""
     davis = Path(davis)
     listing = davis / "ImageSets" / "2017" / "val.txt"
     if not listing.is_file():
@@ -144,7 +146,7 @@ def read_davis(davis, scoring=True):
     names = [s.strip() for s in listing.read_text().splitlines() if s.strip()]
     if not names:
         raise BadInput(f"{listing}: lists no sequences")
-    out = []
+    out, missing, later = [], [], 0
     for seq in names:
         frames = sorted((davis / "JPEGImages" / "480p" / seq).glob("*.jpg"))
         if not frames:
@@ -156,9 +158,16 @@ def read_davis(davis, scoring=True):
             if image_size(f) != size:
                 raise BadInput(f"{f}: frame is {image_size(f)[1]}x{image_size(f)[0]}, its annotation {first.name} "
                                f"is {size[1]}x{size[0]}")
-        if scoring and len(anns) < len(frames):
-            raise BadInput(f"{first.parent}: ground truth for {len(anns)} of {len(frames)} frames, cannot score")
+        missing += [first.parent / (f.stem + ".png") for f in frames[1:]
+                    if not (first.parent / (f.stem + ".png")).is_file()]
+        later += len(frames) - 1
         out.append((seq, frames, anns, first))
+    if missing and len(missing) < later:
+        shown = ", ".join(str(m.relative_to(davis)) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise BadInput(f"{davis}: {len(missing)} of {later} annotations after the first frames are missing ({shown}); "
+                       f"give every frame its annotation to score, or only the first frames' to propagate unscored")
+    if scoring and missing:
+        raise BadInput(f"{davis}: ground truth for the first frames only, cannot score")
     return out
 
 
@@ -906,8 +915,8 @@ def run(encoder, heads, tasks, out_dir, protocol="paper", device=None, batch_siz
                 results[name][task] = score_vip(plan, outs[name], verbose)
             elif any(len(anns) < len(frames) for _, frames, anns, _ in plan):  # e.g. test-dev: first frames only
                 if verbose:
-                    print(f"{tasks[task]}: no ground truth beyond the first frames, masks written to "
-                          f"{outs[name]}, not scored")
+                    print(f"{tasks[task]}: annotations for the first frames only (like test-dev), masks written "
+                          f"to {outs[name]}, not scored")
                 results[name][task] = None
             else:
                 results[name][task] = score(tasks[task], outs[name], device, verbose)[0]
@@ -991,7 +1000,10 @@ def tradeoff(encoder, heads, videos, device="cpu", batch_size=16):
     acc = {k: [] for k in heads}
     intra = {k: [] for k in heads}
     middle = {k: [] for k in heads}
-    for folder in folders:
+    t0, every = time.perf_counter(), max(1, len(folders) // 20)
+    for i, folder in enumerate(folders):
+        if i % every == 0:  # about 20 progress lines however many videos
+            print(f"tradeoff: video {i + 1}/{len(folders)}, {time.perf_counter() - t0:.0f} s", flush=True)
         frames = list_frames(folder)
         x = torch.stack([load_frame(f, (224, 224), IMAGENET_MEAN, IMAGENET_STD) for f in frames])
         base = torch.cat([encoder(x[a:a + batch_size].to(device)).float() for a in range(0, len(x), batch_size)])
@@ -1182,13 +1194,14 @@ def main(argv=None):
     parser.add_argument("--out", default="results", help="where the results and summary.json go")
     parser.add_argument("--masks", help="score this results folder of --davis or --vip only (no propagation)")
     parser.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="DAVIS's protocol")
-    parser.add_argument("--topk", type=int)
-    parser.add_argument("--context", type=int, help="previous frames in the queue (besides the first)")
-    parser.add_argument("--radius", type=int, help="window half-size in patches (0: no window)")
-    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--topk", type=positive())
+    parser.add_argument("--context", type=at_least(0), help="previous frames in the queue (besides the first)")
+    parser.add_argument("--radius", type=at_least(0), help="in patches: the square window's half-size (dino, 0: no "
+                        "window) or the Euclidean radius of the short-term slots (paper)")
+    parser.add_argument("--temperature", type=positive(float))
     parser.add_argument("--compare", action="store_true", help="baseline and + Co-Settle in one run (needs --ckpt)")
     parser.add_argument("--overlay", action="store_true", help="also write a few blended frames per sequence")
-    parser.add_argument("--batch-size", type=int, default=8, help="frames per encoder forward")
+    parser.add_argument("--batch-size", type=positive(), default=8, help="frames per encoder forward")
     parser.add_argument("--tradeoff", action="store_true", help="label-free trade-off metrics on --videos")
     parser.add_argument("--videos", help="folder of frame folders for --tradeoff")
     parser.add_argument("--bench", action="store_true", help="s/frame of each pipeline vs the encoder alone and "
@@ -1207,6 +1220,8 @@ def main(argv=None):
             raise BadInput("--compare needs --ckpt (the projection to compare the frozen encoder with)")
         if args.tradeoff and not args.videos:
             raise BadInput("--tradeoff needs --videos DIR (a folder of frame folders)")
+        if not (args.tradeoff or args.bench):
+            check_out_dir(args.out)  # before the encoder loads, not after its first batch
         if args.weights:
             encoder = load_encoder(args.weights, args.family, verbose=True).to(device)
         else:

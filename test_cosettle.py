@@ -7,6 +7,7 @@ boundary metric. Nothing here reads ../shared.
 import argparse
 import copy
 import json
+import logging
 import math
 import os
 import random
@@ -343,23 +344,22 @@ def test_frame_pairs_decodes_only_the_two_sampled_frames(tmp_path, monkeypatch):
         assert opened == [paths[i], paths[j]] and j - i == 3
 
 
-def test_frame_pairs_corrupt_frames_warn_and_fall_back(tmp_path):
+def test_frame_pairs_corrupt_frames_warn_and_fall_back(tmp_path, capsys):
     bad = write_video(tmp_path / 'a_bad', [noise_frame(t, 32, 32) for t in range(6)], '.jpg')
     for path in bad:
         path.write_bytes(path.read_bytes()[:300])  # truncated JPEGs
     write_video(tmp_path / 'b_good', [noise_frame(t, 32, 32) for t in range(6)], '.jpg')
     ds = data.FramePairs(data.find_videos(tmp_path), size=16)
-    with pytest.warns(UserWarning, match='a_bad'):
-        x1, x2 = ds[0]
+    x1, x2 = ds[0]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith('warning: ') and 'a_bad' in err[0]  # one line naming the file
     assert torch.isfinite(x1).all() and x1.shape == (3, 16, 16)
     good1, good2 = ds[1]
     assert torch.equal(x1, good1) and torch.equal(x2, good2)  # the fallback is video 1's own sample
 
     only_bad = data.FramePairs([tmp_path / 'a_bad', tmp_path / 'gone'], size=16)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        with pytest.raises(BadInput, match='a_bad'):
-            only_bad[0]
+    with pytest.raises(BadInput, match='a_bad'):
+        only_bad[0]
 
 
 # -----------------------------------------------------------------------------
@@ -457,9 +457,11 @@ def test_cli_writes_and_rejects_bad_input(tmp_path, capsys):
     assert data.main(['--make-videos', str(tmp_path / 'v'), '--videos', '2', '--frames', '4']) == 0
     assert len(data.find_videos(tmp_path / 'v')) == 2
 
-    assert data.main(['--make-videos', str(tmp_path / 'x'), '--frames', '0']) == 2
+    with pytest.raises(SystemExit) as exit_:  # a range checked by argparse: its usage line, then the error
+        data.main(['--make-videos', str(tmp_path / 'x'), '--frames', '0'])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('error:')
+    assert exit_.value.code == 2 and 'argument --frames: must be > 0' in err[-1]
+    assert not (tmp_path / 'x').exists()
 
     blocker = tmp_path / 'a_file'
     blocker.write_text('x')
@@ -1079,7 +1081,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tiny_weights, small_videos, t
     b = tmp_path / "b"
     sigterm_at(3)
     code, out, _ = run_main(common + ["--out", b], capsys)
-    assert code == 0 and "interrupted: step 3/8" in out and not guard
+    assert code == 143 and "interrupted: step 3/8" in out and not guard  # 128 + SIGTERM
     ckpt = torch.load(b / "cosettle.pth", map_location="cpu", weights_only=True)
     assert set(ckpt) == {"projection", "optimizer", "step", "epoch", "args", "world", "videos", "encoder"}
     assert ckpt["step"] == 3 and ckpt["epoch"] == 0
@@ -1094,7 +1096,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tiny_weights, small_videos, t
 
     sigterm_at(3)  # resume, and interrupt again mid-epoch 1 (global step 6)
     code, out, _ = run_main(common + ["--out", b, "--resume"], capsys)
-    assert code == 0 and "starting at step 3" in out and "interrupted: step 6/8" in out
+    assert code == 143 and "starting at step 3" in out and "interrupted: step 6/8" in out
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     code, out, _ = run_main(common + ["--out", b, "--resume"], capsys)
     assert code == 0 and "starting at step 6" in out and "done: step 8/8" in out
@@ -1168,6 +1170,8 @@ def test_ddp_two_processes_equal_one(tiny_weights, small_videos, tmp_path):
     rb = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == [2]
     assert ra[0]["lr"] == pytest.approx(rb[0]["lr"], rel=1e-12)
+    for k in ("loss", "cycle", "reg", "accuracy"):  # the all-reduced mean of the global batch, not rank 0's half
+        assert ra[0][k] == pytest.approx(rb[0][k], abs=2e-5), (k, ra[0], rb[0])
 
 
 
@@ -1264,11 +1268,11 @@ def test_short_and_corrupt_videos_warn_and_training_continues(tiny_weights, tmp_
     for frame in data.list_frames(bad):
         frame.write_bytes(frame.read_bytes()[:200])  # truncated JPEGs
     out_dir = tmp_path / "out"
-    with pytest.warns(UserWarning, match="cannot decode"):
-        # 8 usable videos (7 good + the corrupt one), batch 4: both steps together visit every video
-        code, out, err = run_main(["--weights", tiny_weights, "--videos", root, "--out", out_dir, "--no-compile",
-                                   "--workers", "0", "--batch-size", "4", "--epochs", "1"], capsys)
+    # 8 usable videos (7 good + the corrupt one), batch 4: both steps together visit every video
+    code, out, err = run_main(["--weights", tiny_weights, "--videos", root, "--out", out_dir, "--no-compile",
+                               "--workers", "0", "--batch-size", "4", "--epochs", "1"], capsys)
     assert code == 0, err
+    assert "warning: " in err and "cannot decode" in err
     assert "skipped 2 of 10" in err
     assert "8 videos" in out and "done: step 2/2" in out
     ckpt = torch.load(out_dir / "cosettle.pth", weights_only=True)
@@ -2782,7 +2786,9 @@ def test_bad_davis_folders(tmp_path, capsys):
     Image.new("P", (40, 32)).save(ann)
     assert "40x32" in fail(capsys, run) or "48x32" in fail(capsys, run)
     ann.write_bytes(good)
-    assert "topk >= 1" in fail(capsys, run + ["--topk", "0"])
+    with pytest.raises(SystemExit) as exit_:  # checked by argparse now (protocol_params still checks for callers)
+        ed.main(run + ["--topk", "0"])
+    assert exit_.value.code == 2 and "argument --topk: must be > 0" in capsys.readouterr().err
     torch.save({"projection": Projection(64).state_dict()}, tmp_path / "p.pth")
     assert "width 64" in fail(capsys, run + ["--ckpt", str(tmp_path / "p.pth")])
     shutil.rmtree(davis / "ImageSets")
@@ -3353,3 +3359,254 @@ def test_jhmdb_pipeline_oracle_compare_and_outputs(tmp_path, capsys):
     (root / "splits" / "catch_test_split1.txt").write_text("ghost.avi 2\n")
     err = fail(capsys, ["--jhmdb", str(root), "--out", str(tmp_path / "bad")])
     assert "ghost" in err and not (tmp_path / "bad").exists()
+
+
+# Issue 11: what a first hour as a user breaks. One table of bad inputs per script (each: exit 2, one sentence
+# naming the flag or file, nothing written, and for train.py/eval_davis.py the model never loaded: the weights
+# given are missing, so any check that ran after loading would report them instead), then one test per item.
+
+
+def exit_code(main, argv):
+    """main(argv) -> its exit code, whether it returns one or raises SystemExit (argparse, sys.exit)."""
+    try:
+        return main([str(a) for a in argv]) or 0
+    except SystemExit as e:
+        return e.code
+
+
+def place(argv, tmp_path):
+    """Make the paths a table row names: FILE (a plain file), DONE (a folder holding a finished run's checkpoint),
+    MP4 (Kinetics as downloaded: video files, no frames), HOLE (a DAVIS set with one middle annotation missing)."""
+    (tmp_path / "FILE").write_text("not a folder")
+    (tmp_path / "DONE").mkdir()
+    (tmp_path / "DONE" / "cosettle.pth").write_bytes(b"a finished run")
+    for name in ("abseiling/vid_a.mp4", "abseiling/vid_b.mp4"):
+        (tmp_path / "MP4" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "MP4" / name).write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    if "HOLE" in argv:
+        make_davis(tmp_path / "HOLE", n_seqs=2, n_frames=4, height=32, width=48)
+        (tmp_path / "HOLE" / "Annotations" / "480p" / "synth-001" / "00002.png").unlink()
+    return [str(tmp_path / a) if a.split("/")[0] in ("FILE", "DONE", "MP4", "HOLE") else a for a in argv]
+
+
+ROOT_WRITES_ANYWHERE = pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                                          reason="root may write into a read-only folder")
+
+TRAIN_BAD = [  # (flags after the defaults of the test, what the last stderr line must say)
+    (["--epochs", "0"], "argument --epochs: must be > 0, got 0"),
+    (["--epochs", "-2"], "argument --epochs: must be > 0, got -2"),
+    (["--epochs", "two"], "argument --epochs: 'two' is not an integer"),
+    (["--temp", "-0.03"], "argument --temp: must be > 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be > 0"),
+    (["--batch-size", "-4"], "argument --batch-size: must be > 0"),
+    (["--workers", "-1"], "argument --workers: must be >= 0"),
+    (["--blr", "0"], "argument --blr: must be > 0"),
+    (["--blr", "nan"], "argument --blr: must be > 0"),
+    (["--lambda-reg", "-1"], "argument --lambda-reg: must be >= 0"),
+    (["--pea-ratio", "-0.5"], "argument --pea-ratio: must be >= 0"),
+    (["--warmup-epochs", "-1"], "argument --warmup-epochs: must be >= 0"),
+    (["--seed", "-1"], "argument --seed: must be >= 0"),
+    (["--out", "FILE"], "is a file, not a folder"),
+    (["--out", "FILE/run"], "cannot be created"),
+    pytest.param(["--out", "/proc/co-settle-run"], "no permission to write in /proc", marks=ROOT_WRITES_ANYWHERE),
+    (["--out", "DONE"], "a run is already saved there; pass --resume to continue it, another --out, or --overwrite"),
+    (["--videos", "MP4"], "holds 2 video files but no folders of frames; extract the frames first"),
+]
+
+
+@pytest.mark.parametrize("flags, says", TRAIN_BAD)
+def test_train_bad_input_table(flags, says, small_videos, tmp_path, capsys):
+    argv = ["--weights", tmp_path / "missing.pth", "--videos", small_videos, "--out", tmp_path / "out",
+            "--no-compile", "--workers", "0"] + place(flags, tmp_path)
+    code, out, err = run_main(argv, capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert says in err.strip().splitlines()[-1], err
+    assert "missing.pth" not in err  # checked before the model is loaded
+    assert not (tmp_path / "out").exists()  # nothing created
+    assert (tmp_path / "DONE" / "cosettle.pth").read_bytes() == b"a finished run"
+
+
+EVAL_BAD = [
+    (["--batch-size", "0"], "argument --batch-size: must be > 0, got 0"),
+    (["--topk", "0"], "argument --topk: must be > 0"),
+    (["--context", "-1"], "argument --context: must be >= 0"),
+    (["--radius", "-2"], "argument --radius: must be >= 0"),
+    (["--temperature", "0"], "argument --temperature: must be > 0"),
+    (["--weights", "MISSING", "--out", "FILE"], "--out"),
+    (["--weights", "MISSING", "--out", "FILE/results"], "cannot be created"),
+    (["--davis", "HOLE"], "1 of 6 annotations after the first frames are missing "
+                          "(Annotations/480p/synth-001/00002.png)"),
+    (["--davis", "HOLE", "--masks", "FILE"], "Annotations/480p/synth-001/00002.png"),
+]
+
+
+@pytest.mark.parametrize("flags, says", EVAL_BAD)
+def test_eval_bad_input_table(flags, says, tmp_path, capsys):
+    argv = ["--out", tmp_path / "out"] + place(flags, tmp_path)
+    code = exit_code(ed.main, argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert says in err.strip().splitlines()[-1], err
+    assert "MISSING" not in err  # --out is checked before the encoder loads
+    assert not (tmp_path / "out").exists()
+
+
+DATA_BAD = [
+    (["--make-davis", "d", "--seqs", "0"], "argument --seqs: must be > 0"),
+    (["--make-videos", "v", "--videos", "0"], "argument --videos: must be > 0"),
+    (["--make-videos", "v", "--frames", "-3"], "argument --frames: must be > 0"),
+    (["--make-davis", "d", "--height", "15"], "argument --height: must be >= 16"),
+    (["--make-davis", "d", "--width", "8"], "argument --width: must be >= 16"),
+    (["--make-davis", "d", "--seed", "-1"], "argument --seed: must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("flags, says", DATA_BAD)
+def test_data_bad_input_table(flags, says, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert exit_code(data.main, flags) == 2
+    assert says in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not list(tmp_path.iterdir())
+
+
+def test_finished_run_is_not_overwritten_and_short_runs_get_a_hint(tiny_weights, small_videos, tmp_path, capsys):
+    """Items 1 and 11: a second run into the same --out is refused and changes nothing; --overwrite replaces it.
+    At the official --blr a run this short prints a one-line hint; with a larger rate it does not."""
+    common = ["--weights", tiny_weights, "--videos", small_videos, "--out", tmp_path / "run", "--no-compile",
+              "--workers", "0", "--batch-size", "8", "--epochs", "1"]  # 1 step
+    code, out, err = run_main(common, capsys)
+    assert code == 0, err
+    hints = [line for line in out.splitlines() if line.startswith("hint:")]
+    assert len(hints) == 1 and "1 steps at --blr 0.0001" in hints[0] and "--blr 0.1" in hints[0]
+    saved = {name: (tmp_path / "run" / name).read_bytes() for name in ("cosettle.pth", "log.jsonl")}
+    code, _, err = run_main(common + ["--epochs", "2"], capsys)
+    assert_clean_error(code, err, tmp_path / "run" / "cosettle.pth", "--resume", "--overwrite")
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in saved} == saved
+    code, out, err = run_main(common + ["--epochs", "2", "--blr", "0.01", "--overwrite"], capsys)
+    assert code == 0 and "done: step 2/2" in out and "hint:" not in out, err
+    assert torch.load(tmp_path / "run" / "cosettle.pth", weights_only=True)["step"] == 2
+    assert [json.loads(r)["step"] for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [2]
+
+
+def test_failure_before_the_first_step_leaves_no_folder(small_videos, tmp_path, capsys):
+    """Item 3: a run that stops at step 1 (here: NaN weights) leaves no empty --out folder and no empty log."""
+    sd = random_vit_state_dict(64, 1, 16, 14, seed=0)
+    sd["norm.weight"][0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    code, _, err = run_main(["--weights", tmp_path / "nan.pth", "--videos", small_videos, "--out", tmp_path / "out",
+                             "--no-compile", "--workers", "0", "--batch-size", "8"], capsys)
+    assert_clean_error(code, err, "loss is nan at step 1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_saves_and_exits_130(tiny_weights, small_videos, tmp_path, monkeypatch, capsys):
+    """Item 5 (SIGTERM -> 143 is in test_resume_after_sigterm_equals_uninterrupted): SIGINT during step 2 ends
+    that step, saves it and exits 130, so `train.py && eval_davis.py` stops there."""
+    real_lr_at, calls = train.lr_at, []
+
+    def lr_at(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(*a)
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    code, out, err = run_main(["--weights", tiny_weights, "--videos", small_videos, "--out", tmp_path / "out",
+                               "--no-compile", "--workers", "0", "--batch-size", "2", "--epochs", "1"], capsys)
+    assert code == 130 and "interrupted: step 2/4" in out, (code, err)
+    assert torch.load(tmp_path / "out" / "cosettle.pth", weights_only=True)["step"] == 2
+
+
+def test_davis_annotation_rules(tmp_path, capsys):
+    """Item 4: first-frame-only sets are propagated and say why they are not scored (exit 0); a complete set is
+    scored; one missing annotation, even the last one, is refused before anything is written."""
+    davis = make_davis(tmp_path / "davis", n_seqs=1, n_frames=4, height=32, width=48)
+    anns = sorted((davis / "Annotations" / "480p" / "synth-000").glob("*.png"))
+    argv = ["--davis", davis, "--out", tmp_path / "out", "--protocol", "dino", "--batch-size", "4"]
+    assert exit_code(ed.main, argv) == 0
+    assert "J&F-Mean" in (tmp_path / "out" / "global_results-val.csv").read_text()
+    anns[-1].unlink()
+    assert exit_code(ed.main, argv + ["--out", tmp_path / "out2"]) == 2
+    assert "Annotations/480p/synth-000/00003.png" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+    for ann in anns[1:-1]:
+        ann.unlink()
+    assert exit_code(ed.main, argv + ["--out", tmp_path / "out3"]) == 0
+    out = capsys.readouterr().out
+    assert "annotations for the first frames only" in out and "not scored" in out
+    assert len(list((tmp_path / "out3" / "synth-000").glob("*.png"))) == 4
+    assert not (tmp_path / "out3" / "global_results-val.csv").exists()
+
+
+@pytest.mark.parametrize("tokens", [197, 225, 224])
+def test_cycle_loss_names_what_it_expects(tokens):
+    """Item 7: 197 (CLS kept), 15x15 (odd side), 14x16 (not square): a sentence, not a raw view error."""
+    p = unit(1, tokens, 8, seed=0, dtype=torch.float32)
+    with pytest.raises(ValueError, match=f"{tokens} tokens per frame are not an even square grid"):
+        cosettle.cycle_loss(p, p, p)
+    p = unit(1, 196, 8, seed=0, dtype=torch.float32)
+    assert torch.isfinite(cosettle.cycle_loss(p, p, p)[0])
+
+
+def test_synthetic_data_is_written_frame_by_frame(tmp_path):
+    """Item 8: make_davis's peak memory does not grow with the frame count (it did, ~40 MB per 480p frame), and
+    the frames are bit for bit those of before the change (checksums taken from the whole-video version)."""
+    import hashlib
+    import tracemalloc
+    peaks = []
+    for n in (3, 18):
+        tracemalloc.start()
+        make_davis(tmp_path / f"d{n}", n_seqs=1, n_frames=n, height=96, width=128)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.3 * peaks[0], peaks
+    for args, digest in [(((0, 1, 0), 12, 96, 128, 1), "1795edf1b534c6e42699e13440803961801e0c0c"),
+                         ((7, 40, 64, 80, 2), "a2e6c1adc1628c4c6b1b0341e7839981c0485d8f")]:
+        frames, masks = synthetic_video(*args)
+        assert hashlib.sha1(frames.tobytes() + masks.tobytes()).hexdigest() == digest
+
+
+def test_quiet_compile_is_local_and_precise():
+    """Item 10: importing cosettle installs no warnings filter; while fuse() compiles, only cpp_extension's
+    "No CUDA runtime is found" record is dropped, and after it the logger is as before."""
+    assert not any("_prims_common" in str(f[1] and f[1].pattern) for f in warnings.filters)
+    log, seen = logging.getLogger("torch.utils.cpp_extension"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        with cosettle.quiet_compile():
+            log.warning("No CUDA runtime is found, using CUDA_HOME='/inside'")
+            log.warning("something else")
+        log.warning("No CUDA runtime is found, using CUDA_HOME='/after'")
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["something else", "No CUDA runtime is found, using CUDA_HOME='/after'"]
+
+
+def test_text_file_as_weights_and_tradeoff_progress(tmp_path, capsys):
+    """Item 10: a text file given as --weights is 'not a readable PyTorch checkpoint', with no unpickler noise;
+    --tradeoff prints progress lines."""
+    notes = tmp_path / "notes.pth"
+    notes.write_text("these are not weights\n")
+    with pytest.raises(BadInput, match="neither a zip archive nor a pickle") as e:
+        cosettle.load_encoder(str(notes))
+    assert "IndexError" not in str(e.value)
+    write_synthetic_videos(tmp_path / "v", n_videos=2, n_frames=3, height=32, width=32)
+    ed.tradeoff(build_vit("vit_tiny", 16, seed=0).eval(), {"baseline": None}, tmp_path / "v")
+    out = capsys.readouterr().out
+    assert "tradeoff: video 1/2" in out and "tradeoff: video 2/2" in out
+
+
+def test_demo_says_its_learning_rate_first(tmp_path, monkeypatch, capsys):
+    """Item 11: the demo's first line names its --blr and why; the README says the same."""
+    monkeypatch.chdir(tmp_path)
+
+    def stop(*a, **k):
+        raise BadInput("stopped after the first line")
+    monkeypatch.setattr(train, "write_synthetic_videos", stop)
+    code, out, err = run_main([], capsys)
+    assert code == 2 and "stopped after the first line" in err
+    first = out.splitlines()[0]
+    assert "--blr 0.1, not the official 1e-4" in first and "out/demo" in first
+    readme = (REPO / "README.md").read_text()
+    assert "--blr 0.1" in readme and "ffmpeg" in readme and "%05d.jpg" in readme

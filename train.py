@@ -25,14 +25,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cosettle import (FAMILIES, IMAGENET_STATS, BadInput, CoSettle, build_vit, fingerprint, fuse, load_encoder,
                       objective, official_objective, shifted_pos_embed, timeit)
-from data import FramePairs, atomic, find_videos, make_davis, write_synthetic_videos
+from data import FramePairs, at_least, atomic, check_out_dir, find_videos, make_davis, positive, write_synthetic_videos
 from eval_davis import compare
 
 SIZE = 224               # training crops, as the paper
 LOG_EVERY = 10           # steps between progress lines / log.jsonl records
 SAVE_EVERY_S = 15 * 60   # besides each epoch end and SIGTERM/SIGINT: a checkpoint at least this often
 DEMO_VIDEOS, DEMO_FRAMES = 64, 16
-DEMO_ARGS = ["--epochs", "10", "--batch-size", "8", "--blr", "0.1", "--out", "out/demo"]  # before the user's flags
+# Before the user's flags. --blr 0.1, 1000x the official 1e-4: the demo's 80 steps at 1e-4 would barely move the
+# projection from its initialisation. --overwrite: a second `python train.py` replaces the first demo.
+DEMO_ARGS = ["--epochs", "10", "--batch-size", "8", "--blr", "0.1", "--out", "out/demo", "--overwrite"]
+OFFICIAL_BLR, SHORT_RUN = 1e-4, 1000  # fewer steps than this at the official rate barely move the projection
 
 
 def parse_args(argv=None):
@@ -43,23 +46,34 @@ def parse_args(argv=None):
     p.add_argument("--native-stats", action="store_true",
                    help="normalise with the family's own mean/std (CLIP, BLIP) instead of ImageNet's (official)")
     p.add_argument("--out", default="out", help="checkpoint cosettle.pth and log.jsonl go here")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128, help="clips per process")
-    p.add_argument("--blr", type=float, default=1e-4, help="lr = blr * global batch / 256")
-    p.add_argument("--warmup-epochs", type=float, default=1)
-    p.add_argument("--temp", type=float, default=0.03, help="softmax temperature tau of the cycle loss")
-    p.add_argument("--lambda-reg", type=float, default=3.0, help="weight of the separability regulariser")
-    p.add_argument("--pea-ratio", type=float, default=10.0, help="PEA upsampling ratio alpha")
+    p.add_argument("--epochs", type=positive(), default=5)
+    p.add_argument("--batch-size", type=positive(), default=128, help="clips per process")
+    p.add_argument("--blr", type=positive(float), default=OFFICIAL_BLR, help="lr = blr * global batch / 256")
+    p.add_argument("--warmup-epochs", type=at_least(0, float), default=1)
+    p.add_argument("--temp", type=positive(float), default=0.03, help="softmax temperature tau of the cycle loss")
+    p.add_argument("--lambda-reg", type=at_least(0, float), default=3.0, help="weight of the separability regulariser")
+    p.add_argument("--pea-ratio", type=at_least(0, float), default=10.0, help="PEA upsampling ratio alpha")
     p.add_argument("--clip-gap", type=float, default=0.15, help="frame gap as a fraction of the clip length")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers per process")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
+                   help="DataLoader workers per process")
+    p.add_argument("--seed", type=at_least(0, int, below=2 ** 32), default=0)  # numpy and torch seeds are 32/64-bit
     p.add_argument("--resume", action="store_true", help="continue from OUT/cosettle.pth")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint and log of a run already in OUT")
     p.add_argument("--no-compile", action="store_true", help="use the eager loss instead of the fused kernel")
     p.add_argument("--bench", action="store_true", help="measure training clips/s and exit")
     args = p.parse_args(argv)
     if not 0 < args.clip_gap < 1:
         p.error(f"--clip-gap {args.clip_gap}: must be between 0 and 1")
     return args
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM stopped training; the checkpoint is saved. main exits 128 + the signal number (130, 143), as
+    shells expect, so `train.py && eval_davis.py` does not evaluate a partial run."""
+
+    def __init__(self, signum):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
 
 
 # -----------------------------------------------------------------------------
@@ -179,7 +193,7 @@ def cycle_accuracy(model, videos, device, dtype, seed, batch_size=8):
 
 def train(args):
     rank, world, device = setup_distributed()
-    os.makedirs(args.out, exist_ok=True)
+    videos = preflight(args, rank, world)  # the data and --out are checked before the model is loaded
     encoder, encoder_info = encoder_from_args(args, rank)
     loss_fn = objective
     if not args.no_compile:
@@ -195,7 +209,6 @@ def train(args):
         projection = DistributedDataParallel(projection, device_ids=[device.index] if device.type == "cuda" else None)
     dtype = autocast_dtype(device)
 
-    videos = shared_videos(args.videos, rank, world)
     data = FramePairs(videos, size=SIZE, clip_gap=args.clip_gap, seed=args.seed, **input_stats(encoder, args))
     steps_per_epoch = len(data) // (args.batch_size * world)
     if steps_per_epoch == 0:
@@ -226,11 +239,15 @@ def train(args):
         print(f"{len(videos)} videos, {world} process(es) x {args.batch_size} clips, {steps_per_epoch} steps/epoch, "
               f"lr {base_lr:.2e}, {device}{', bf16 autocast' if dtype else ''}, "
               f"{'fused' if loss_fn is not objective else 'eager'} loss, starting at step {step}")
+        if total_steps < SHORT_RUN and args.blr <= OFFICIAL_BLR:
+            print(f"hint: {total_steps} steps at --blr {args.blr:g} leave the projection near its initialisation (the "
+                  f"official rate is meant for ~2,300 steps of 512 Kinetics clips); on a small set try --blr 0.1, as "
+                  f"the demo does")
     model.train()
     log_path = os.path.join(args.out, "log.jsonl")
-    with stop_signals() as stop, (open(log_path, "a" if args.resume else "w") if rank == 0 else
-                                  contextlib.nullcontext()) as log:
-        t_start, step_start, last_save, stopping = time.time(), step, time.time(), False
+    with stop_signals() as stop, contextlib.ExitStack() as files:
+        log = None  # opened after the first step: a run that fails before it leaves no empty log.jsonl behind
+        t_start, step_start, last_save, stopping, signum = time.time(), step, time.time(), False, 0
         while step < total_steps and not stopping:
             epoch, skip = divmod(step, steps_per_epoch)
             for x1, x2 in epoch_loader(data, epoch, skip, steps_per_epoch, args, rank, world, device):
@@ -242,10 +259,12 @@ def train(args):
                     out = model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), g, projection)
                 # Stop (NaN, or a signal seen by any rank) is decided here, from the value all ranks share, so
                 # every rank stops after the same step and none is left waiting in a collective.
-                flags = torch.stack([~out["loss"].detach().isfinite(), torch.tensor(bool(stop), device=device)]).float()
+                flags = torch.stack([~out["loss"].detach().isfinite(),
+                                     torch.tensor(stop[0] if stop else 0, device=device)]).float()
                 if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                not_finite, stopping = (bool(v) for v in flags.tolist())
+                not_finite, signum = bool(flags[0]), int(flags[1])
+                stopping = signum > 0
                 if not_finite:
                     loss = out["loss"].item()
                     what = f"loss is {loss}" if not math.isfinite(loss) else "the loss is not finite on another rank"
@@ -254,9 +273,15 @@ def train(args):
                 out["loss"].backward()
                 optimizer.step()
                 step += 1
-                if rank == 0 and (step % LOG_EVERY == 0 or step == total_steps):
-                    rate = (step - step_start) * args.batch_size * world / (time.time() - t_start)
-                    report(log, out, step, total_steps, epoch, lr, rate, args.batch_size * world, flops_per_clip)
+                if rank == 0 and log is None:
+                    os.makedirs(args.out, exist_ok=True)
+                    log = files.enter_context(open(log_path, "a" if args.resume else "w"))
+                if step % LOG_EVERY == 0 or step == total_steps:
+                    stats = mean_over_ranks(out, world)  # every rank takes part; rank 0 writes
+                    if rank == 0:
+                        rate = (step - step_start) * args.batch_size * world / (time.time() - t_start)
+                        report(log, stats, step, total_steps, epoch, lr, rate, args.batch_size * world,
+                               flops_per_clip)
                 if stopping or step % steps_per_epoch == 0 or time.time() - last_save > SAVE_EVERY_S:
                     checkpoint()
                     last_save = time.time()
@@ -267,16 +292,24 @@ def train(args):
     if world > 1:
         dist.barrier()  # rank 0 may still be saving; tearing gloo down under it aborts the other ranks
         dist.destroy_process_group()
+    if stopping:
+        raise Interrupted(signum)
     return model, step
 
 
-def shared_videos(path, rank, world):
-    """find_videos on rank 0 only, sent to the other ranks: Kinetics is ~240k folders, walked once, not once per
-    process (its error travels too, so no rank is left waiting)."""
+def preflight(args, rank, world):
+    """The checks that need no model, on rank 0 only, their result (the video list, or the error) sent to the
+    other ranks: --out must be usable and must not hold another run's checkpoint (unless --resume or
+    --overwrite), and find_videos walks the tree once, not once per process (Kinetics is ~240k folders)."""
     found = None
     if rank == 0:
         try:
-            found = find_videos(path)
+            check_out_dir(args.out)
+            ckpt_path = os.path.join(args.out, "cosettle.pth")
+            if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
+                raise BadInput(f"{ckpt_path}: a run is already saved there; pass --resume to continue it, another "
+                               f"--out, or --overwrite to replace it")
+            found = find_videos(args.videos)
         except Exception as e:  # BadInput, or an OSError from the file system: every rank raises it
             found = e
     if world > 1:
@@ -306,10 +339,21 @@ def resume(ckpt_path, args, world, n_videos, encoder_info, projection, optimizer
     return ckpt["step"]
 
 
-def report(log, out, step, total_steps, epoch, lr, rate, global_batch, flops_per_clip):
+def mean_over_ranks(out, world):
+    """The step's numbers as floats, averaged over the ranks. Loss, its two terms and the accuracy are means over
+    each rank's equal share of the global batch, so their average is the value of the whole global batch (a
+    2-process log equals the 1-process one); sim_identity, a ratio, is the ranks' average."""
+    values = torch.stack([v.detach().float() for v in out.values()])
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    return dict(zip(out, values.tolist()))
+
+
+def report(log, stats, step, total_steps, epoch, lr, rate, global_batch, flops_per_clip):
     """One JSON record in log.jsonl and one progress line (with the frozen encoder's achieved TFLOP/s, all ranks)."""
     rec = dict(step=step, epoch=epoch, lr=lr, clips_per_s=round(rate, 2),
-               tflops=round(rate * flops_per_clip / 1e12, 3), **{k: round(v.item(), 5) for k, v in out.items()})
+               tflops=round(rate * flops_per_clip / 1e12, 3), **{k: round(v, 5) for k, v in stats.items()})
     log.write(json.dumps(rec) + "\n")
     log.flush()
     eta = (total_steps - step) * global_batch / rate
@@ -335,9 +379,12 @@ def epoch_loader(data, epoch, skip, steps_per_epoch, args, rank, world, device):
 
 def demo(args):
     """No --weights and no --videos: synthetic videos, a seeded random ViT-S/16, a short run, before vs after."""
-    print("No --weights and no --videos: embedded demo. It writes synthetic videos (data.py), trains the projection "
-          "on a randomly initialised ViT-S/16 (seed 0), NOT on pretrained weights, and reports cycle accuracy and "
-          "DAVIS-style J&F on synthetic sequences before and after. Expect small numbers: the point is the mechanics.")
+    print(f"No --weights and no --videos: embedded demo (--blr {args.blr:g}, not the official 1e-4: its few steps "
+          f"would barely move the projection). It writes synthetic videos (data.py) under {args.out}, "
+          "trains the projection on a randomly initialised ViT-S/16 (seed 0), NOT on pretrained weights, and "
+          "reports cycle accuracy and DAVIS-style J&F on synthetic sequences before and after. Expect small numbers: "
+          "the point is the mechanics.")
+    check_out_dir(args.out)
     args.videos = os.path.join(args.out, "synthetic_videos")
     write_synthetic_videos(args.videos, n_videos=DEMO_VIDEOS, n_frames=DEMO_FRAMES, seed=args.seed)
     videos = find_videos(args.videos)
@@ -348,6 +395,7 @@ def demo(args):
     model = model.to(device)
     before = cycle_accuracy(model.eval(), videos, device, dtype, args.seed)
     trained, _ = train(args)
+    trained.loss_fn = objective  # measured as `before` is, eagerly (the fused loss would compile again for no_grad)
     after = cycle_accuracy(trained.eval(), videos, device, dtype, args.seed)
     davis = make_davis(os.path.join(args.out, "synthetic_davis"), n_seqs=3, n_frames=12, seed=args.seed)
     jf = compare(trained.encoder, trained.projection, davis, os.path.join(args.out, "davis_results"), "paper",
@@ -416,6 +464,8 @@ def main(argv=None):
     except (BadInput, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":
