@@ -5,6 +5,7 @@ frame by feature affinities, with (or without, for the frozen baseline) the trai
 frozen encoder's patch tokens; the masks are scored with the davis2017-evaluation J&F.
 
     python eval_davis.py --weights W.pth [--ckpt out/cosettle.pth [--compare]] --davis DAVIS/ --out results/
+    python eval_davis.py --weights dino+ours/checkpoint-4.pth --compare --davis DAVIS/   # the authors' file vs paper
     python eval_davis.py --davis DAVIS/ --masks results/        # score an existing results folder
     python eval_davis.py --tradeoff --videos DIR [--ckpt ...]   # label-free trade-off metrics (paper Table 4)
     python eval_davis.py --bench                                # frames/s vs DINO's per-frame loop
@@ -49,6 +50,38 @@ PROTOCOLS = {
 }
 METRICS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
 PALETTE = np.array(davis_palette(), dtype=np.uint8).reshape(256, 3)
+
+# The paper's Table 1, ViT-B/16, in %: VIP mIoU, DAVIS-2017 J&F mean, JHMDB PCK@0.1 of the frozen encoder and
+# + Co-Settle (the same numbers as the "Checkpoints" table of yafeng19/Co-Settle README.md).
+PUBLISHED = {
+    "mae": {"baseline": {"vip": 29.3, "davis": 52.4, "jhmdb": 41.6},
+           "cosettle": {"vip": 33.8, "davis": 59.6, "jhmdb": 48.4}},
+    "ijepa": {"baseline": {"vip": 31.5, "davis": 53.9, "jhmdb": 42.6},
+             "cosettle": {"vip": 35.3, "davis": 58.7, "jhmdb": 44.4}},
+    "clip": {"baseline": {"vip": 38.1, "davis": 54.9, "jhmdb": 36.9},
+            "cosettle": {"vip": 39.2, "davis": 58.3, "jhmdb": 40.6}},
+    "blip": {"baseline": {"vip": 37.6, "davis": 58.8, "jhmdb": 35.1},
+            "cosettle": {"vip": 39.6, "davis": 62.0, "jhmdb": 38.9}},
+    "mocov3": {"baseline": {"vip": 38.8, "davis": 62.6, "jhmdb": 43.6},
+              "cosettle": {"vip": 39.8, "davis": 62.9, "jhmdb": 45.3}},
+    "ibot": {"baseline": {"vip": 39.6, "davis": 64.6, "jhmdb": 45.7},
+            "cosettle": {"vip": 40.8, "davis": 65.1, "jhmdb": 46.1}},
+    "dino": {"baseline": {"vip": 39.1, "davis": 63.2, "jhmdb": 44.4},
+            "cosettle": {"vip": 39.8, "davis": 64.2, "jhmdb": 46.2}},
+    "dinov2": {"baseline": {"vip": 38.4, "davis": 63.1, "jhmdb": 46.6},
+              "cosettle": {"vip": 39.9, "davis": 63.7, "jhmdb": 47.3}},
+}
+TASK_METRIC = {"vip": "VIP mIoU", "davis": "DAVIS J&F", "jhmdb": "JHMDB PCK@0.1"}
+
+
+def paper_row(family, task, measured):
+    """One line, frozen -> + Co-Settle in %: what we measured (a pair of fractions) beside the paper's pair for
+    `family`, e.g. 'DAVIS J&F   measured 63.0 -> 64.1   paper (dino, ViT-B/16) 63.2 -> 64.2'."""
+    ours = f"{TASK_METRIC[task]:14s} measured {100 * measured[0]:.1f} -> {100 * measured[1]:.1f}"
+    if family not in PUBLISHED:
+        return f"  {ours}   paper: no published numbers for a {family!r} encoder"
+    base, cosettle = PUBLISHED[family]["baseline"][task], PUBLISHED[family]["cosettle"][task]
+    return f"  {ours}   paper ({family}, ViT-B/16) {base:.1f} -> {cosettle:.1f}"
 
 
 def protocol_params(protocol, **overrides):
@@ -474,6 +507,7 @@ def compare(encoder, projection, davis_root, out_dir, protocol="paper", **overri
     m["difference"] = {k: m["cosettle"][k] - m["baseline"][k] for k in METRICS}
     if overrides.get("verbose", True):
         print("baseline vs + Co-Settle\n" + table(list(m.values()), list(m)))
+        print(paper_row(encoder.family, "davis", (m["baseline"]["J&F-Mean"], m["cosettle"]["J&F-Mean"])))
     return m
 
 
@@ -621,7 +655,8 @@ def main(argv=None):
     parser.add_argument("--family", choices=FAMILIES, help="force the checkpoint family instead of detecting it")
     parser.add_argument("--native-stats", action="store_true",
                         help="normalise with the family's own mean/std (CLIP, BLIP) instead of ImageNet's")
-    parser.add_argument("--ckpt", help="train.py checkpoint with the trained projection")
+    parser.add_argument("--ckpt", help="train.py checkpoint with the trained projection, or an official "
+                        "'+ Ours' checkpoint (its adapter)")
     parser.add_argument("--davis", help="DAVIS-2017 folder (default: a synthetic one in a temporary folder)")
     parser.add_argument("--out", default="results", help="where the result PNGs and CSVs go")
     parser.add_argument("--masks", help="score this results folder only (no propagation)")
@@ -630,7 +665,8 @@ def main(argv=None):
     parser.add_argument("--context", type=int, help="previous frames in the queue (besides the first)")
     parser.add_argument("--radius", type=int, help="window half-size in patches (0: no window)")
     parser.add_argument("--temperature", type=float)
-    parser.add_argument("--compare", action="store_true", help="baseline and + Co-Settle in one run (needs --ckpt)")
+    parser.add_argument("--compare", action="store_true", help="baseline and + Co-Settle in one run (needs --ckpt, "
+                        "or --weights an official '+ Ours' checkpoint)")
     parser.add_argument("--overlay", action="store_true", help="also write a few blended frames per sequence")
     parser.add_argument("--batch-size", type=int, default=8, help="frames per encoder forward")
     parser.add_argument("--tradeoff", action="store_true", help="label-free trade-off metrics on --videos")
@@ -645,8 +681,6 @@ def main(argv=None):
                 raise BadInput("--masks needs --davis (the ground truth to score against)")
             score(args.davis, args.masks, device)
             return 0
-        if args.compare and not args.ckpt:
-            raise BadInput("--compare needs --ckpt (the projection to compare the frozen encoder with)")
         if args.tradeoff and not args.videos:
             raise BadInput("--tradeoff needs --videos DIR (a folder of frame folders)")
         if args.weights:
@@ -657,6 +691,11 @@ def main(argv=None):
         if args.bench:
             bench(encoder, device)
             return 0
+        if args.compare and not args.ckpt:
+            if not encoder.official:
+                raise BadInput("--compare needs --ckpt (the projection to compare the frozen encoder with), or "
+                               "--weights an official Co-Settle '+ Ours' checkpoint (it holds its projection)")
+            args.ckpt = args.weights  # the projection is the adapter of the same file
         projection = load_projection(args.ckpt, encoder).to(device) if args.ckpt else None
         if args.tradeoff:
             heads = {"baseline": None} if projection is None else {"baseline": None, "cosettle": projection}
