@@ -328,7 +328,7 @@ def resize_pos_embed(sd, model):
     pos, rows = sd["pos_embed"], model.grid
     n_cls = int(model.cls_token is not None)
     side = math.isqrt(pos.shape[1] - n_cls)
-    if (side, side) == rows:  # an official "+ Ours" BLIP file: BLIP's loader already resized it before training
+    if (side, side) == rows:  # already 224 px: an official "+ Ours" BLIP file (BLIP's loader resized it) or a 224 one
         return
     grid = pos[:, n_cls:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=rows, mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
