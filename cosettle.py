@@ -103,6 +103,7 @@ class ViT(nn.Module):
                          layerscale=layerscale, ln_pre=ln_pre, patch_bias=patch_bias, act=act)
         self.patch_size, self.embed_dim, self.grid = patch_size, embed_dim, tuple(grid)
         self.family, self.native_stats = "vit", (IMAGENET_MEAN, IMAGENET_STD)  # load_encoder sets the real ones
+        self.official = None  # load_encoder: what an official "+ Ours" file says about its run (see official_parts)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size, bias=patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
@@ -266,10 +267,12 @@ def detect_family(ckpt):
     return ("ibot" if container == "state_dict" else "dino"), sd
 
 
-def backbone_state_dict(sd, family, path):
-    """Our key names for the family's backbone: prefixes stripped, renames applied, heads/decoders dropped."""
-    keep, renames = FAMILIES[family][:2]
-    if family == "mocov3" and not any("momentum_encoder." in k for k in sd):
+def backbone_state_dict(sd, family, path, keep=None):
+    """Our key names for the family's backbone: prefixes stripped, renames applied, heads/decoders dropped.
+    keep: the prefix the backbone sits under, when not the family's native one (official "+ Ours" files)."""
+    native_keep, renames = FAMILIES[family][:2]
+    keep = native_keep if keep is None else keep
+    if family == "mocov3" and keep == native_keep and not any("momentum_encoder." in k for k in sd):
         keep = "base_encoder."  # a file holding only the online encoder (upstream's DeiT conversion input)
     out = {}
     for k, v in sd.items():
@@ -330,9 +333,72 @@ def resize_pos_embed(sd, model):
     pos, rows = sd["pos_embed"], model.grid
     n_cls = int(model.cls_token is not None)
     side = math.isqrt(pos.shape[1] - n_cls)
+    if (side, side) == rows:  # already 224 px: an official "+ Ours" BLIP file (BLIP's loader resized it) or a 224 one
+        return
     grid = pos[:, n_cls:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=rows, mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
     sd["pos_embed"] = torch.cat([pos[:, :n_cls], grid], dim=1)
+
+
+def listed(**groups):
+    """'missing a, b; unexpected c': at most six names per group, empty groups left out."""
+    return "; ".join(f"{label.replace('_', ' ')} {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+                     for label, keys in groups.items() if keys)
+
+
+# -----------------------------------------------------------------------------
+# The authors' released "+ Ours" checkpoints (yafeng19/Co-Settle README "Checkpoints")
+#
+# yafeng19/Co-Settle util/misc.py save_model writes {'model': the whole model's state dict, 'optimizer', 'epoch',
+# 'scaler', 'args': main_pretrain.py's argparse.Namespace}. The model is the family's own ViT class with the adapter
+# inside it (ST_adapter.py, as `adapter.adapter`), so the encoder keys carry no prefix, except CLIP's: the whole
+# OpenAI CLIP model is saved, its ViT and adapter under 'visual.' next to the text tower (models/clip/model.py).
+# The 'linear' adapter, Linear -> Tanh -> LayerNorm(eps 1e-5), is our Projection under other names; the 'mlp2' and
+# 'mlp3' variants of the code are not.
+
+OFFICIAL_PREFIX = {"clip": "visual."}  # where the official model keeps its ViT and adapter; the other seven: top level
+CLIP_TEXT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "logit_scale")
+ADAPTER = {"adapter.adapter.adapter_linear.weight": "linear.weight",  # official name: Projection's name
+           "adapter.adapter.adapter_linear.bias": "linear.bias",
+           "adapter.adapter.adapter_layer_norm1.weight": "norm.weight",
+           "adapter.adapter.adapter_layer_norm1.bias": "norm.bias"}
+
+
+def is_official(ckpt):
+    """An official "+ Ours" file: a 'model' state dict with the adapter in it."""
+    model = ckpt.get("model") if isinstance(ckpt, dict) else None
+    return isinstance(model, dict) and any(re.match(r"(visual\.)?adapter\.", k) for k in model)
+
+
+def official_parts(ckpt, path, family=None):
+    """An official "+ Ours" file -> (family, its encoder keys, its adapter in Projection's names, what it says about
+    its run). The family is args.base_model (else detected from the keys: the labels of DINO, iBOT, MoCo v3 and
+    BLIP files are then guesses). Every key is the encoder's, the adapter's or CLIP's text tower's; any other is
+    refused by name, as is an adapter other than 'linear'."""
+    args = ckpt.get("args")
+    named = getattr(args, "base_model", None)
+    family = family or (named if named in FAMILIES else detect_family(ckpt)[0])
+    prefix = OFFICIAL_PREFIX.get(family, "")
+    encoder, adapter, unused = {}, {}, []
+    for k, v in ckpt["model"].items():
+        name = k[len(prefix):] if k.startswith(prefix) else None
+        if name in ADAPTER:
+            adapter[ADAPTER[name]] = v
+        elif name is not None and not name.startswith("adapter."):
+            encoder[k] = v  # backbone_state_dict maps it, load_encoder refuses what it does not use
+        elif not (name is None and family == "clip" and k.startswith(CLIP_TEXT)):
+            unused.append(k)
+    fusion_net = getattr(args, "fusion_net", None)
+    odd = [k for k in unused if k.startswith(prefix + "adapter.")]
+    missing = [prefix + k for k, ours in ADAPTER.items() if ours not in adapter]
+    if odd or missing:
+        raise BadInput(f"{path}: its adapter (fusion_net {fusion_net!r}) is not the published 'linear' one, which "
+                       f"alone maps onto the projection ({listed(unmapped=sorted(odd), missing=missing)})")
+    if unused:
+        raise BadInput(f"{path}: {listed(unexpected=sorted(unused))}: neither the {family} encoder, its adapter nor "
+                       f"CLIP's text tower")
+    run = dict(epoch=ckpt.get("epoch"), fusion_net=fusion_net, trained_from=getattr(args, "resume", None))
+    return family, encoder, adapter, run
 
 
 def load_encoder(path, family=None, verbose=False):
@@ -340,16 +406,26 @@ def load_encoder(path, family=None, verbose=False):
 
     The family is detected from the file (or forced with `family`). Every backbone key must be used and every
     model key present: a mismatch is an error naming the keys (no strict=False). The encoder carries
-    `.family` and `.native_stats` (mean, std) of its pre-training.
+    `.family` and `.native_stats` (mean, std) of its pre-training, and `.official` (epoch, fusion_net,
+    trained_from) when the file is an official "+ Ours" one, whose frozen encoder it is.
     """
-    ckpt = read_checkpoint(path)
+    return encoder_from(read_checkpoint(path), path, family, verbose)
+
+
+def encoder_from(ckpt, path, family=None, verbose=False):
+    """load_encoder on a checkpoint already read."""
     if not isinstance(ckpt, dict):
         raise BadInput(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
-    detected, sd = detect_family(ckpt)
-    family = family or detected
-    if family not in FAMILIES:
+    if family is not None and family not in FAMILIES:
         raise BadInput(f"{path}: unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    sd = backbone_state_dict(sd, family, path)
+    official, keep = None, None
+    if is_official(ckpt):
+        family, sd, _, official = official_parts(ckpt, path, family)
+        keep = OFFICIAL_PREFIX.get(family, "")
+    else:
+        detected, sd = detect_family(ckpt)
+        family = family or detected
+    sd = backbone_state_dict(sd, family, path, keep)
     arch = infer_arch(sd, family, path)
     if family == "blip":
         arch["grid"] = (224 // arch["patch_size"],) * 2
@@ -361,15 +437,16 @@ def load_encoder(path, family=None, verbose=False):
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
     if missing or unexpected or wrong:
-        what = "; ".join(f"{label} {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
-                         for label, keys in [("missing", missing), ("unexpected", unexpected),
-                                             ("wrong shape", wrong)] if keys)
-        raise BadInput(f"{path}: not a complete {family} ViT ({what})")
+        raise BadInput(f"{path}: not a complete {family} ViT "
+                       f"({listed(missing=missing, unexpected=unexpected, wrong_shape=wrong)})")
     model.load_state_dict(sd, strict=True, assign=True)
-    model.family, model.native_stats = family, FAMILIES[family][3]
+    model.family, model.native_stats, model.official = family, FAMILIES[family][3], official
     if verbose:
         print(f"{path}: {family} ViT, patch {arch['patch_size']}, width {arch['embed_dim']}, depth {arch['depth']}, "
               f"{arch['heads']} heads, grid {arch['grid']}, {arch['registers']} registers")
+        if official:
+            print(f"{path}: an official Co-Settle '+ Ours' checkpoint (epoch {official['epoch']}, trained from "
+                  f"{official['trained_from']}); its frozen encoder is the one above, its adapter the projection")
     return freeze(model)
 
 
@@ -420,22 +497,31 @@ def fingerprint(encoder):
 
 
 def load_projection(path, encoder=None):
-    """The trained projection from a train.py checkpoint, in eval mode; with `encoder`, checked to have been
-    trained on that very encoder (a DINO projection on iBOT features would run, silently meaningless)."""
+    """The trained projection in eval mode, from a train.py checkpoint or an official "+ Ours" file (its adapter).
+    With `encoder`, checked to have been trained on that very encoder (a DINO projection on iBOT features would
+    run, silently meaningless)."""
     ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or "projection" not in ckpt:
-        raise BadInput(f"{path}: not a Co-Settle checkpoint (no 'projection' entry)")
-    sd = ckpt["projection"]
-    if encoder is not None:
+    if is_official(ckpt):
+        own = encoder_from(ckpt, path)  # every key of the file is checked, and this is the encoder it was trained on
+        sd, trained_on = official_parts(ckpt, path, own.family)[2], dict(path=path, fingerprint=fingerprint(own))
+        width = own.embed_dim
+    elif isinstance(ckpt, dict) and "projection" in ckpt:
+        sd, trained_on = ckpt["projection"], ckpt.get("encoder", {})
         width = sd["linear.weight"].shape[0]
+    else:
+        raise BadInput(f"{path}: not a Co-Settle checkpoint: neither train.py's (no 'projection' entry) nor an "
+                       f"official '+ Ours' one (no adapter in its 'model')")
+    projection = Projection(width)
+    wrong = sorted(k for k, v in projection.state_dict().items() if k not in sd or sd[k].shape != v.shape)
+    if wrong:
+        raise BadInput(f"{path}: {', '.join(wrong)} missing or not the shape of a width-{width} projection")
+    if encoder is not None:
         if width != encoder.embed_dim:
             raise BadInput(f"{path}: projection of width {width}, but the encoder has width {encoder.embed_dim}")
-        trained_on = ckpt.get("encoder", {})
         if trained_on.get("fingerprint") != fingerprint(encoder):
             raise BadInput(f"{path}: trained on encoder {trained_on.get('path', '(not recorded)')}, "
                            f"not on the one given")
-    projection = Projection(sd["linear.weight"].shape[0])
-    projection.load_state_dict(sd, strict=True)
+    projection.load_state_dict(sd, strict=True)  # copies into float32: CLIP's official adapter Linear is fp16
     return freeze(projection)
 
 

@@ -5,6 +5,7 @@ frozen baseline) the trained projection on top of the frozen encoder's patch tok
 davis2017-evaluation's J&F. VIP: semantic parts, the official mIoU.
 
     python eval_davis.py --weights W.pth [--ckpt out/cosettle.pth] [--compare] --davis DAVIS/ --vip VIP_Fine/
+    python eval_davis.py --weights dino+ours/checkpoint-4.pth --compare --davis DAVIS/   # the authors' file
     python eval_davis.py --davis DAVIS/ --masks results/        # score an existing results folder
     python eval_davis.py --tradeoff --videos DIR [--ckpt ...]   # label-free trade-off metrics (paper Table 4)
     python eval_davis.py --bench                                # s/frame of each pipeline, peak memory
@@ -61,6 +62,39 @@ PALETTE = np.array(davis_palette(), dtype=np.uint8).reshape(256, 3)
 VIP_CLASSES = ["background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat", "socks", "pants",
                "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm", "left-arm", "right-leg", "left-leg",
                "right-shoe", "left-shoe"]  # HCPLab-SYSU/ATEN evaluate/test_parsing.py: ids 0..19
+
+# The paper's Table 1, ViT-B/16, in %: VIP mIoU, DAVIS-2017 J&F mean, JHMDB PCK@0.1 of the frozen encoder and
+# + Co-Settle (the same numbers as the "Checkpoints" table of yafeng19/Co-Settle README.md).
+PUBLISHED = {
+    "mae": {"baseline": {"vip": 29.3, "davis": 52.4, "jhmdb": 41.6},
+           "cosettle": {"vip": 33.8, "davis": 59.6, "jhmdb": 48.4}},
+    "ijepa": {"baseline": {"vip": 31.5, "davis": 53.9, "jhmdb": 42.6},
+             "cosettle": {"vip": 35.3, "davis": 58.7, "jhmdb": 44.4}},
+    "clip": {"baseline": {"vip": 38.1, "davis": 54.9, "jhmdb": 36.9},
+            "cosettle": {"vip": 39.2, "davis": 58.3, "jhmdb": 40.6}},
+    "blip": {"baseline": {"vip": 37.6, "davis": 58.8, "jhmdb": 35.1},
+            "cosettle": {"vip": 39.6, "davis": 62.0, "jhmdb": 38.9}},
+    "mocov3": {"baseline": {"vip": 38.8, "davis": 62.6, "jhmdb": 43.6},
+              "cosettle": {"vip": 39.8, "davis": 62.9, "jhmdb": 45.3}},
+    "ibot": {"baseline": {"vip": 39.6, "davis": 64.6, "jhmdb": 45.7},
+            "cosettle": {"vip": 40.8, "davis": 65.1, "jhmdb": 46.1}},
+    "dino": {"baseline": {"vip": 39.1, "davis": 63.2, "jhmdb": 44.4},
+            "cosettle": {"vip": 39.8, "davis": 64.2, "jhmdb": 46.2}},
+    "dinov2": {"baseline": {"vip": 38.4, "davis": 63.1, "jhmdb": 46.6},
+              "cosettle": {"vip": 39.9, "davis": 63.7, "jhmdb": 47.3}},
+}
+TASK_METRIC = {"vip": "VIP mIoU", "davis": "DAVIS J&F", "jhmdb": "JHMDB PCK@0.1"}
+
+
+def paper_row(family, task, measured):
+    """One line, frozen -> + Co-Settle in %: what we measured (a pair of fractions) beside the paper's pair for
+    `family`, e.g. 'DAVIS J&F   measured 63.0 -> 64.1   paper (dino, ViT-B/16) 63.2 -> 64.2'."""
+    ours = f"{TASK_METRIC[task]:14s} measured {100 * measured[0]:.1f} -> {100 * measured[1]:.1f} " \
+           f"({100 * (measured[1] - measured[0]):+.1f})"
+    if family not in PUBLISHED:
+        return f"  {ours}   paper: no published numbers for a {family!r} encoder"
+    base, cosettle = PUBLISHED[family]["baseline"][task], PUBLISHED[family]["cosettle"][task]
+    return f"  {ours}   paper ({family}, ViT-B/16) {base:.1f} -> {cosettle:.1f} ({cosettle - base:+.1f})"
 
 
 def protocol_params(protocol, **overrides):
@@ -948,7 +982,11 @@ def compare(encoder, projection, tasks, out_dir, protocol="paper", **overrides):
     m["difference"] = {task: difference(m["baseline"][task], m["cosettle"][task]) for task in m["baseline"]}
     write_json(Path(out_dir) / "summary.json", m)
     if overrides.get("verbose", True):
-        print("baseline vs + Co-Settle\n" + headline_table(m))
+        print("frozen -> + Co-Settle, measured and as published (the paper's Table 1)")
+        for task, metrics in m["baseline"].items():
+            if metrics is not None:
+                key = HEADLINE[task]
+                print(paper_row(encoder.family, task, (metrics[key], m["cosettle"][task][key])))
     return m
 
 
@@ -959,16 +997,7 @@ def difference(a, b):
                 [y - x for x, y in zip(a[k], b[k])] if isinstance(a[k], list) else b[k] - a[k]) for k in a}
 
 
-HEADLINE = {"davis": "J&F-Mean", "vip": "mIoU", "jhmdb": "PCK@0.1"}  # each task's Table 1 number
-
-
-def headline_table(m):
-    tasks = [t for t in HEADLINE if t in m["baseline"]]
-    lines = ["  " + f"{'':12s}" + "".join(f"{t + ' ' + HEADLINE[t]:>18s}" for t in tasks)]
-    for name, row in m.items():
-        cells = ["-" if row[t] is None else f"{100 * row[t][HEADLINE[t]]:.1f}" for t in tasks]
-        lines.append("  " + f"{name:12s}" + "".join(f"{c:>18s}" for c in cells))
-    return "\n".join(lines)
+HEADLINE = {"davis": "J&F-Mean", "vip": "mIoU", "jhmdb": "PCK@0.1"}  # each task's number in Table 1
 
 
 # -----------------------------------------------------------------------------
@@ -1183,7 +1212,8 @@ def main(argv=None):
     parser.add_argument("--family", choices=FAMILIES, help="force the checkpoint family instead of detecting it")
     parser.add_argument("--native-stats", action="store_true",
                         help="normalise with the family's own mean/std (CLIP, BLIP) instead of ImageNet's")
-    parser.add_argument("--ckpt", help="train.py checkpoint with the trained projection")
+    parser.add_argument("--ckpt", help="train.py checkpoint with the trained projection, or an official "
+                        "'+ Ours' checkpoint (its adapter)")
     parser.add_argument("--davis", help="DAVIS-2017 folder (with no task given: a synthetic one, temporary)")
     parser.add_argument("--vip", help="VIP_Fine folder, or a list file of '<images dir> <labels dir>' lines")
     parser.add_argument("--jhmdb", help="JHMDB folder (Rename_Images, joint_positions, splits), or a list file of "
@@ -1199,7 +1229,8 @@ def main(argv=None):
     parser.add_argument("--radius", type=at_least(0), help="in patches: the square window's half-size (dino, 0: no "
                         "window) or the Euclidean radius of the short-term slots (paper)")
     parser.add_argument("--temperature", type=positive(float))
-    parser.add_argument("--compare", action="store_true", help="baseline and + Co-Settle in one run (needs --ckpt)")
+    parser.add_argument("--compare", action="store_true", help="baseline and + Co-Settle in one run (needs --ckpt, "
+                        "or --weights an official '+ Ours' checkpoint)")
     parser.add_argument("--overlay", action="store_true", help="also write a few blended frames per sequence")
     parser.add_argument("--batch-size", type=positive(), default=8, help="frames per encoder forward")
     parser.add_argument("--tradeoff", action="store_true", help="label-free trade-off metrics on --videos")
@@ -1216,8 +1247,6 @@ def main(argv=None):
             m = score_vip(read_vip(args.vip), args.masks) if args.vip else score(args.davis, args.masks, device)[0]
             write_json(Path(args.masks) / "summary.json", {next(iter(tasks)): m})
             return 0
-        if args.compare and not args.ckpt:
-            raise BadInput("--compare needs --ckpt (the projection to compare the frozen encoder with)")
         if args.tradeoff and not args.videos:
             raise BadInput("--tradeoff needs --videos DIR (a folder of frame folders)")
         if not (args.tradeoff or args.bench):
@@ -1230,6 +1259,11 @@ def main(argv=None):
         if args.bench:
             bench(encoder, device)
             return 0
+        if args.compare and not args.ckpt:
+            if not encoder.official:
+                raise BadInput("--compare needs --ckpt (the projection to compare the frozen encoder with), or "
+                               "--weights an official Co-Settle '+ Ours' checkpoint (it holds its projection)")
+            args.ckpt = args.weights  # the projection is the adapter of the same file
         projection = load_projection(args.ckpt, encoder).to(device) if args.ckpt else None
         if args.tradeoff:
             heads = {"baseline": None} if projection is None else {"baseline": None, "cosettle": projection}

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
-from cosettle import (FAMILIES, IMAGENET_STATS, BadInput, CoSettle, build_vit, fingerprint, fuse, load_encoder,
-                      objective, official_objective, shifted_pos_embed, timeit)
+from cosettle import (FAMILIES, IMAGENET_STATS, BadInput, CoSettle, build_vit, fingerprint, fuse, is_official,
+                      load_encoder, objective, official_objective, read_checkpoint, shifted_pos_embed, timeit)
 from data import FramePairs, at_least, atomic, check_out_dir, find_videos, make_davis, positive, write_synthetic_videos
 from eval_davis import compare
 
@@ -145,6 +145,9 @@ def encoder_from_args(args, rank):
     if args.weights:
         encoder = load_encoder(args.weights, args.family, verbose=rank == 0)
         path, size = os.path.abspath(args.weights), os.path.getsize(args.weights)
+        if encoder.official and rank == 0:
+            print(f"{args.weights}: training a new projection on the frozen {encoder.family} encoder of this official "
+                  f"'+ Ours' checkpoint; its adapter is not used")
     else:
         encoder, path, size = build_vit("vit_small", 16, seed=args.seed), f"random vit_small/16 seed {args.seed}", 0
     return encoder, dict(path=path, size=size, fingerprint=fingerprint(encoder))
@@ -327,7 +330,13 @@ def resume(ckpt_path, args, world, n_videos, encoder_info, projection, optimizer
     or model. (--epochs, --warmup-epochs and --blr may change: the schedule is recomputed from them.)"""
     if not os.path.exists(ckpt_path):
         raise BadInput(f"{ckpt_path}: --resume given but there is no checkpoint")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(ckpt_path)
+    if is_official(ckpt):
+        raise BadInput(f"{ckpt_path}: an official Co-Settle '+ Ours' checkpoint (yafeng19/Co-Settle main_pretrain.py), "
+                       f"not train.py's: it holds no optimiser state of ours to resume (evaluate it with eval_davis.py "
+                       f"--weights, or pass it as --weights to train a new projection on its frozen encoder)")
+    if not isinstance(ckpt, dict) or "projection" not in ckpt:
+        raise BadInput(f"{ckpt_path}: not a train.py checkpoint (no 'projection' entry), nothing to resume")
     if ckpt["encoder"]["fingerprint"] != encoder_info["fingerprint"]:
         raise BadInput(f"{ckpt_path}: trained on encoder {ckpt['encoder']['path']}, not {encoder_info['path']}")
     was = ckpt["args"]["batch_size"] * ckpt["world"], ckpt["args"]["seed"], ckpt["videos"]
