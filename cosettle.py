@@ -2,9 +2,9 @@
 the fused cycle-consistency kernel.
 
 Liu et al., "From Static to Dynamic: Exploring Self-supervised Image-to-Video Representation Transfer
-Learning", CVPR 2026. Equation and step numbers refer to the paper and to PAPER.md, which restates what the
-official code (github.com/yafeng19/Co-Settle) computes. Where the two differ we follow the code, which produced
-the published numbers, and say so.
+Learning", CVPR 2026 (arXiv 2603.26597). Equation and table numbers are the paper's. Where the paper's text and
+the official code (github.com/yafeng19/Co-Settle) differ we follow the code, which produced the published
+numbers, and say so.
 
     python cosettle.py --bench      # eager official cycle loss vs the fused (compiled) one, fwd+bwd
 """
@@ -86,7 +86,7 @@ class Block(nn.Module):
 
 class ViT(nn.Module):
     """Pre-norm ViT returning the last block's patch tokens after the final LayerNorm, CLS and register tokens
-    dropped (step 2). One class for all eight families; what differs is a handful of switches:
+    dropped (the frozen encoder's three streams). One class for all eight families; what differs is a handful of switches:
     cls_token (I-JEPA has none), registers (DINOv2), layerscale (DINOv2), ln_pre (CLIP), patch_bias (CLIP has
     none), act and eps (CLIP: QuickGELU, 1e-5).
 
@@ -144,7 +144,7 @@ class ViT(nn.Module):
         """x: [B, 3, H, W] -> patch tokens [B, H/p * W/p, D].
 
         patch_pos_embed ([1 or B, rows*cols, D] on the stored grid) replaces the patch positional embedding;
-        this is how the PEA stream is encoded (step 3). The CLS positional row is never replaced, registers are
+        this is how the PEA stream is encoded. The CLS positional row is never replaced, registers are
         inserted after the positional embedding (DINOv2) and ln_pre comes after both (CLIP), so PEA lands where
         each family's own code puts it.
         """
@@ -192,7 +192,7 @@ def freeze(module):
 
 
 # -----------------------------------------------------------------------------
-# Loading published checkpoints of the eight families (PAPER.md, "Checkpoint formats")
+# Loading published checkpoints of the eight families, each in its authors' own format
 #
 # Each family is a row: where its backbone sits in the file, how its key names map onto ours, and how its
 # architecture differs. DINO, iBOT, MAE, MoCo v3 and BLIP share DINO's names once the prefix is stripped; the
@@ -455,7 +455,7 @@ def encoder_from(ckpt, path, family=None, verbose=False):
 
 
 def shifted_pos_embed(pos_embed, ratio=10.0, generator=None):
-    """Asymmetric positional embedding, PEA (step 3): bicubic-upsample the rows x cols patch embedding
+    """Asymmetric positional embedding, PEA: bicubic-upsample the rows x cols patch embedding
     [1, rows*cols, D] by (1 + ratio) and crop a random rows x cols window (one offset per call).
 
     With the official ratio 10 the window spans ~1.2 original cells, so the PEA copy carries almost no absolute
@@ -472,7 +472,7 @@ def shifted_pos_embed(pos_embed, ratio=10.0, generator=None):
 
 
 class Projection(nn.Module):
-    """The trainable g (step 4): LayerNorm(tanh(Linear(z))), eps 1e-5; 0.59M parameters at D = 768.
+    """The trainable projection g: LayerNorm(tanh(Linear(z))), eps 1e-5; 0.59M parameters at D = 768.
 
     The paper text says "linear + LayerNorm"; the official code has the tanh, and so do we.
     """
@@ -536,7 +536,7 @@ def pool_tokens(p):
 
 
 def cycle_loss(p1, p2, p1b, temp=0.03):
-    """Temporal cycle-consistency, paper Eq. 2 (step 5) -> (loss, cycle accuracy, sim_identity).
+    """Temporal cycle-consistency, paper Eq. 2 -> (loss, cycle accuracy, sim_identity).
 
     p1, p2, p1b: L2-normalised projected tokens [B, N, D] of frame t1, frame t2 and frame t1 encoded with PEA,
     patch tokens only, N = side x side with side even (the 2x2 pooling; anything else is a ValueError). The
@@ -569,7 +569,7 @@ def official_cycle_loss(p1, p2, p1b, temp=0.03):
 
 
 def separability_loss(p, z):
-    """Separability regulariser, paper Eq. 3 (step 6), on L2-normalised tokens [B, ..., D].
+    """Separability regulariser, paper Eq. 3, on L2-normalised tokens [B, ..., D].
 
     Official code: F.kl_div(log_softmax(p), softmax(z), reduction='batchmean'), softmax over the feature
     dimension, summed over every token and feature and divided by B. That is KL(softmax(z) || softmax(p)), the
@@ -639,7 +639,7 @@ class CoSettle(nn.Module):
 
     @torch.no_grad()
     def encode(self, x1, x2, generator=None):
-        """z = [z1, z2, z1b] of step 2 as one [B, 3N, D] tensor, from ONE forward of the 3B images
+        """z = [z1, z2, z1b] (frame t1, frame t2, frame t1 under PEA) as one [B, 3N, D] tensor, from ONE forward of the 3B images
         [x1, x2, x1], the last third with the PEA positional embedding."""
         B = x1.shape[0]
         pos = self.encoder.patch_pos_embed()

@@ -1,13 +1,15 @@
-"""Frames for Co-Settle: video folders, the frame-pair sampler, the shared crop/flip, synthetic videos.
+"""Data for Co-Settle: video folders, the frame-pair sampler, the shared crop/flip, synthetic data sets.
 
-Implements PAPER.md step 1 ("Frames"): from one video of `n` frames take two frames `g = int(0.15·n)` apart,
-give both the same random-resized crop and the same horizontal flip, normalise with ImageNet statistics.
+Training pairs: from one video of `n` frames take two frames `g = int(0.15·n)` apart, give both the same
+random-resized crop and the same horizontal flip, normalise with ImageNet statistics.
 Where the official code (github.com/yafeng19/Co-Settle, util/video_datasets.py, util/video/*.py) and the paper
 text differ we follow the code, and say so where it happens.
 
-Also here: synthetic videos with ground-truth object masks (for the demo, the tests and the DAVIS evaluator),
-a DAVIS-2017 folder writer, and a small CLI:
+Also here: synthetic videos with ground-truth object masks (for the demo, the tests and the evaluator), writers
+of DAVIS-2017, VIP and JHMDB folders in their real layouts, the JHMDB reader with a small MATLAB v5 reader, and
+a CLI:
     python data.py --make-davis DIR [--seqs N --frames N --height H --width W --seed S]
+    python data.py --make-vip DIR [--videos N --frames N --height H --width W --seed S]
     python data.py --make-videos DIR [--videos N --frames N --height H --width W --seed S]
     python data.py --make-jhmdb DIR [--videos N-per-action --frames N --seed S]
 """
@@ -113,7 +115,7 @@ def count_frames(folder):
 
 
 def find_videos(path):
-    """Video folders for PAPER.md step 1: every folder under `path` that holds frames, or those listed in a .txt.
+    """Video folders for training: every folder under `path` that holds frames, or those listed in a .txt.
 
     `path` is a directory (searched recursively, so both Kinetics `class/video/00000.jpg` and flat
     `video/00000.jpg` layouts work) or a .txt file with one folder per line (relative paths are resolved against
@@ -163,7 +165,7 @@ def find_videos(path):
 # the random choices of one sample
 
 def sample_pair(n, clip_gap, rng):
-    """0-based indices (i, j) of the two frames of PAPER.md step 1, as the official code draws them.
+    """0-based indices (i, j) of a training pair's two frames, as the official code draws them.
 
     Official `sample_two_frames_tuple` (the path the published runs take: train.sh passes --use_adapter):
       g = int(clip_gap·n); if n <= 4 or g < 1: i, j independent uniform on {0..n-1} (may coincide, any order);
@@ -237,7 +239,7 @@ def to_tensor(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 # the training dataset
 
 class FramePairs(torch.utils.data.Dataset):
-    """PAPER.md step 1: item idx = two frames of video idx, same crop, same flip, ImageNet-normalised.
+    """Training pairs: item idx = two frames of video idx, same crop, same flip, ImageNet-normalised.
 
     Randomness is a pure function of (seed, epoch, idx), so a sample does not depend on the number of DataLoader
     workers and is reproduced after a resume. Call set_epoch(e) before building the epoch's iterator (workers
@@ -835,7 +837,7 @@ def read_jhmdb(path, split=1, list_order=None):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write synthetic data for Co-Settle (see PAPER.md step 1).")
+    parser = argparse.ArgumentParser(description="Write synthetic data for Co-Settle: training videos, DAVIS, VIP and JHMDB sets.")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument('--make-davis', metavar='DIR', help='write a synthetic DAVIS-2017 folder')
     target.add_argument('--make-videos', metavar='DIR', help='write synthetic training videos (frame folders)')

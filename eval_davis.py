@@ -1,4 +1,4 @@
-"""Label propagation for the paper's three dense benchmarks (Sec. 4, Table 1), frozen baseline vs + Co-Settle.
+"""Label propagation for the paper's three dense benchmarks (Table 1), frozen baseline vs + Co-Settle.
 
 The first frame's labels are carried through every frame by feature affinities, with (or without, for the
 frozen baseline) the trained projection on top of the frozen encoder's patch tokens. DAVIS-2017: object masks,
@@ -37,7 +37,7 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, at_least, atomic, check_out_dir, 
                   load_rgb, make_davis, positive, read_jhmdb, synthetic_video)
 
 # Two protocols for DAVIS, one propagation loop. Sizes: a (height, width) pair is fixed; one number is a rule.
-# paper: the pipeline behind the paper's Table 1 (Sec. 4.1: "following SiamMAE/CropMAE/RSP"): CropMAE's
+# paper: the pipeline behind the paper's Table 1 (it follows SiamMAE/CropMAE/RSP's protocol): CropMAE's
 #   label propagation (alexandre-eymael/CropMAE downstreams/propagation/src/test.py, as T-CoRe, the authors'
 #   previous paper, runs it: yafeng19/T-CORE scripts/eval.sh with the defaults of downstreams/propagation/util.py):
 #   frames resized to 480x880 in float (no uint8 rounding), std 0.229, CRW's propagation (CRWPropagation below):
@@ -1001,7 +1001,7 @@ HEADLINE = {"davis": "J&F-Mean", "vip": "mIoU", "jhmdb": "PCK@0.1"}  # each task
 
 
 # -----------------------------------------------------------------------------
-# Label-free trade-off metrics (PAPER.md "Label-free trade-off metrics", paper Table 4)
+# Label-free trade-off metrics (paper Table 4)
 
 
 def diameter(x):

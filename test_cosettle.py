@@ -1,8 +1,8 @@
 """Tests for Co-Settle-ref: data.py, cosettle.py, train.py, eval_davis.py (CPU only, tiny models, ~minutes).
 
-Every claim in PAPER.md that the code makes is checked against an independent computation written here:
+Every claim the code makes about the paper and the official code is checked against an independent computation written here:
 explicit-attention ViTs per checkpoint family, the official cycle-loss formulation, slow loop versions of the DAVIS
-boundary metric. Nothing here reads ../shared.
+boundary metric.
 """
 import argparse
 import copy
@@ -38,7 +38,7 @@ from data import davis_palette, make_davis, synthetic_video, write_synthetic_vid
 
 # =============================================================================
 # data.py: frames, sampling, augmentation, synthetic videos
-# Tests for data.py (PAPER.md step 1 "Frames", synthetic videos, DAVIS writer, CLI).
+# Tests for data.py (training pairs, synthetic videos, DAVIS writer, CLI).
 
 
 MEAN = np.array(data.IMAGENET_MEAN)
@@ -476,7 +476,7 @@ def test_cli_writes_and_rejects_bad_input(tmp_path, capsys):
 # =============================================================================
 # cosettle.py and train.py: ViT, PEA, losses, fused kernel, training, resume, DDP
 # Tests for the training side: cosettle.py (ViT + loader, PEA, projection, losses, fused kernel) and train.py
-# (training loop, resume, DDP, bad inputs). PAPER.md steps 2-7 and "Training recipe".
+# (training loop, resume, DDP, bad inputs). The method (Eqs. 2-4, PEA, the projection) and the training recipe.
 #
 # Everything here is CPU-only and uses tiny ViTs; data.py itself is covered by test_part_data.py.
 
@@ -1432,7 +1432,7 @@ def test_heads_come_from_the_width_table_and_unknown_widths_are_refused(tmp_path
 
 # =============================================================================
 # cosettle.py: the eight checkpoint families
-# Tests for the checkpoint loader (PAPER.md "Checkpoint formats"): one randomly initialised checkpoint per family,
+# Tests for the checkpoint loader (each family's own checkpoint format): one randomly initialised checkpoint per family,
 # written in that family's native layout, loaded with `load_encoder` and compared with an explicit forward pass.
 #
 # The explicit forward (`explicit_forward`) is written here from the raw native tensors, in float64, without any of

@@ -5,7 +5,7 @@
     python train.py                                                          # embedded demo (synthetic, random ViT)
     python train.py --bench [--weights W.pth] [--batch-size 8]              # training clips/s, ours vs official step
 
-The defaults are the official recipe (PAPER.md, "Training recipe"): 5 epochs (1 warm-up), 128 clips per process,
+The defaults are the official recipe (the paper's training details and yafeng19/Co-Settle main_pretrain.py): 5 epochs (1 warm-up), 128 clips per process,
 lr = blr * global_batch / 256 with blr 1e-4, AdamW (0.9, 0.95), weight decay 0.05 on the linear weight only,
 per-iteration linear warm-up then half-cosine to 0, tau 0.03, lambda 3, PEA ratio 10, clip gap 0.15.
 """
@@ -182,7 +182,7 @@ def vit_flops(encoder, size):
 
 @torch.no_grad()
 def cycle_accuracy(model, videos, device, dtype, seed, batch_size=8):
-    """Mean cycle accuracy (step 5) of the current projection on fixed pairs of `videos`: same frames, crops and
+    """Mean cycle accuracy (Eq. 2's) of the current projection on fixed pairs of `videos`: same frames, crops and
     PEA offsets every call, so 'before' and 'after' are measured on identical inputs."""
     data = FramePairs(videos, seed=seed + 1)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
