@@ -1,12 +1,12 @@
-"""Co-Settle in one file: the frozen ViT and its checkpoint loader, PEA, the projection, the two losses and
-the fused cycle-consistency kernel.
+"""Co-Settle in one file: the method first (PEA, the projection, the cycle loss of Eq. 2, the separability loss of
+Eq. 3, their sum of Eq. 4, the fused kernel, the model), then the frozen ViT, then the checkpoint loader.
 
 Liu et al., "From Static to Dynamic: Exploring Self-supervised Image-to-Video Representation Transfer
 Learning", CVPR 2026 (arXiv 2603.26597). Equation and table numbers are the paper's. Where the paper's text and
 the official code (github.com/yafeng19/Co-Settle) differ we follow the code, which produced the published
 numbers, and say so.
 
-    python cosettle.py --bench      # eager official cycle loss vs the fused (compiled) one, fwd+bwd
+    python cosettle.py --bench      # eager official loss vs the fused (compiled) one, forward + backward
 """
 import argparse
 import contextlib
@@ -25,6 +25,174 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import IMAGENET_MEAN, IMAGENET_STD, BadInput, positive
+
+# The recipe (the official code's defaults, yafeng19/Co-Settle main_pretrain.py); every default below is one of these.
+TEMP = 0.03         # tau: temperature of the two softmaxes of the cycle (Eq. 2)
+LAMBDA_REG = 3.0    # lambda: weight of the separability regulariser (Eq. 4)
+PEA_RATIO = 10.0    # alpha: PEA upsamples the positional table (1 + alpha) times before cutting a window
+CLIP_GAP = 0.15     # the two training frames are int(0.15 n) apart in an n-frame clip
+SIZE = 224          # training crops
+
+# -----------------------------------------------------------------------------
+# The method: PEA, the projection g, the cycle loss (Eq. 2), the separability loss (Eq. 3), Eq. 4, the fused kernel
+
+
+def shifted_pos_embed(pos_embed, ratio=PEA_RATIO, generator=None):
+    """Asymmetric positional embedding, PEA: bicubic-upsample the rows x cols patch embedding
+    [1, rows*cols, D] by (1 + ratio) and crop a random rows x cols window (one offset per call).
+
+    With the official ratio 10 the window spans ~1.2 original cells, so the PEA copy carries almost no absolute
+    position and the cycle cannot be closed by matching positions (the shortcut that collapses J&F).
+    """
+    _, n, D = pos_embed.shape
+    side = math.isqrt(n)
+    assert side * side == n, "PEA expects a square grid"
+    up = int((1 + ratio) * side)
+    x = pos_embed.reshape(1, side, side, D).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(up, up), mode="bicubic", align_corners=False)
+    i, j = torch.randint(0, up - side + 1, (2,), generator=generator).tolist()
+    return x[:, :, i:i + side, j:j + side].permute(0, 2, 3, 1).reshape(1, n, D)
+
+
+class Projection(nn.Module):
+    """The trainable projection g: LayerNorm(tanh(Linear(z))), eps 1e-5; 0.59M parameters at D = 768.
+
+    The paper text says "linear + LayerNorm"; the official code has the tanh, and so do we.
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        nn.init.trunc_normal_(self.linear.weight, std=0.02)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, z):
+        return self.norm(torch.tanh(self.linear(z)))
+
+
+def pool_tokens(p):
+    """2x2 average pooling of [B, side*side, D] tokens on their grid -> [B, side*side/4, D] (not re-normalised)."""
+    B, n, D = p.shape
+    s = math.isqrt(n)
+    if s * s != n or s % 2:
+        raise ValueError(f"cycle loss: {n} tokens per frame are not an even square grid (side x side patch tokens, "
+                         f"side even, e.g. 196 = 14 x 14; drop CLS and register tokens first)")
+    return p.view(B, s // 2, 2, s // 2, 2, D).mean(dim=(2, 4)).reshape(B, n // 4, D)
+
+
+def cycle_loss(p1, p2, p1b, temp=TEMP):
+    """Temporal cycle-consistency, paper Eq. 2 -> (loss, cycle accuracy, sim_identity).
+
+    p1, p2, p1b: L2-normalised projected tokens [B, N, D] of frame t1, frame t2 and frame t1 encoded with PEA,
+    patch tokens only, N = side x side with side even (the 2x2 pooling; anything else is a ValueError). The
+    inputs are not normalised here: unnormalised tokens give a loss, but not this one.
+    A = softmax(p1 p2^T / temp), A~ = softmax(p2 p1b^T / temp) on 2x2-pooled tokens, M = A A~, and the official
+    loss is cross_entropy(log(M + 1e-6), identity). Rows of M sum to 1, so that equals
+        -mean_i log(M_ii + 1e-6) + log(1 + N 1e-6),   M_ii = sum_j A_ij A~_ji,
+    which needs no N x N x N product. Accuracy and sim_identity (what the official code logs) are read off the
+    full M without autograd state.
+    """
+    q1, q2, q1b = pool_tokens(p1), pool_tokens(p2), pool_tokens(p1b)
+    n = q1.shape[1]
+    A = torch.softmax(q1 @ q2.transpose(1, 2) / temp, dim=-1)
+    A_back = torch.softmax(q2 @ q1b.transpose(1, 2) / temp, dim=-1)
+    M_diag = (A * A_back.transpose(1, 2)).sum(-1)
+    loss = -torch.log(M_diag + 1e-6).mean() + math.log1p(n * 1e-6)
+    M = A.detach() @ A_back.detach()
+    accuracy = (M.argmax(-1) == torch.arange(n, device=M.device)).float().mean()
+    sim_identity = M.diagonal(dim1=1, dim2=2).sum() / (M.norm() * math.sqrt(M.shape[0] * n))
+    return loss, accuracy, sim_identity
+
+
+def separability_loss(p, z):
+    """Separability regulariser, paper Eq. 3, on L2-normalised tokens [B, ..., D].
+
+    Official code: F.kl_div(log_softmax(p), softmax(z), reduction='batchmean'), softmax over the feature
+    dimension, summed over every token and feature and divided by B. That is KL(softmax(z) || softmax(p)), the
+    reverse of the direction written in the paper; we follow the code.
+    """
+    log_q, log_t = torch.log_softmax(p, dim=-1), torch.log_softmax(z, dim=-1)
+    return (log_t.exp() * (log_t - log_q)).sum() / p.shape[0]
+
+
+def objective(h, z, temp=TEMP, lambda_reg=LAMBDA_REG):
+    """The total loss of Eq. 4, L = L_cyc + lambda L_reg, from the projection output h = g(z) and the frozen
+    tokens z, both [B, 3N, D] with the three streams (t1, t2, t1 with PEA) side by side on the token axis.
+    -> (loss, cycle loss, separability loss, cycle accuracy, sim_identity). This is what gets fused."""
+    p, z = F.normalize(h.float(), dim=-1), F.normalize(z.float(), dim=-1)
+    cyc, accuracy, sim = cycle_loss(*p.chunk(3, dim=1), temp)
+    reg = separability_loss(p, z)
+    return cyc + lambda_reg * reg, cyc.detach(), reg.detach(), accuracy, sim
+
+
+def fuse(fn, shape=(1, 3 * 16, 8), device="cpu", *args):
+    """The fused kernel: torch.compile over fn (inductor: Triton on GPU, C++/OpenMP on CPU). Normalisation,
+    pooling, both softmaxes, the cycle diagonal and the separability KL become a handful of loops that read the
+    tokens once, instead of a dozen full-size eager passes. Compiled here, forward and backward, on an input of
+    the shape and with the extra `args` (temp, lambda: constants to the compiler) it will see, in fp32 (CoSettle
+    hands it fp32), so that a missing compiler fails now, with its reason, and the run never recompiles."""
+    fused = torch.compile(fn, dynamic=False)
+    probe = torch.randn(shape, device=device, requires_grad=True)
+    with quiet_compile():
+        out = fused(probe, probe.detach(), *args)
+        (out[0] if isinstance(out, tuple) else out).backward()
+    return fused
+
+
+@contextlib.contextmanager
+def quiet_compile():
+    """Silence, while fuse() compiles, two messages from inside torch that no user can act on: inductor calling a
+    helper torch itself deprecates (a FutureWarning), and on a CUDA build of torch without a GPU,
+    torch.utils.cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." as inductor imports it to
+    compile for the CPU. Nothing else is filtered, and nothing outside the compile."""
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+
+    def keep(record):
+        return not record.getMessage().startswith("No CUDA runtime is found")
+    cpp_extension_log.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\._prims_common\.check` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        cpp_extension_log.removeFilter(keep)
+
+
+class CoSettle(nn.Module):
+    """Frozen encoder f + trainable projection g (Eq. 4), the three streams encoded in one batched forward."""
+
+    def __init__(self, encoder, temp=TEMP, lambda_reg=LAMBDA_REG, pea_ratio=PEA_RATIO, loss_fn=objective):
+        super().__init__()
+        self.encoder = freeze(encoder)
+        self.projection = Projection(encoder.embed_dim)
+        self.temp, self.lambda_reg, self.pea_ratio, self.loss_fn = temp, lambda_reg, pea_ratio, loss_fn
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.eval()  # frozen means frozen: nothing in f changes with the mode
+        return self
+
+    @torch.no_grad()
+    def encode(self, x1, x2, generator=None):
+        """z = [z1, z2, z1b] (frame t1, frame t2, frame t1 under PEA) as one [B, 3N, D] tensor, from ONE forward of the 3B images
+        [x1, x2, x1], the last third with the PEA positional embedding."""
+        B = x1.shape[0]
+        pos = self.encoder.patch_pos_embed()
+        pea = shifted_pos_embed(pos.float(), self.pea_ratio, generator).to(pos.dtype)
+        pos = torch.cat([pos.expand(2 * B, -1, -1), pea.expand(B, -1, -1)])
+        z = self.encoder(torch.cat([x1, x2, x1]), patch_pos_embed=pos)
+        return torch.cat(z.chunk(3), dim=1)
+
+    def forward(self, x1, x2, generator=None, projection=None):
+        """-> dict(loss, cycle, reg, accuracy, sim_identity). `projection` lets DDP pass its wrapper."""
+        z = self.encode(x1, x2, generator)
+        h = (self.projection if projection is None else projection)(z)
+        with torch.autocast(h.device.type, enabled=False):  # logits / 0.03 need fp32, whatever the encoder ran in
+            loss, cyc, reg, accuracy, sim = self.loss_fn(h.float(), z.float(), self.temp, self.lambda_reg)
+        return dict(loss=loss, cycle=cyc, reg=reg, accuracy=accuracy, sim_identity=sim)
+
 
 # -----------------------------------------------------------------------------
 # The ViT (DINO's vision_transformer.py, written to be read in one sitting)
@@ -178,7 +346,7 @@ def _init_weights(m):
 ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
 
 
-def build_vit(arch="vit_small", patch_size=16, seed=0, img_size=224):
+def build_vit(arch="vit_small", patch_size=16, seed=0, img_size=SIZE):
     """A randomly initialised ViT (seeded), for demos, benchmarks and tests."""
     dim, depth, heads = ARCHS[arch]
     with torch.random.fork_rng():
@@ -450,44 +618,6 @@ def encoder_from(ckpt, path, family=None, verbose=False):
     return freeze(model)
 
 
-# -----------------------------------------------------------------------------
-# PEA, the projection and the two losses
-
-
-def shifted_pos_embed(pos_embed, ratio=10.0, generator=None):
-    """Asymmetric positional embedding, PEA: bicubic-upsample the rows x cols patch embedding
-    [1, rows*cols, D] by (1 + ratio) and crop a random rows x cols window (one offset per call).
-
-    With the official ratio 10 the window spans ~1.2 original cells, so the PEA copy carries almost no absolute
-    position and the cycle cannot be closed by matching positions (the shortcut that collapses J&F).
-    """
-    _, n, D = pos_embed.shape
-    side = math.isqrt(n)
-    assert side * side == n, "PEA expects a square grid"
-    up = int((1 + ratio) * side)
-    x = pos_embed.reshape(1, side, side, D).permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=(up, up), mode="bicubic", align_corners=False)
-    i, j = torch.randint(0, up - side + 1, (2,), generator=generator).tolist()
-    return x[:, :, i:i + side, j:j + side].permute(0, 2, 3, 1).reshape(1, n, D)
-
-
-class Projection(nn.Module):
-    """The trainable projection g: LayerNorm(tanh(Linear(z))), eps 1e-5; 0.59M parameters at D = 768.
-
-    The paper text says "linear + LayerNorm"; the official code has the tanh, and so do we.
-    """
-
-    def __init__(self, dim):
-        super().__init__()
-        self.linear = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-5)
-        nn.init.trunc_normal_(self.linear.weight, std=0.02)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, z):
-        return self.norm(torch.tanh(self.linear(z)))
-
-
 def fingerprint(encoder):
     """A hash of the encoder's weights that identifies it in a train.py checkpoint."""
     digest = hashlib.sha1()
@@ -525,42 +655,13 @@ def load_projection(path, encoder=None):
     return freeze(projection)
 
 
-def pool_tokens(p):
-    """2x2 average pooling of [B, side*side, D] tokens on their grid -> [B, side*side/4, D] (not re-normalised)."""
-    B, n, D = p.shape
-    s = math.isqrt(n)
-    if s * s != n or s % 2:
-        raise ValueError(f"cycle loss: {n} tokens per frame are not an even square grid (side x side patch tokens, "
-                         f"side even, e.g. 196 = 14 x 14; drop CLS and register tokens first)")
-    return p.view(B, s // 2, 2, s // 2, 2, D).mean(dim=(2, 4)).reshape(B, n // 4, D)
+# -----------------------------------------------------------------------------
+# Yardsticks: the official formulations, eager, as the official code computes them. The tests check the method
+# against them and --bench (here and in train.py) times the method against them; nothing else uses them.
 
 
-def cycle_loss(p1, p2, p1b, temp=0.03):
-    """Temporal cycle-consistency, paper Eq. 2 -> (loss, cycle accuracy, sim_identity).
-
-    p1, p2, p1b: L2-normalised projected tokens [B, N, D] of frame t1, frame t2 and frame t1 encoded with PEA,
-    patch tokens only, N = side x side with side even (the 2x2 pooling; anything else is a ValueError). The
-    inputs are not normalised here: unnormalised tokens give a loss, but not this one.
-    A = softmax(p1 p2^T / temp), A~ = softmax(p2 p1b^T / temp) on 2x2-pooled tokens, M = A A~, and the official
-    loss is cross_entropy(log(M + 1e-6), identity). Rows of M sum to 1, so that equals
-        -mean_i log(M_ii + 1e-6) + log(1 + N 1e-6),   M_ii = sum_j A_ij A~_ji,
-    which needs no N x N x N product. Accuracy and sim_identity (what the official code logs) are read off the
-    full M without autograd state.
-    """
-    q1, q2, q1b = pool_tokens(p1), pool_tokens(p2), pool_tokens(p1b)
-    n = q1.shape[1]
-    A = torch.softmax(q1 @ q2.transpose(1, 2) / temp, dim=-1)
-    A_back = torch.softmax(q2 @ q1b.transpose(1, 2) / temp, dim=-1)
-    M_diag = (A * A_back.transpose(1, 2)).sum(-1)
-    loss = -torch.log(M_diag + 1e-6).mean() + math.log1p(n * 1e-6)
-    M = A.detach() @ A_back.detach()
-    accuracy = (M.argmax(-1) == torch.arange(n, device=M.device)).float().mean()
-    sim_identity = M.diagonal(dim1=1, dim2=2).sum() / (M.norm() * math.sqrt(M.shape[0] * n))
-    return loss, accuracy, sim_identity
-
-
-def official_cycle_loss(p1, p2, p1b, temp=0.03):
-    """The official formulation, kept as the yardstick for tests and --bench: builds M and its cross-entropy."""
+def official_cycle_loss(p1, p2, p1b, temp=TEMP):
+    """Eq. 2 as the official code computes it: M = A Ã built in full, then its cross-entropy with the identity."""
     q1, q2, q1b = pool_tokens(p1), pool_tokens(p2), pool_tokens(p1b)
     B, n, _ = q1.shape
     M = torch.softmax(q1 @ q2.transpose(1, 2) / temp, -1) @ torch.softmax(q2 @ q1b.transpose(1, 2) / temp, -1)
@@ -568,97 +669,11 @@ def official_cycle_loss(p1, p2, p1b, temp=0.03):
     return F.cross_entropy(torch.log(M + 1e-6).flatten(0, 1), target)
 
 
-def separability_loss(p, z):
-    """Separability regulariser, paper Eq. 3, on L2-normalised tokens [B, ..., D].
-
-    Official code: F.kl_div(log_softmax(p), softmax(z), reduction='batchmean'), softmax over the feature
-    dimension, summed over every token and feature and divided by B. That is KL(softmax(z) || softmax(p)), the
-    reverse of the direction written in the paper; we follow the code.
-    """
-    log_q, log_t = torch.log_softmax(p, dim=-1), torch.log_softmax(z, dim=-1)
-    return (log_t.exp() * (log_t - log_q)).sum() / p.shape[0]
-
-
-def objective(h, z, temp=0.03, lambda_reg=3.0):
-    """The total loss of Eq. 4, L = L_cyc + lambda L_reg, from the projection output h = g(z) and the frozen
-    tokens z, both [B, 3N, D] with the three streams (t1, t2, t1 with PEA) side by side on the token axis.
-    -> (loss, cycle loss, separability loss, cycle accuracy, sim_identity). This is what gets fused."""
-    p, z = F.normalize(h.float(), dim=-1), F.normalize(z.float(), dim=-1)
-    cyc, accuracy, sim = cycle_loss(*p.chunk(3, dim=1), temp)
-    reg = separability_loss(p, z)
-    return cyc + lambda_reg * reg, cyc.detach(), reg.detach(), accuracy, sim
-
-
-def fuse(fn, shape=(1, 3 * 16, 8), device="cpu", *args):
-    """The fused kernel: torch.compile over fn (inductor: Triton on GPU, C++/OpenMP on CPU). Normalisation,
-    pooling, both softmaxes, the cycle diagonal and the separability KL become a handful of loops that read the
-    tokens once, instead of a dozen full-size eager passes. Compiled here, forward and backward, on an input of
-    the shape and with the extra `args` (temp, lambda: constants to the compiler) it will see, in fp32 (CoSettle
-    hands it fp32), so that a missing compiler fails now, with its reason, and the run never recompiles."""
-    fused = torch.compile(fn, dynamic=False)
-    probe = torch.randn(shape, device=device, requires_grad=True)
-    with quiet_compile():
-        out = fused(probe, probe.detach(), *args)
-        (out[0] if isinstance(out, tuple) else out).backward()
-    return fused
-
-
-@contextlib.contextmanager
-def quiet_compile():
-    """Silence, while fuse() compiles, two messages from inside torch that no user can act on: inductor calling a
-    helper torch itself deprecates (a FutureWarning), and on a CUDA build of torch without a GPU,
-    torch.utils.cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." as inductor imports it to
-    compile for the CPU. Nothing else is filtered, and nothing outside the compile."""
-    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
-
-    def keep(record):
-        return not record.getMessage().startswith("No CUDA runtime is found")
-    cpp_extension_log.addFilter(keep)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"`torch\._prims_common\.check` is deprecated",
-                                    category=FutureWarning)
-            yield
-    finally:
-        cpp_extension_log.removeFilter(keep)
-
-
-class CoSettle(nn.Module):
-    """Frozen encoder f + trainable projection g (Eq. 4), the three streams encoded in one batched forward."""
-
-    def __init__(self, encoder, temp=0.03, lambda_reg=3.0, pea_ratio=10.0, loss_fn=objective):
-        super().__init__()
-        self.encoder = freeze(encoder)
-        self.projection = Projection(encoder.embed_dim)
-        self.temp, self.lambda_reg, self.pea_ratio, self.loss_fn = temp, lambda_reg, pea_ratio, loss_fn
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.encoder.eval()  # frozen means frozen: nothing in f changes with the mode
-        return self
-
-    @torch.no_grad()
-    def encode(self, x1, x2, generator=None):
-        """z = [z1, z2, z1b] (frame t1, frame t2, frame t1 under PEA) as one [B, 3N, D] tensor, from ONE forward of the 3B images
-        [x1, x2, x1], the last third with the PEA positional embedding."""
-        B = x1.shape[0]
-        pos = self.encoder.patch_pos_embed()
-        pea = shifted_pos_embed(pos.float(), self.pea_ratio, generator).to(pos.dtype)
-        pos = torch.cat([pos.expand(2 * B, -1, -1), pea.expand(B, -1, -1)])
-        z = self.encoder(torch.cat([x1, x2, x1]), patch_pos_embed=pos)
-        return torch.cat(z.chunk(3), dim=1)
-
-    def forward(self, x1, x2, generator=None, projection=None):
-        """-> dict(loss, cycle, reg, accuracy, sim_identity). `projection` lets DDP pass its wrapper."""
-        z = self.encode(x1, x2, generator)
-        h = (self.projection if projection is None else projection)(z)
-        with torch.autocast(h.device.type, enabled=False):  # logits / 0.03 need fp32, whatever the encoder ran in
-            loss, cyc, reg, accuracy, sim = self.loss_fn(h.float(), z.float(), self.temp, self.lambda_reg)
-        return dict(loss=loss, cycle=cyc, reg=reg, accuracy=accuracy, sim_identity=sim)
-
-
-# -----------------------------------------------------------------------------
-# python cosettle.py --bench
+def official_objective(h, z, temp=TEMP, lambda_reg=LAMBDA_REG):
+    """Eq. 4 as the official code computes it: the cycle loss above plus its KL."""
+    p, z = F.normalize(h, dim=-1), F.normalize(z, dim=-1)
+    reg = F.kl_div(torch.log_softmax(p, -1), torch.softmax(z, -1), reduction="batchmean")
+    return official_cycle_loss(*p.chunk(3, dim=1), temp) + lambda_reg * reg
 
 
 def timeit(fn, warmup=3, iters=10, device="cpu"):
@@ -673,11 +688,8 @@ def timeit(fn, warmup=3, iters=10, device="cpu"):
     return (time.perf_counter() - t) / iters
 
 
-def official_objective(h, z, temp=0.03, lambda_reg=3.0):
-    """Eq. 4 as the official code computes it, eagerly: the yardstick of --bench."""
-    p, z = F.normalize(h, dim=-1), F.normalize(z, dim=-1)
-    reg = F.kl_div(torch.log_softmax(p, -1), torch.softmax(z, -1), reduction="batchmean")
-    return official_cycle_loss(*p.chunk(3, dim=1), temp) + lambda_reg * reg
+# -----------------------------------------------------------------------------
+# python cosettle.py --bench
 
 
 def bench(batch=64, tokens=196, dim=768, iters=10):

@@ -73,6 +73,13 @@ def positive(kind=int):
     return parse
 
 
+def refuse_unused(parser, args, mode, used):
+    """No silently ignored flags: a flag set away from its default that `mode` does not read is argparse's error."""
+    unused = [k for k, v in vars(args).items() if k not in used and v != parser.get_default(k)]
+    if unused:
+        parser.error(f"{mode} does not use {', '.join('--' + k.replace('_', '-') for k in unused)}")
+
+
 def check_out_dir(path, flag="--out"):
     """Raise BadInput unless `path` is a folder we can write into, or one we could create; creates nothing, so a
     run that fails later leaves no empty folder behind. (As root every folder is writable.)"""
@@ -246,7 +253,7 @@ class FramePairs(torch.utils.data.Dataset):
     copy the dataset when they start, so with persistent_workers=True a later set_epoch would not reach them).
     """
 
-    def __init__(self, videos, size=224, clip_gap=0.15, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, videos, size, clip_gap, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.videos = [Path(v) for v in videos]
         self.size, self.mean, self.std = size, mean, std
         self.clip_gap = clip_gap

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from cosettle import FAMILIES, BadInput, build_vit, cycle_loss, load_encoder, load_projection
+from cosettle import CLIP_GAP, FAMILIES, SIZE, TEMP, BadInput, build_vit, cycle_loss, load_encoder, load_projection
 from data import (IMAGENET_MEAN, IMAGENET_STD, at_least, atomic, check_out_dir, davis_palette, find_videos, list_frames,
-                  load_rgb, make_davis, positive, read_jhmdb, synthetic_video)
+                  load_rgb, make_davis, positive, read_jhmdb, refuse_unused, synthetic_video)
 
 # Two protocols for DAVIS, one propagation loop. Sizes: a (height, width) pair is fixed; one number is a rule.
 # paper: the pipeline behind the paper's Table 1 (it follows SiamMAE/CropMAE/RSP's protocol): CropMAE's
@@ -1011,12 +1011,13 @@ def diameter(x):
 
 
 @torch.no_grad()
-def tradeoff(encoder, heads, videos, device="cpu", batch_size=16):
+def tradeoff(encoder, heads, videos, device="cpu", batch_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """{name: dict(cycle_acc, D_intra, D_inter, margin)} on every video folder under `videos`.
 
-    Frames are resized to 224x224 (bilinear) and ImageNet-normalised; tokens are L2-normalised.
-    cycle_acc: for frame pairs (t, t + g), g = max(1, int(0.15 n)), the share of the 2x2-pooled tokens (49 for
-      patch 16) whose plain t -> t+g -> t walk, M = softmax(q1 q2^T / 0.03) softmax(q2 q1^T / 0.03), returns
+    Frames are resized to the training size SIZE x SIZE (bilinear) and normalised with mean/std; tokens are
+    L2-normalised.
+    cycle_acc: for frame pairs (t, t + g), g = max(1, int(CLIP_GAP n)), the share of the 2x2-pooled tokens (49 for
+      patch 16) whose plain t -> t+g -> t walk, M = softmax(q1 q2^T / TEMP) softmax(q2 q1^T / TEMP), returns
       to itself (argmax_j M_ij = i): cosettle.cycle_loss(p1, p2, p1)'s accuracy, i.e. without PEA; mean over
       videos.
     D_intra: per consecutive pair, each token's distance to its nearest token of the next frame, the closest
@@ -1034,12 +1035,12 @@ def tradeoff(encoder, heads, videos, device="cpu", batch_size=16):
         if i % every == 0:  # about 20 progress lines however many videos
             print(f"tradeoff: video {i + 1}/{len(folders)}, {time.perf_counter() - t0:.0f} s", flush=True)
         frames = list_frames(folder)
-        x = torch.stack([load_frame(f, (224, 224), IMAGENET_MEAN, IMAGENET_STD) for f in frames])
+        x = torch.stack([load_frame(f, (SIZE, SIZE), mean, std) for f in frames])
         base = torch.cat([encoder(x[a:a + batch_size].to(device)).float() for a in range(0, len(x), batch_size)])
-        g = max(1, int(0.15 * len(frames)))
+        g = max(1, int(CLIP_GAP * len(frames)))
         for name, head in heads.items():
             p = F.normalize(base if head is None else head(base), dim=-1)
-            acc[name].append(cycle_loss(p[:-g], p[g:], p[:-g])[1].item())
+            acc[name].append(cycle_loss(p[:-g], p[g:], p[:-g], TEMP)[1].item())
             near = torch.cdist(p[:-1], p[1:]).amin(-1).sort(-1).values[:, : p.shape[1] // 2]
             intra[name].append(near.mean().item() / diameter(p.flatten(0, 1)))
             middle[name].append(p[len(p) // 2])
@@ -1238,6 +1239,15 @@ def main(argv=None):
     parser.add_argument("--bench", action="store_true", help="s/frame of each pipeline vs the encoder alone and "
                         "DINO's per-frame loop, peak memory (--weights, or a random ViT-S/16)")
     args = parser.parse_args(argv)
+    if args.masks:
+        refuse_unused(parser, args, "--masks", {"masks", "davis", "vip"})
+    elif args.tradeoff:
+        refuse_unused(parser, args, "--tradeoff", {"tradeoff", "videos", "weights", "family", "native_stats", "ckpt",
+                                                   "batch_size"})
+    elif args.bench:
+        refuse_unused(parser, args, "--bench", {"bench", "weights", "family"})
+    else:
+        refuse_unused(parser, args, "label propagation", set(vars(args)) - {"videos"})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         tasks = {t: getattr(args, t) for t in ("davis", "vip", "jhmdb") if getattr(args, t)} or {"davis": None}
@@ -1267,7 +1277,8 @@ def main(argv=None):
         projection = load_projection(args.ckpt, encoder).to(device) if args.ckpt else None
         if args.tradeoff:
             heads = {"baseline": None} if projection is None else {"baseline": None, "cosettle": projection}
-            res = tradeoff(encoder, heads, args.videos, device)
+            stats = encoder.native_stats if args.native_stats else (IMAGENET_MEAN, IMAGENET_STD)
+            res = tradeoff(encoder, heads, args.videos, device, args.batch_size, *stats)
             print(f"{'':10s} {'cycle_acc':>10s} {'D_intra':>8s} {'D_inter':>8s} {'margin':>8s}")
             if len(res) > 1:
                 res["difference"] = {k: res["cosettle"][k] - res["baseline"][k] for k in res["baseline"]}

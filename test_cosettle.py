@@ -245,7 +245,7 @@ def test_to_tensor_white_and_black_numbers():
 
 def test_frame_pairs_white_frames_give_normalised_constants(tmp_path):
     write_video(tmp_path / 'v', [np.full((30, 40, 3), 255)] * 6, '.jpg')
-    x1, x2 = data.FramePairs([tmp_path / 'v'], size=16)[0]
+    x1, x2 = data.FramePairs([tmp_path / 'v'], size=16, clip_gap=cosettle.CLIP_GAP)[0]
     assert x1.shape == x2.shape == (3, 16, 16)
     assert np.allclose(x1.numpy(), ((1 - MEAN) / STD)[:, None, None], atol=1e-5)
 
@@ -254,7 +254,7 @@ def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
     # identical frames: any difference in crop or flip would show
     frame = noise_frame(3, 40, 56)
     videos = [p.parent for p in (write_video(tmp_path / f"v{k}", [frame] * 8)[0] for k in range(3))]
-    ds = data.FramePairs(videos, size=24)
+    ds = data.FramePairs(videos, size=24, clip_gap=cosettle.CLIP_GAP)
     for epoch in range(6):
         ds.set_epoch(epoch)
         for idx in range(3):
@@ -263,7 +263,7 @@ def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
 
     # a left-to-right ramp: flipped outputs fall from left to right, about half of them
     ramp = np.repeat(np.repeat(np.linspace(0, 255, 64)[None, :, None], 48, 0), 3, 2)
-    ds = data.FramePairs([write_video(tmp_path / 'ramp', [ramp] * 5)[0].parent], size=16)
+    ds = data.FramePairs([write_video(tmp_path / 'ramp', [ramp] * 5)[0].parent], size=16, clip_gap=cosettle.CLIP_GAP)
     flips = []
     for epoch in range(40):
         ds.set_epoch(epoch)
@@ -282,7 +282,7 @@ def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
     big = np.random.default_rng(0).random((H // 4, (W + (n - 1) * d) // 4, 3))
     big = np.asarray(Image.fromarray((big * 255).astype(np.uint8)).resize(((W + (n - 1) * d), H), Image.BICUBIC))
     frames = [big[:, (n - 1 - k) * d:(n - 1 - k) * d + W] for k in range(n)]
-    ds = data.FramePairs([write_video(tmp_path / 'v', frames)[0].parent], size=size)
+    ds = data.FramePairs([write_video(tmp_path / 'v', frames)[0].parent], size=size, clip_gap=cosettle.CLIP_GAP)
     checked = 0
     for epoch in range(12):
         ds.set_epoch(epoch)
@@ -302,19 +302,19 @@ def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
 def test_frame_pairs_deterministic_in_seed_epoch_idx(tmp_path):
     videos = [write_video(tmp_path / f"v{k}", [noise_frame(10 * k + t) for t in range(10)])[0].parent
               for k in range(4)]
-    ds = data.FramePairs(videos, size=20, seed=7)
+    ds = data.FramePairs(videos, size=20, clip_gap=cosettle.CLIP_GAP, seed=7)
     first = [ds[idx] for idx in range(4)]
-    again = data.FramePairs(videos, size=20, seed=7)
+    again = data.FramePairs(videos, size=20, clip_gap=cosettle.CLIP_GAP, seed=7)
     for idx in range(4):
         assert all(torch.equal(a, b) for a, b in zip(first[idx], again[idx]))
     ds.set_epoch(1)
     assert sum(not torch.equal(first[idx][0], ds[idx][0]) for idx in range(4)) >= 3
-    other_seed = data.FramePairs(videos, size=20, seed=8)
+    other_seed = data.FramePairs(videos, size=20, clip_gap=cosettle.CLIP_GAP, seed=8)
     assert sum(not torch.equal(first[idx][0], other_seed[idx][0]) for idx in range(4)) >= 3
 
     # the same items whatever the number of DataLoader workers
     def collect(workers):
-        loader = torch.utils.data.DataLoader(data.FramePairs(videos, size=20, seed=7), batch_size=2,
+        loader = torch.utils.data.DataLoader(data.FramePairs(videos, size=20, clip_gap=cosettle.CLIP_GAP, seed=7), batch_size=2,
                                              num_workers=workers)
         return torch.cat([x1 for x1, _ in loader])
 
@@ -335,7 +335,7 @@ def test_frame_pairs_decodes_only_the_two_sampled_frames(tmp_path, monkeypatch):
         return real_load_rgb(path, *args, **kwargs)
 
     monkeypatch.setattr(data, 'load_rgb', counting_load_rgb)
-    ds = data.FramePairs([tmp_path / 'v'], size=16)
+    ds = data.FramePairs([tmp_path / 'v'], size=16, clip_gap=cosettle.CLIP_GAP)
     for epoch in range(5):
         ds.set_epoch(epoch)
         opened.clear()
@@ -349,7 +349,7 @@ def test_frame_pairs_corrupt_frames_warn_and_fall_back(tmp_path, capsys):
     for path in bad:
         path.write_bytes(path.read_bytes()[:300])  # truncated JPEGs
     write_video(tmp_path / 'b_good', [noise_frame(t, 32, 32) for t in range(6)], '.jpg')
-    ds = data.FramePairs(data.find_videos(tmp_path), size=16)
+    ds = data.FramePairs(data.find_videos(tmp_path), size=16, clip_gap=cosettle.CLIP_GAP)
     x1, x2 = ds[0]
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith('warning: ') and 'a_bad' in err[0]  # one line naming the file
@@ -357,7 +357,7 @@ def test_frame_pairs_corrupt_frames_warn_and_fall_back(tmp_path, capsys):
     good1, good2 = ds[1]
     assert torch.equal(x1, good1) and torch.equal(x2, good2)  # the fallback is video 1's own sample
 
-    only_bad = data.FramePairs([tmp_path / 'a_bad', tmp_path / 'gone'], size=16)
+    only_bad = data.FramePairs([tmp_path / 'a_bad', tmp_path / 'gone'], size=16, clip_gap=cosettle.CLIP_GAP)
     with pytest.raises(BadInput, match='a_bad'):
         only_bad[0]
 
@@ -411,7 +411,7 @@ def test_write_synthetic_videos_is_found_and_loads(tmp_path):
     assert [p.name for p in data.list_frames(folders[0])] == [f"{t:05d}.jpg" for t in range(8)]
     assert Image.open(folders[0] / '00000.jpg').size == (40, 32)
     assert not list(tmp_path.rglob('*.tmp'))
-    x1, x2 = data.FramePairs(folders, size=16)[2]  # 8 frames: gap int(1.2) = 1, two different frames
+    x1, x2 = data.FramePairs(folders, size=16, clip_gap=cosettle.CLIP_GAP)[2]  # 8 frames: gap int(1.2) = 1, two different frames
     assert x1.shape == (3, 16, 16) and not torch.equal(x1, x2)
 
 
@@ -3411,6 +3411,7 @@ TRAIN_BAD = [  # (flags after the defaults of the test, what the last stderr lin
     pytest.param(["--out", "/proc/co-settle-run"], "no permission to write in /proc", marks=ROOT_WRITES_ANYWHERE),
     (["--out", "DONE"], "a run is already saved there; pass --resume to continue it, another --out, or --overwrite"),
     (["--videos", "MP4"], "holds 2 video files but no folders of frames; extract the frames first"),
+    (["--bench"], "--bench does not use --videos, --out, --workers"),
 ]
 
 
@@ -3437,12 +3438,17 @@ EVAL_BAD = [
     (["--davis", "HOLE"], "1 of 6 annotations after the first frames are missing "
                           "(Annotations/480p/synth-001/00002.png)"),
     (["--davis", "HOLE", "--masks", "FILE"], "Annotations/480p/synth-001/00002.png"),
+    (["--davis", "HOLE", "--masks", "FILE", "--out", "FILE"], "--masks does not use --out"),
+    (["--bench", "--davis", "HOLE"], "--bench does not use --davis"),
+    (["--tradeoff", "--videos", "FILE", "--protocol", "dino"], "--tradeoff does not use --protocol"),
+    (["--videos", "FILE"], "label propagation does not use --videos"),
 ]
 
 
 @pytest.mark.parametrize("flags, says", EVAL_BAD)
 def test_eval_bad_input_table(flags, says, tmp_path, capsys):
-    argv = ["--out", tmp_path / "out"] + place(flags, tmp_path)
+    argv = ([] if "--masks" in flags or "--tradeoff" in flags or "--bench" in flags else ["--out", tmp_path / "out"]) \
+        + place(flags, tmp_path)
     code = exit_code(ed.main, argv)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err

@@ -5,9 +5,10 @@
     python train.py                                                          # embedded demo (synthetic, random ViT)
     python train.py --bench [--weights W.pth] [--batch-size 8]              # training clips/s, ours vs official step
 
-The defaults are the official recipe (the paper's training details and yafeng19/Co-Settle main_pretrain.py): 5 epochs (1 warm-up), 128 clips per process,
-lr = blr * global_batch / 256 with blr 1e-4, AdamW (0.9, 0.95), weight decay 0.05 on the linear weight only,
-per-iteration linear warm-up then half-cosine to 0, tau 0.03, lambda 3, PEA ratio 10, clip gap 0.15.
+The defaults are the official recipe (yafeng19/Co-Settle main_pretrain.py): 5 epochs (1 warm-up), 128 clips per
+process, lr = blr * global_batch / 256 with blr 1e-4, AdamW (0.9, 0.95), weight decay 0.05 on the linear weight
+only, per-iteration linear warm-up then half-cosine to 0, and cosettle.py's recipe constants (tau 0.03, lambda 3,
+PEA ratio 10, clip gap 0.15, 224-px crops).
 """
 import argparse
 import contextlib
@@ -23,12 +24,13 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
-from cosettle import (FAMILIES, IMAGENET_STATS, BadInput, CoSettle, build_vit, fingerprint, fuse, is_official,
-                      load_encoder, objective, official_objective, read_checkpoint, shifted_pos_embed, timeit)
-from data import FramePairs, at_least, atomic, check_out_dir, find_videos, make_davis, positive, write_synthetic_videos
+from cosettle import (CLIP_GAP, FAMILIES, IMAGENET_STATS, LAMBDA_REG, PEA_RATIO, SIZE, TEMP, BadInput, CoSettle,
+                      build_vit, fingerprint, fuse, is_official, load_encoder, objective, official_objective,
+                      read_checkpoint, shifted_pos_embed, timeit)
+from data import (FramePairs, at_least, atomic, check_out_dir, find_videos, make_davis, positive, refuse_unused,
+                  write_synthetic_videos)
 from eval_davis import compare
 
-SIZE = 224               # training crops, as the paper
 LOG_EVERY = 10           # steps between progress lines / log.jsonl records
 SAVE_EVERY_S = 15 * 60   # besides each epoch end and SIGTERM/SIGINT: a checkpoint at least this often
 DEMO_VIDEOS, DEMO_FRAMES = 64, 16
@@ -50,10 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive(), default=128, help="clips per process")
     p.add_argument("--blr", type=positive(float), default=OFFICIAL_BLR, help="lr = blr * global batch / 256")
     p.add_argument("--warmup-epochs", type=at_least(0, float), default=1)
-    p.add_argument("--temp", type=positive(float), default=0.03, help="softmax temperature tau of the cycle loss")
-    p.add_argument("--lambda-reg", type=at_least(0, float), default=3.0, help="weight of the separability regulariser")
-    p.add_argument("--pea-ratio", type=at_least(0, float), default=10.0, help="PEA upsampling ratio alpha")
-    p.add_argument("--clip-gap", type=float, default=0.15, help="frame gap as a fraction of the clip length")
+    p.add_argument("--temp", type=positive(float), default=TEMP, help="softmax temperature tau of the cycle loss")
+    p.add_argument("--lambda-reg", type=at_least(0, float), default=LAMBDA_REG,
+                   help="weight of the separability regulariser")
+    p.add_argument("--pea-ratio", type=at_least(0, float), default=PEA_RATIO, help="PEA upsampling ratio alpha")
+    p.add_argument("--clip-gap", type=float, default=CLIP_GAP, help="frame gap as a fraction of the clip length")
     p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
                    help="DataLoader workers per process")
     p.add_argument("--seed", type=at_least(0, int, below=2 ** 32), default=0)  # numpy and torch seeds are 32/64-bit
@@ -62,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="use the eager loss instead of the fused kernel")
     p.add_argument("--bench", action="store_true", help="measure training clips/s and exit")
     args = p.parse_args(argv)
+    if args.bench:
+        refuse_unused(p, args, "--bench", {"bench", "weights", "family", "batch_size", "no_compile", "temp",
+                                           "lambda_reg", "pea_ratio"})
     if not 0 < args.clip_gap < 1:
         p.error(f"--clip-gap {args.clip_gap}: must be between 0 and 1")
     return args
@@ -184,7 +190,7 @@ def vit_flops(encoder, size):
 def cycle_accuracy(model, videos, device, dtype, seed, batch_size=8):
     """Mean cycle accuracy (Eq. 2's) of the current projection on fixed pairs of `videos`: same frames, crops and
     PEA offsets every call, so 'before' and 'after' are measured on identical inputs."""
-    data = FramePairs(videos, seed=seed + 1)
+    data = FramePairs(videos, SIZE, CLIP_GAP, seed=seed + 1)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
     g = torch.Generator().manual_seed(seed + 1)
     accs = []
