@@ -619,9 +619,11 @@ def encoder_from(ckpt, path, family=None, verbose=False):
 
 
 def fingerprint(encoder):
-    """A hash of the encoder's weights that identifies it in a train.py checkpoint."""
+    """A hash of all the encoder's weights (names and values, in state-dict order) that identifies it in a
+    train.py checkpoint."""
     digest = hashlib.sha1()
-    for p in (encoder.patch_embed.proj.weight, encoder.pos_embed, encoder.norm.weight):
+    for name, p in encoder.state_dict().items():
+        digest.update(name.encode())
         digest.update(p.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 

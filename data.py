@@ -410,7 +410,8 @@ def synthetic_frames(seed, n_frames=16, height=96, width=128, n_objects=2):
 
 def atomic(path, write):
     """write(tmp) under a temporary name in the same folder, then rename over `path`: no reader ever sees half a
-    file, and a crash leaves none behind. Every file this project writes goes through here."""
+    file, and a crash leaves none behind. Every file this project writes whole goes through here (train.py's
+    log.jsonl, appended one record at a time, is the one file that is not written whole)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

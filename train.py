@@ -263,7 +263,9 @@ def train(args):
                 lr = lr_at(step, total_steps, warmup_steps, base_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # one PEA offset per step, all ranks
+                # one PEA offset per step, the same on every rank, from a generator seeded by (seed, step): the seed
+                # scaled by a prime larger than any run's step count, so no two (seed, step) pairs share a seed
+                g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
                 with mixed_precision(device, dtype):
                     out = model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), g, projection)
                 # Stop (NaN, or a signal seen by any rank) is decided here, from the value all ranks share, so
