@@ -679,15 +679,18 @@ def official_objective(h, z, temp=TEMP, lambda_reg=LAMBDA_REG):
 
 
 def timeit(fn, warmup=3, iters=10, device="cpu"):
+    """The one timer of the three --bench modes: after `warmup` calls, the mean wall-clock and CPU seconds of a
+    call to fn() (CUDA synchronised; CPU seconds do not move when other processes load the machine), and the
+    last call's result -> (wall, cpu, result)."""
     for _ in range(warmup):
         fn()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
-    t = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(iters):
-        fn()
+        out = fn()
     sync()
-    return (time.perf_counter() - t) / iters
+    return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters, out
 
 
 # -----------------------------------------------------------------------------
@@ -719,7 +722,7 @@ def bench(batch=64, tokens=196, dim=768, iters=10):
         fused = fuse(ours, h.shape, device)
         compile_s = time.perf_counter() - t0
         rows = [("official, eager", official), ("diagonal identity, eager", ours), ("fused (torch.compile)", fused)]
-        times = [timeit(step(fn), iters=iters, device=device) for _, fn in rows]
+        times = [timeit(step(fn), iters=iters, device=device)[0] for _, fn in rows]
         print(f"{title}   (compile {compile_s:.0f} s, once)")
         for (label, _), t in zip(rows, times):
             print(f"  {label:28s} {t * 1e3:8.1f} ms   x{times[0] / t:4.1f}")

@@ -458,7 +458,7 @@ def bench(args):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        t = timeit(one, warmup=2, iters=5, device=device.type)
+        t = timeit(one, warmup=2, iters=5, device=device.type)[0]
         rates.append(B / t)
         print(f"  {label:20s} {B / t:8.1f} clips/s   {flops * B / t / 1e12:6.2f} TFLOP/s in the encoder")
     print(f"  speed-up x{rates[1] / rates[0]:.1f}")
