@@ -84,13 +84,14 @@ PUBLISHED = {
     "dinov2": {"baseline": {"vip": 38.4, "davis": 63.1, "jhmdb": 46.6},
               "cosettle": {"vip": 39.9, "davis": 63.7, "jhmdb": 47.3}},
 }
-TASK_METRIC = {"vip": "VIP mIoU", "davis": "DAVIS J&F", "jhmdb": "JHMDB PCK@0.1"}
+HEADLINE = {"davis": ("DAVIS J&F", "J&F-Mean"), "vip": ("VIP mIoU", "mIoU"),  # each task's Table 1 number
+            "jhmdb": ("JHMDB PCK@0.1", "PCK@0.1")}
 
 
 def paper_row(family, task, measured):
     """One line, frozen -> + Co-Settle in %: what we measured (a pair of fractions) beside the paper's pair for
     `family`, e.g. 'DAVIS J&F   measured 63.0 -> 64.1   paper (dino, ViT-B/16) 63.2 -> 64.2'."""
-    ours = f"{TASK_METRIC[task]:14s} measured {100 * measured[0]:.1f} -> {100 * measured[1]:.1f} " \
+    ours = f"{HEADLINE[task][0]:14s} measured {100 * measured[0]:.1f} -> {100 * measured[1]:.1f} " \
            f"({100 * (measured[1] - measured[0]):+.1f})"
     if family not in PUBLISHED:
         return f"  {ours}   paper: no published numbers for a {family!r} encoder"
@@ -986,7 +987,7 @@ def compare(encoder, projection, tasks, out_dir, protocol="paper", **overrides):
         print("frozen -> + Co-Settle, measured and as published (the paper's Table 1)")
         for task, metrics in m["baseline"].items():
             if metrics is not None:
-                key = HEADLINE[task]
+                key = HEADLINE[task][1]
                 print(paper_row(encoder.family, task, (metrics[key], m["cosettle"][task][key])))
     return m
 
@@ -996,9 +997,6 @@ def difference(a, b):
         return None
     return {k: (difference(a[k], b[k]) if isinstance(a[k], dict) else
                 [y - x for x, y in zip(a[k], b[k])] if isinstance(a[k], list) else b[k] - a[k]) for k in a}
-
-
-HEADLINE = {"davis": "J&F-Mean", "vip": "mIoU", "jhmdb": "PCK@0.1"}  # each task's number in Table 1
 
 
 # -----------------------------------------------------------------------------
