@@ -176,8 +176,8 @@ class CoSettle(nn.Module):
 
     @torch.no_grad()
     def encode(self, x1, x2, generator=None):
-        """z = [z1, z2, z1b] (frame t1, frame t2, frame t1 under PEA) as one [B, 3N, D] tensor, from ONE forward of the 3B images
-        [x1, x2, x1], the last third with the PEA positional embedding."""
+        """z = [z1, z2, z1b] (frame t1, frame t2, frame t1 under PEA) as one [B, 3N, D] tensor, from ONE forward
+        of the 3B images [x1, x2, x1], the last third with the PEA positional embedding."""
         B = x1.shape[0]
         pos = self.encoder.patch_pos_embed()
         pea = shifted_pos_embed(pos.float(), self.pea_ratio, generator).to(pos.dtype)
@@ -254,7 +254,8 @@ class Block(nn.Module):
 
 class ViT(nn.Module):
     """Pre-norm ViT returning the last block's patch tokens after the final LayerNorm, CLS and register tokens
-    dropped (the frozen encoder's three streams). One class for all eight families; what differs is a handful of switches:
+    dropped: the frozen encoder f of all three streams. One class for all eight families; what differs is a
+    handful of switches:
     cls_token (I-JEPA has none), registers (DINOv2), layerscale (DINOv2), ln_pre (CLIP), patch_bias (CLIP has
     none), act and eps (CLIP: QuickGELU, 1e-5).
 

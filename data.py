@@ -845,7 +845,8 @@ def read_jhmdb(path, split=1, list_order=None):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write synthetic data for Co-Settle: training videos, DAVIS, VIP and JHMDB sets.")
+    parser = argparse.ArgumentParser(description="Write synthetic data for Co-Settle: training videos, DAVIS, VIP "
+                                     "and JHMDB sets.")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument('--make-davis', metavar='DIR', help='write a synthetic DAVIS-2017 folder')
     target.add_argument('--make-videos', metavar='DIR', help='write synthetic training videos (frame folders)')
