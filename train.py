@@ -483,6 +483,9 @@ def main(argv=None):
         sys.exit(2)
     except Interrupted as e:
         sys.exit(128 + e.signum)
+    finally:  # an error every rank agreed on (bad data, NaN) ends here too: leave no gloo thread to abort the exit
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
