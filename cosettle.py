@@ -651,7 +651,10 @@ def load_projection(path, encoder=None):
     if encoder is not None:
         if width != encoder.embed_dim:
             raise BadInput(f"{path}: projection of width {width}, but the encoder has width {encoder.embed_dim}")
-        if trained_on.get("fingerprint") != fingerprint(encoder):
+        if "fingerprint" not in trained_on:
+            raise BadInput(f"{path}: records no encoder it was trained on (train.py checkpoints hold its path and "
+                           f"fingerprint), so it cannot be checked against the one given")
+        if trained_on["fingerprint"] != fingerprint(encoder):
             raise BadInput(f"{path}: trained on encoder {trained_on.get('path', '(not recorded)')}, "
                            f"not on the one given")
     projection.load_state_dict(sd, strict=True)  # copies into float32: CLIP's official adapter Linear is fp16

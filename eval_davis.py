@@ -2,9 +2,10 @@
 
 The first frame's labels are carried through every frame by feature affinities, with (or without, for the
 frozen baseline) the trained projection on top of the frozen encoder's patch tokens. DAVIS-2017: object masks,
-davis2017-evaluation's J&F. VIP: semantic parts, the official mIoU.
+davis2017-evaluation's J&F. VIP: semantic parts, the official mIoU. JHMDB: 15 joints, PCK.
 
-    python eval_davis.py --weights W.pth [--ckpt out/cosettle.pth] [--compare] --davis DAVIS/ --vip VIP_Fine/
+    python eval_davis.py --weights W.pth [--ckpt out/cosettle.pth] [--compare] --davis DAVIS/ --vip VIP_Fine/ \
+        --jhmdb JHMDB/ --out results/
     python eval_davis.py --weights dino+ours/checkpoint-4.pth --compare --davis DAVIS/   # the authors' file
     python eval_davis.py --davis DAVIS/ --masks results/        # score an existing results folder
     python eval_davis.py --tradeoff --videos DIR [--ckpt ...]   # label-free trade-off metrics (paper Table 4)
@@ -219,8 +220,8 @@ def read_vip(path):
     path: the VIP_Fine folder as distributed (Images/videos<N>/*.jpg, Annotations/Category_ids/videos<N>/*.png,
     the videos of lists/val_videos.txt), or a CropMAE-style list file (downstreams/propagation/vip_vallist.txt:
     `<images dir> <labels dir>` per line, relative paths taken from the current folder as CropMAE does). Every
-    frame needs the label of the same name and size, and labels hold part ids 0..19."""
-    path = Path(path)
+    frame needs the label of the same name and size; labels hold part ids 0..19, and 255 (void) after frame 0."""
+    path, listing = Path(path), Path(path) / "lists" / "val_videos.txt"
     if path.is_file():
         pairs = []
         for i, line in enumerate(path.read_text().splitlines(), 1):
@@ -229,7 +230,6 @@ def read_vip(path):
                     raise BadInput(f"{path}: line {i} is not '<images dir> <labels dir>'")
                 pairs.append(tuple(map(Path, line.split())))
     else:
-        listing = path / "lists" / "val_videos.txt"
         if not listing.is_file():
             raise BadInput(f"{listing}: missing, so {path} is neither a VIP_Fine folder nor a list file")
         pairs = [(path / "Images" / v, path / "Annotations" / "Category_ids" / v)
@@ -238,6 +238,10 @@ def read_vip(path):
         raise BadInput(f"{path}: lists no videos")
     out = []
     for images, labels in pairs:
+        for folder, what in ((images, "frames"), (labels, "labels")):
+            if not folder.is_dir():
+                where = f"{path} (paths relative to the current folder)" if path.is_file() else listing
+                raise BadInput(f"{folder}: no such folder, so no {what} for {images.name} of {where}")
         frames = numbered(f for f in images.glob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
         anns = numbered(labels.glob("*.png"))
         if not frames or not anns:
@@ -246,13 +250,17 @@ def read_vip(path):
             odd = sorted({f.stem for f in frames} ^ {a.stem for a in anns})
             raise BadInput(f"{labels}: {len(anns)} labels for {len(frames)} frames of {images}, unpaired: "
                            f"{', '.join(odd[:5])}")
-        for f, a in zip(frames, anns):
+        for t, (f, a) in enumerate(zip(frames, anns)):
             ids = read_ids(a, "label")
             if image_size(f) != ids.shape:
                 raise BadInput(f"{a}: label is {ids.shape[1]}x{ids.shape[0]}, its frame {f.name} is "
                                f"{image_size(f)[1]}x{image_size(f)[0]}")
-            if ids.max() >= len(VIP_CLASSES):
-                raise BadInput(f"{a}: part id {ids.max()}, VIP has ids 0..{len(VIP_CLASSES) - 1}")
+            # the metric ignores pixels outside 0..19 (255: void); frame 0's labels are propagated, so they must
+            # all be parts there (CropMAE would propagate 255 as a class, then abort scoring it)
+            bad = ids[(ids >= len(VIP_CLASSES)) & ((ids != 255) | (t == 0))]
+            if bad.size:
+                raise BadInput(f"{a}: part id {bad.max()}, VIP has ids 0..{len(VIP_CLASSES) - 1}"
+                               f"{' (255, void, is ignored after the first frame)' if t == 0 else ''}")
         out.append((images.name, frames, anns, anns[0]))
     return out
 
@@ -540,8 +548,8 @@ def pck(preds, gts, sizes, alphas=PCK_ALPHAS, grid=(20, 20)):
             seen = visible[k]
             if not seen.any():
                 continue
-            box = gt[k, seen]
-            reference = 0.6 * np.linalg.norm(box.max(0) - box.min(0))
+            box = gt[k, seen]  # eval_pck.py starts its box at max -1, min 1e6: a box wholly left of x = -1 reaches it
+            reference = 0.6 * np.linalg.norm(np.maximum(box.max(0), -1) - np.minimum(box.min(0), 1e6))
             with np.errstate(invalid='ignore', divide='ignore'):
                 d = np.linalg.norm(pixels[k] - gt[k], axis=-1) / reference
             for j in np.flatnonzero(seen):
@@ -561,7 +569,6 @@ def draw_skeleton(rgb, kps, width=4):
     from each joint to its parent in the joint's colour; skipped when either end has a coordinate that int()
     makes negative, so -1 joints are not drawn). kps [15, 2] (x, y) in rgb's pixels. Upstream draws 8-px lines on
     the 320x320 input; `width` is ours."""
-    from PIL import ImageDraw
     image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
     pen = ImageDraw.Draw(image)
     points = [(int(x), int(y)) for x, y in np.asarray(kps, dtype=np.float64)]
@@ -731,9 +738,19 @@ def first_labels(ann, h, w):
     return F.one_hot(torch.from_numpy(small).long()).permute(2, 0, 1).float()
 
 
+def nearest_index(n_in, n_out, device="cpu"):
+    """OpenCV's INTER_NEAREST along one axis (imgproc resize.cpp resizeNN): source pixel floor(dst * (1 / (out /
+    in))) in double precision, at most in - 1. torch's 'nearest' computes in float32 and lands on the pixel before
+    wherever dst * in / out is an integer that float32 misses (1024 -> 880: columns 55, 110, 220, 440)."""
+    i = np.minimum(np.floor(np.arange(n_out) * (1.0 / (n_out / n_in))), n_in - 1).astype(np.int64)
+    return torch.from_numpy(i).to(device)
+
+
 def nearest(ids, size):
-    """OpenCV's INTER_NEAREST (source pixel floor(dst * in / out)), which is torch's 'nearest'."""
-    return F.interpolate(torch.as_tensor(ids)[None, None].float(), size=size, mode="nearest")[0, 0].to(torch.uint8)
+    """An id map [..., H, W] resized with OpenCV's INTER_NEAREST."""
+    ids = torch.as_tensor(ids)
+    rows, cols = nearest_index(ids.shape[-2], size[0], ids.device), nearest_index(ids.shape[-1], size[1], ids.device)
+    return ids[..., rows, :][..., cols]
 
 
 def crw_labels(path, ann, size, grid):
@@ -813,7 +830,7 @@ def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overl
                 else:
                     small = lookup[F.interpolate(soft, size=(th, tw), mode="bilinear", align_corners=False).argmax(1)]
                     if not vip:
-                        small = F.interpolate(small[:, None].float(), size=(H, W), mode="nearest")[:, 0]
+                        small = nearest(small, (H, W))
                 for t, m in enumerate(small.to(torch.uint8).cpu().numpy(), start=b0):  # one sync per batch
                     if dino and t == 0:
                         m = ann
@@ -866,12 +883,14 @@ def save_npy(path, array):
         np.save(f, array)
 
 
-def score_jhmdb(plan, preds, grid, verbose=True):
-    """PCK (pck()) of the grid keypoints `preds` against the plan's ground truth, printed per joint."""
+def score_jhmdb(plan, preds, grid, where, verbose=True):
+    """PCK (pck()) of the grid keypoints `preds` against the plan's ground truth, printed per joint under `where`
+    (the results folder)."""
     m = pck(preds, [pos for _, _, pos in plan], [image_size(frames[0])[::-1] for _, frames, _ in plan], grid=grid)
     if verbose:
-        print("JHMDB " + ", ".join(f"PCK@{a:g} {m[f'PCK@{a:g}']:.4f}" for a in PCK_ALPHAS) + "\n  per joint PCK@0.1: " +
-              " ".join(f"{JHMDB_JOINTS[j]} {v:.3f}" for j, v in enumerate(m["per_joint"]["PCK@0.1"])))
+        print(f"{where}: JHMDB " + ", ".join(f"PCK@{a:g} {m[f'PCK@{a:g}']:.4f}" for a in PCK_ALPHAS))
+        print("  per joint PCK@0.1: " + " ".join(f"{JHMDB_JOINTS[j]} {v:.3f}"
+                                                 for j, v in enumerate(m["per_joint"]["PCK@0.1"])))
     return m
 
 
@@ -944,9 +963,9 @@ def run(encoder, heads, tasks, out_dir, protocol="paper", device=None, batch_siz
             print(f"{task}: {n} frames in {dt:.1f} s: {n / dt:.2f} frames/s ({len(heads)} head(s) per forward)")
         for name in heads:
             if task == "jhmdb":
-                size = grid_size(*params[task]["size"], params[task], encoder.patch_size, "JHMDB")
-                results[name][task] = score_jhmdb(plan, preds[name], (size[0] // encoder.patch_size,
-                                                                      size[1] // encoder.patch_size), verbose)
+                size = grid_size(*params[task]["size"], params[task], encoder.patch_size, "JHMDB")  # fixed: 320x320
+                grid = (size[0] // encoder.patch_size, size[1] // encoder.patch_size)
+                results[name][task] = score_jhmdb(plan, preds[name], grid, outs[name], verbose)
             elif task == "vip":
                 results[name][task] = score_vip(plan, outs[name], verbose)
             elif any(len(anns) < len(frames) for _, frames, anns, _ in plan):  # e.g. test-dev: first frames only
@@ -996,7 +1015,8 @@ def difference(a, b):
     if a is None or b is None:
         return None
     return {k: (difference(a[k], b[k]) if isinstance(a[k], dict) else
-                [y - x for x, y in zip(a[k], b[k])] if isinstance(a[k], list) else b[k] - a[k]) for k in a}
+                [y - x for x, y in zip(a[k], b[k])] if isinstance(a[k], list) else b[k] - a[k])
+            for k in a if k != "count"}  # JHMDB's scored (joint, frame) counts are the same for both
 
 
 # -----------------------------------------------------------------------------
@@ -1215,16 +1235,17 @@ def main(argv=None):
     parser.add_argument("--vip", help="VIP_Fine folder, or a list file of '<images dir> <labels dir>' lines")
     parser.add_argument("--jhmdb", help="JHMDB folder (Rename_Images, joint_positions, splits), or a list file of "
                         "'<mat> <frames dir>' lines (CropMAE's order; CRW's reverse order is detected)")
-    parser.add_argument("--jhmdb-split", type=int, default=1, choices=(1, 2, 3), help="JHMDB test split (default 1)")
+    parser.add_argument("--jhmdb-split", type=int, choices=(1, 2, 3), help="the test split of a JHMDB folder "
+                        "(default 1)")
     parser.add_argument("--vip-size", type=size_arg, help="HxW for VIP instead of CropMAE's long side 880 rule "
                         "(the paper's text says 480x880)")
     parser.add_argument("--out", default="results", help="where the results and summary.json go")
     parser.add_argument("--masks", help="score this results folder of --davis or --vip only (no propagation)")
     parser.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="DAVIS's protocol")
-    parser.add_argument("--topk", type=positive())
+    parser.add_argument("--topk", type=positive(), help="these four override every task's setting")
     parser.add_argument("--context", type=at_least(0), help="previous frames in the queue (besides the first)")
-    parser.add_argument("--radius", type=at_least(0), help="in patches: the square window's half-size (dino, 0: no "
-                        "window) or the Euclidean radius of the short-term slots (paper)")
+    parser.add_argument("--radius", type=at_least(0), help="in patches: the square window's half-size (dino; 0: "
+                        "no window) or the Euclidean reach of the short-term slots (paper, VIP, JHMDB; 0: none)")
     parser.add_argument("--temperature", type=positive(float))
     parser.add_argument("--compare", action="store_true", help="baseline and + Co-Settle in one run (needs --ckpt, "
                         "or --weights an official '+ Ours' checkpoint)")
@@ -1243,7 +1264,12 @@ def main(argv=None):
     elif args.bench:
         refuse_unused(parser, args, "--bench", {"bench", "weights", "family"})
     else:
-        refuse_unused(parser, args, "label propagation", set(vars(args)) - {"videos"})
+        tasks_given = {t for t in ("davis", "vip", "jhmdb") if getattr(args, t)}
+        mode = f"evaluating {', '.join(sorted(tasks_given)) or 'DAVIS'}"
+        refuse_unused(parser, args, mode, set(vars(args)) - {"videos"}
+                      - ({"protocol"} if tasks_given and "davis" not in tasks_given else set())  # DAVIS's protocol
+                      - ({"vip_size"} if not args.vip else set())
+                      - ({"jhmdb_split"} if not args.jhmdb or Path(args.jhmdb).is_file() else set()))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         tasks = {t: getattr(args, t) for t in ("davis", "vip", "jhmdb") if getattr(args, t)} or {"davis": None}
@@ -1282,7 +1308,7 @@ def main(argv=None):
                 print(f"{name:10s} {r['cycle_acc']:10.4f} {r['D_intra']:8.4f} {r['D_inter']:8.4f} {r['margin']:8.4f}")
             return 0
         kw = dict(device=device, batch_size=args.batch_size, overlay=args.overlay, vip_size=args.vip_size,
-                  jhmdb_split=args.jhmdb_split, topk=args.topk,
+                  jhmdb_split=args.jhmdb_split or 1, topk=args.topk,
                   context=args.context, radius=args.radius, temperature=args.temperature)
         if args.native_stats:
             kw["mean"], kw["std"] = encoder.native_stats

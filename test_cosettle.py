@@ -2679,6 +2679,11 @@ def test_crw_labels_are_the_2x2_centre_mean_and_resizes_follow_opencv_and_pil(tm
     row = np.arange(7, dtype=np.uint8)[None]
     assert ed.nearest(np.arange(3, dtype=np.uint8)[None], (1, 7)).tolist() == [[0, 0, 0, 1, 1, 2, 2]]
     assert ed.nearest(row, (1, 3)).tolist() == [[0, 2, 4]]
+    # 1024 -> 880: dst * 1024 / 880 is exactly 64, 128, 256, 512 at these columns; OpenCV (double) lands on them,
+    # torch's float32 'nearest' on the pixel before
+    assert ed.nearest_index(1024, 880)[[55, 110, 220, 440]].tolist() == [64, 128, 256, 512]
+    torch_nearest = F.interpolate(torch.arange(1024.)[None, None, None], size=(1, 880), mode="nearest")
+    assert torch_nearest[0, 0, 0, [55, 110, 220, 440]].tolist() == [63, 127, 255, 511]
     assert np.array(Image.fromarray(row).resize((3, 1), Image.NEAREST)).tolist() == [[1, 3, 5]]
     # palette PNGs: channels in the order cv2.imread's BGR colours sort
     img = Image.fromarray(np.array([[0, 1, 2, 3, 4]], np.uint8), "P")
@@ -2705,17 +2710,16 @@ def cropmae_davis_masks(davis, seq, embed, size, patch, k=7, radius=20):
     x = (x - torch.tensor([0.485, 0.456, 0.406]).double()[:, None, None]) / \
         torch.tensor([0.229, 0.224, 0.225]).double()[:, None, None]
     feats = F.normalize(embed(x.float()).double().permute(0, 3, 1, 2), dim=1)
-    rows = np.floor(np.arange(size[0]) * ann.shape[0] / size[0]).astype(int)
-    cols = np.floor(np.arange(size[1]) * ann.shape[1] / size[1]).astype(int)
-    small = ann[rows][:, cols]
+    cv2_nearest = lambda n_in, n_out: np.minimum(np.floor(np.arange(n_out) * (1.0 / (n_out / n_in))), n_in - 1
+                                                 ).astype(int)  # OpenCV resize.cpp resizeNN, in double
+    small = ann[cv2_nearest(ann.shape[0], size[0])][:, cv2_nearest(ann.shape[1], size[1])]
     ids = np.unique(small)
     onehot = torch.from_numpy(small[None] == ids[:, None, None]).double()
     labels0 = F.interpolate(onehot[None], size=feats.shape[-2:], mode="bilinear", align_corners=False)[0]
     soft = cropmae_padded_propagation(feats, labels0, k, radius, 0.7)
     up = F.interpolate(soft, size=size, mode="bilinear", align_corners=False).argmax(1).numpy()
     H, W = ann.shape
-    back = up[:, np.floor(np.arange(H) * size[0] / H).astype(int)][:, :, np.floor(np.arange(W) * size[1] / W)
-                                                                    .astype(int)]
+    back = up[:, cv2_nearest(size[0], H)][:, :, cv2_nearest(size[1], W)]
     return ids[back]
 
 
@@ -2761,6 +2765,11 @@ def test_vip_metric_by_hand(tmp_path):
     assert ed.score_vip(ed.read_vip(root), res, verbose=False)["mIoU"] == pytest.approx(1 / 3)
     assert ed.main(["--vip", str(root), "--masks", str(res)]) == 0
     assert json.loads((res / "summary.json").read_text())["vip"]["mIoU"] == pytest.approx(1 / 3)
+    # a later frame's void (255) pixels are not scored, whatever is predicted there (eval_vip.py fast_hist)
+    write_vip_pair(root, "videos1", "000000000026", np.zeros((1, 5, 3), np.uint8), np.array([[1, 255, 255, 2, 2]]))
+    Image.fromarray(np.array([[1, 0, 1, 2, 0]], np.uint8)).save(res / "videos1" / "000000000026.png")
+    m = ed.score_vip(ed.read_vip(root), res, verbose=False)  # pooled: (0,0) (0,1) (1,1)x3 (2,0)x2 (2,2)
+    assert m["IoU"][:3] == pytest.approx([1 / 4, 3 / 4, 1 / 3]) and m["pixel_accuracy"] == pytest.approx(5 / 8)
 
 
 def test_vip_end_to_end_oracle_compare_and_summary(tmp_path):
@@ -3217,6 +3226,8 @@ def vip_case(root, case="count"):
         Image.fromarray(np.zeros((8, 9), np.uint8)).save(labels / "000000000026.png")
     elif case == "id":
         Image.fromarray(np.full((8, 8), 20, np.uint8)).save(labels / "000000000026.png")
+    elif case == "void first":  # 255 is void, ignored by the metric after frame 0, but frame 0 is propagated
+        Image.fromarray(np.full((8, 8), 255, np.uint8)).save(labels / "000000000001.png")
     else:
         (root / "lists" / "val_videos.txt").write_text("\n")
 
@@ -3270,7 +3281,9 @@ EVAL_BAD = [  # (setup(tmp, jhmdb_root) or None, flags after --out OUT, what the
     (None, ["--davis", "HOLE", "--masks", "FILE", "--out", "OUT"], ["--masks does not use --out"]),
     (None, ["--bench", "--davis", "HOLE"], ["--bench does not use --davis"]),
     (None, ["--tradeoff", "--videos", "FILE", "--protocol", "dino"], ["--tradeoff does not use --protocol"]),
-    (None, ["--videos", "FILE"], ["label propagation does not use --videos"]),
+    (None, ["--videos", "FILE"], ["evaluating DAVIS does not use --videos"]),
+    (None, ["--vip", "FILE", "--protocol", "dino"], ["evaluating vip does not use --protocol"]),
+    (None, ["--vip-size", "480x880"], ["evaluating DAVIS does not use --vip-size"]),
     # DAVIS folders
     (lambda tmp, j: _davis(tmp, lambda d: (d / "ImageSets" / "2017" / "val.txt").write_text("synth-000\nghost\n")),
      ["--davis", "D"], ["ghost"]),
@@ -3292,7 +3305,7 @@ EVAL_BAD = [  # (setup(tmp, jhmdb_root) or None, flags after --out OUT, what the
     # VIP sets
     *[(lambda tmp, j, c=c: vip_case(tmp / "VIP", c), ["--vip", "VIP"], [says]) for c, says in [
         ("no frames", "no frames"), ("no labels", "no labels"), ("count", "1 labels for 2 frames"), ("size", "9x8"),
-        ("id", "part id 20"), ("empty", "lists no videos")]],
+        ("id", "part id 20"), ("void first", "part id 255"), ("empty", "lists no videos")]],
     # JHMDB sets: a split naming a video that is not there, and list files
     (lambda tmp, j: _jhmdb_ghost(tmp, j), ["--jhmdb", "J"], ["ghost"]),
     (lambda tmp, j: _jhmdb_list("")(tmp, j) or (tmp / "J" / "splits" / "aaa_test_split1.txt").write_text(
@@ -3319,7 +3332,7 @@ def test_eval_bad_input_table(setup, flags, needles, fx, tmp_path, capsys, reque
     argv = place(([] if any(m in flags for m in modes) else ["--out", "OUT"]) + flags, tmp_path, fx)
     before = snapshot(tmp_path)
     code, _, err = run(ed.main, argv, capsys)
-    check_error(code, err, *needles, argparse_error=str(needles[0]).startswith(("argument ", "--", "label ")))
+    check_error(code, err, *needles, argparse_error=str(needles[0]).startswith(("argument ", "--", "evaluating ")))
     assert "MISSING" not in err  # --out is checked before the encoder loads
     assert not (tmp_path / "OUT").exists()
     assert snapshot(tmp_path) == before and not list(tmp_path.glob("RES/*.csv"))  # nothing half-written
