@@ -652,6 +652,12 @@ class Propagation:
         return soft.T.reshape(K, h, w)
 
 
+def dino_post(soft, patch):
+    """DINO's read-out of soft maps [b, K, h, w]: ×patch bilinear, min-max per channel, argmax -> label indices."""
+    up = F.interpolate(soft, scale_factor=patch, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+    return norm_mask(up).max(1).indices
+
+
 class CRWPropagation:
     """CRW's propagation as CropMAE runs it (src/test.py test(), src/utils/test_utils.py context_index_bank and
     mem_efficient_batched_affinity), for one video. Call with frame t's features [h, w, D], t = 1, 2, ...;
@@ -824,9 +830,7 @@ def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overl
         for b0, maps in soft_maps(frames, labels0, (th, tw), embed, heads, params, device, batch_size):
             for name, soft in maps.items():
                 if dino:
-                    up = F.interpolate(soft, scale_factor=patch, mode="bilinear", align_corners=False,
-                                       recompute_scale_factor=False)
-                    small = lookup[norm_mask(up).max(1).indices]
+                    small = lookup[dino_post(soft, patch)]
                 else:
                     small = lookup[F.interpolate(soft, size=(th, tw), mode="bilinear", align_corners=False).argmax(1)]
                     if not vip:
@@ -1113,12 +1117,6 @@ def dino_loop(x, labels0, embed, patch, params):
     return torch.stack(out)
 
 
-def dino_post(soft, patch):
-    """DINO's read-out of soft maps [b, K, h, w]: ×patch bilinear, min-max per channel, argmax -> uint8."""
-    up = F.interpolate(soft, scale_factor=patch, mode="bilinear", align_corners=False, recompute_scale_factor=False)
-    return norm_mask(up).max(1).indices.to(torch.uint8)
-
-
 @torch.no_grad()
 def fast_loop(x, labels0, embed, patch, params, batch_size=8):
     """Our path on in-memory frames (frames 1..T-1 -> uint8 labels): batched forward, the protocol's core, its
@@ -1130,7 +1128,7 @@ def fast_loop(x, labels0, embed, patch, params, batch_size=8):
         prop = prop if prop is not None else core(feats[0], labels0, params)
         soft = [prop(f) for f in feats[1 if a == 0 else 0:]]
         if soft and params["algorithm"] == "dino":
-            out.append(dino_post(torch.stack(soft), patch).cpu())
+            out.append(dino_post(torch.stack(soft), patch).to(torch.uint8).cpu())
         elif soft:
             up = F.interpolate(torch.stack(soft), size=x.shape[-2:], mode="bilinear", align_corners=False)
             out.append(up.argmax(1).to(torch.uint8).cpu())
