@@ -4,8 +4,7 @@ The first frame's labels are carried through every frame by feature affinities, 
 frozen baseline) the trained projection on top of the frozen encoder's patch tokens. DAVIS-2017: object masks,
 davis2017-evaluation's J&F. VIP: semantic parts, the official mIoU. JHMDB: 15 joints, PCK.
 
-    python eval_davis.py --weights W.pth [--ckpt out/cosettle.pth] [--compare] --davis DAVIS/ --vip VIP_Fine/ \
-        --jhmdb JHMDB/ --out results/
+    python eval_davis.py --weights W.pth [--ckpt C.pth] [--compare] --davis DAVIS/ --vip VIP_Fine/ --jhmdb JHMDB/
     python eval_davis.py --weights dino+ours/checkpoint-4.pth --compare --davis DAVIS/   # the authors' file
     python eval_davis.py --davis DAVIS/ --masks results/        # score an existing results folder
     python eval_davis.py --tradeoff --videos DIR [--ckpt ...]   # label-free trade-off metrics (paper Table 4)
