@@ -16,6 +16,7 @@ written here, never against the code under test:
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import json
 import logging
@@ -1131,9 +1132,12 @@ def make_clip(path, width=128, layers=2, grid=4, seed=0):
 # one native checkpoint per family
 
 class Case:
-    def __init__(self, path, family, arch, params, sizes, heads, eps=1e-6, act="gelu", native=None):
+    """A native checkpoint at `path`; `params` is the backbone the loader must pick, `native` the other encoder
+    in the file (if any); heads, eps and activation of the reference forward are the expected arch's."""
+
+    def __init__(self, path, family, arch, params, sizes, native=None):
         self.path, self.family, self.arch, self.params, self.sizes = path, family, arch, params, sizes
-        self.heads, self.eps, self.act, self.native = heads, eps, act, native
+        self.heads, self.eps, self.act, self.native = arch["heads"], arch["eps"], arch["act"], native
 
     def reference(self, x, patch_pos=None):
         return explicit_forward(self.params, x, self.heads, self.eps, self.act, patch_pos)
@@ -1147,11 +1151,15 @@ def _vit_arch(D, depth, patch=16, grid=4, **kw):
     return arch
 
 
+def saved(path, ckpt):
+    torch.save(ckpt, path)
+    return path
+
+
 def case_dino_bare(tmp):
     sd = timm_backbone(128, 2, seed=10)
-    path = tmp / "dino_vitbase16_pretrain.pth"
-    torch.save(sd, path)
-    return Case(path, "dino", _vit_arch(128, 2), timm_params(sd), [(64, 64), (64, 96), (48, 32)], heads=2)
+    return Case(saved(tmp / "dino_vitbase16_pretrain.pth", sd), "dino", _vit_arch(128, 2), timm_params(sd),
+                [(64, 64), (64, 96), (48, 32)])
 
 
 def case_dino_full(tmp):
@@ -1162,17 +1170,14 @@ def case_dino_full(tmp):
             "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}, "epoch": 3,
             "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, lr=0.0005),
             "fp16_scaler": None, "dino_loss": {"center": torch.zeros(1, 65)}}
-    path = tmp / "checkpoint.pth"
-    torch.save(ckpt, path)
-    return Case(path, "dino", _vit_arch(128, 2), timm_params(teacher), [(64, 64)], heads=2,
+    return Case(saved(tmp / "checkpoint.pth", ckpt), "dino", _vit_arch(128, 2), timm_params(teacher), [(64, 64)],
                 native=timm_params(student))
 
 
 def case_ibot(tmp):
     sd = timm_backbone(64, 2, seed=20)
-    path = tmp / "checkpoint_teacher.pth"
-    torch.save({"state_dict": sd}, path)
-    return Case(path, "ibot", _vit_arch(64, 2), timm_params(sd), [(64, 64), (80, 48)], heads=1)
+    return Case(saved(tmp / "checkpoint_teacher.pth", {"state_dict": sd}), "ibot", _vit_arch(64, 2), timm_params(sd),
+                [(64, 64), (80, 48)])
 
 
 def case_mae(tmp):
@@ -1187,25 +1192,20 @@ def case_mae(tmp):
     ckpt = {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
             "scaler": {"scale": 65536.0, "growth_factor": 2.0},
             "args": argparse.Namespace(model="mae_vit_base_patch16")}
-    path = tmp / "checkpoint-799.pth"
-    torch.save(ckpt, path)
-    return Case(path, "mae", _vit_arch(128, 2), timm_params(sd), [(64, 64), (96, 64)], heads=2)
+    return Case(saved(tmp / "checkpoint-799.pth", ckpt), "mae", _vit_arch(128, 2), timm_params(sd),
+                [(64, 64), (96, 64)])
 
 
 def case_mocov3(tmp):
     pos = moco_sincos(128, 4)
     base, momentum = timm_backbone(128, 2, seed=40, pos=pos), timm_backbone(128, 2, seed=41, pos=pos)
     g = _gen(42)
-    sd = OrderedDict()
-    sd.update(prefixed(base, "module.base_encoder."))
-    sd.update(moco_head("module.base_encoder.head.", 128, g))
-    sd.update(prefixed(momentum, "module.momentum_encoder."))
-    sd.update(moco_head("module.momentum_encoder.head.", 128, g))
-    sd.update(moco_head("module.predictor.", 16, g))
-    path = tmp / "vit-b-300ep.pth.tar"
-    torch.save({"epoch": 300, "arch": "vit_base", "state_dict": sd, "optimizer": {}}, path)
-    return Case(path, "mocov3", _vit_arch(128, 2), timm_params(momentum), [(64, 64), (64, 80)], heads=2,
-                native=timm_params(base))
+    sd = OrderedDict(**prefixed(base, "module.base_encoder."), **moco_head("module.base_encoder.head.", 128, g),
+                     **prefixed(momentum, "module.momentum_encoder."),
+                     **moco_head("module.momentum_encoder.head.", 128, g), **moco_head("module.predictor.", 16, g))
+    ckpt = {"epoch": 300, "arch": "vit_base", "state_dict": sd, "optimizer": {}}
+    return Case(saved(tmp / "vit-b-300ep.pth.tar", ckpt), "mocov3", _vit_arch(128, 2), timm_params(momentum),
+                [(64, 64), (64, 80)], native=timm_params(base))
 
 
 def case_ijepa(tmp):
@@ -1222,26 +1222,22 @@ def case_ijepa(tmp):
     ckpt = {"encoder": prefixed(enc, "module."), "predictor": predictor, "target_encoder": prefixed(target, "module."),
             "opt": {"state": {}, "param_groups": []}, "scaler": None, "epoch": 1, "loss": 0.25, "batch_size": 128,
             "world_size": 16, "lr": 0.001}
-    path = tmp / "ijepa-ep800.pth.tar"
-    torch.save(ckpt, path)
-    return Case(path, "ijepa", _vit_arch(128, 2, cls_token=False), timm_params(enc, cls=False),
-                [(64, 64), (48, 80)], heads=2, native=timm_params(target, cls=False))
+    return Case(saved(tmp / "ijepa-ep800.pth.tar", ckpt), "ijepa", _vit_arch(128, 2, cls_token=False),
+                timm_params(enc, cls=False), [(64, 64), (48, 80)], native=timm_params(target, cls=False))
 
 
-def case_dinov2_reg(tmp):
-    sd = timm_backbone(128, 2, patch=14, grid=5, registers=4, layerscale=True, seed=60)
-    path = tmp / "dinov2_vitb14_reg4_pretrain.pth"
-    torch.save(sd, path)
-    return Case(path, "dinov2", _vit_arch(128, 2, patch=14, grid=5, registers=4, layerscale=True),
-                timm_params(sd, registers=True, layerscale=True), [(70, 70), (56, 56), (42, 84)], heads=2)
-
-
-def case_dinov2_noreg(tmp):
-    sd = timm_backbone(64, 2, patch=14, grid=5, layerscale=True, seed=61)
-    path = tmp / "dinov2_vits14_pretrain.pth"
-    torch.save(sd, path)
-    return Case(path, "dinov2", _vit_arch(64, 2, patch=14, grid=5, layerscale=True),
-                timm_params(sd, layerscale=True), [(70, 70), (56, 56)], heads=1)
+def case_dinov2(tmp, file, D, seed, sizes, registers=0, chunk=None, teacher=False):
+    """The released DINOv2 layout (patch 14, 5x5 grid, LayerScale); chunk(i): the block_chunks index of block i
+    (keys blocks.<chunk>.<i>.*, BlockChunk pads with Identity); teacher: under {"teacher": backbone.*}."""
+    sd = timm_backbone(D, 2, patch=14, grid=5, registers=registers, layerscale=True, seed=seed)
+    if chunk:
+        sd = OrderedDict((f"blocks.{chunk(int(k.split('.')[1]))}.{k[len('blocks.'):]}" if k.startswith("blocks.")
+                          else k, v) for k, v in sd.items())
+        assert f"blocks.{chunk(1)}.1.attn.qkv.weight" in sd
+    ckpt = {"teacher": prefixed(sd, "backbone.")} if teacher else sd
+    return Case(saved(tmp / file, ckpt), "dinov2", _vit_arch(D, 2, patch=14, grid=5, registers=registers,
+                                                              layerscale=True),
+                timm_params(sd, registers=bool(registers), layerscale=True, chunk=chunk), sizes)
 
 
 def case_dinov2_cosettle(tmp):
@@ -1250,45 +1246,16 @@ def case_dinov2_cosettle(tmp):
     g = _gen(63)
     teacher = OrderedDict(**prefixed(sd, "backbone."), **dino_head_keys("dino_head.", 128, g),
                           **dino_head_keys("ibot_head.", 128, g))
-    path = tmp / "teacher_checkpoint.pth"
-    torch.save({"teacher": teacher}, path)
-    return Case(path, "dinov2", _vit_arch(128, 2, registers=4, layerscale=True),
-                timm_params(sd, registers=True, layerscale=True), [(64, 64), (80, 64)], heads=2)
-
-
-def _chunked(sd, chunk):
-    def rename(k):
-        return f"blocks.{chunk(int(k.split('.')[1]))}.{k[len('blocks.'):]}" if k.startswith("blocks.") else k
-    return OrderedDict((rename(k), v) for k, v in sd.items())
-
-
-def case_dinov2_chunks1(tmp):
-    """block_chunks=1: every block under blocks.0.<i>."""
-    chunk = lambda i: 0  # noqa: E731
-    sd = _chunked(timm_backbone(128, 2, patch=14, grid=5, registers=4, layerscale=True, seed=64), chunk)
-    assert "blocks.0.1.attn.qkv.weight" in sd
-    path = tmp / "dinov2_chunked.pth"
-    torch.save(sd, path)
-    return Case(path, "dinov2", _vit_arch(128, 2, patch=14, grid=5, registers=4, layerscale=True),
-                timm_params(sd, registers=True, layerscale=True, chunk=chunk), [(56, 56)], heads=2)
-
-
-def case_dinov2_chunks2(tmp):
-    """block_chunks=2 with depth 2: blocks.0.0.* and blocks.1.1.* (BlockChunk pads with Identity)."""
-    chunk = lambda i: i  # noqa: E731
-    sd = _chunked(timm_backbone(128, 2, patch=14, grid=5, layerscale=True, seed=65), chunk)
-    assert "blocks.1.1.attn.qkv.weight" in sd
-    path = tmp / "dinov2_chunked2.pth"
-    torch.save({"teacher": prefixed(sd, "backbone.")}, path)
-    return Case(path, "dinov2", _vit_arch(128, 2, patch=14, grid=5, layerscale=True),
-                timm_params(sd, layerscale=True, chunk=chunk), [(70, 70)], heads=2)
+    return Case(saved(tmp / "teacher_checkpoint.pth", {"teacher": teacher}), "dinov2",
+                _vit_arch(128, 2, registers=4, layerscale=True), timm_params(sd, registers=True, layerscale=True),
+                [(64, 64), (80, 64)])
 
 
 def case_clip(tmp):
     path = tmp / "ViT-B-16.pt"
     sd, reference = make_clip(path)
     case = Case(path, "clip", _vit_arch(128, 2, eps=1e-5, act="quick_gelu", ln_pre=True, patch_bias=False),
-                clip_params(sd), [(64, 64), (48, 80)], heads=2, eps=1e-5, act="quick_gelu")
+                clip_params(sd), [(64, 64), (48, 80)])
     case.module = reference
     return case
 
@@ -1297,28 +1264,35 @@ def case_blip(tmp):
     D, gb = 64, 6
     vis, mom = timm_backbone(D, 1, grid=gb, seed=70), timm_backbone(D, 1, grid=gb, seed=71)
     g = _gen(72)
-    model = OrderedDict()
-    model.update(prefixed(vis, "visual_encoder."))
-    model.update(prefixed(mom, "visual_encoder_m."))
+    model = OrderedDict(**prefixed(vis, "visual_encoder."), **prefixed(mom, "visual_encoder_m."))
     model.update({"text_encoder.embeddings.word_embeddings.weight": _randn(g, 100, 32),
                   "text_encoder.encoder.layer.0.attention.self.query.weight": _randn(g, 32, 32),
                   "vision_proj.weight": _randn(g, 16, D), "vision_proj.bias": torch.zeros(16),
                   "text_proj.weight": _randn(g, 16, 32), "itm_head.weight": _randn(g, 2, 32),
                   "image_queue": _randn(g, 16, 8), "idx_queue": torch.zeros(1, 8, dtype=torch.long),
                   "ptr_queue": torch.zeros(1, dtype=torch.long), "temp": torch.tensor(0.07)})
-    path = tmp / "model_base_retrieval_coco.pth"
-    torch.save({"model": model, "optimizer": {}, "config": {"image_size": 384, "vit": "base"}, "epoch": 5}, path)
+    ckpt = {"model": model, "optimizer": {}, "config": {"image_size": 384, "vit": "base"}, "epoch": 5}
     P = timm_params(vis)
     # BLIP's interpolate_pos_embed at load: CLS row kept, 6x6 -> 224/16 = 14x14, bicubic, align_corners=False
     grid = P["pos"].reshape(1, gb, gb, D).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(14, 14), mode="bicubic", align_corners=False)
     P["pos"] = grid[0].permute(1, 2, 0).reshape(196, D)
-    return Case(path, "blip", _vit_arch(D, 1, grid=14), P, [(224, 224), (64, 64)], heads=1, native=timm_params(mom))
+    return Case(saved(tmp / "model_base_retrieval_coco.pth", ckpt), "blip", _vit_arch(D, 1, grid=14), P,
+                [(224, 224), (64, 64)], native=timm_params(mom))
 
 
-CASES = {f.__name__[5:]: f for f in [case_dino_bare, case_dino_full, case_ibot, case_mae, case_mocov3, case_ijepa,
-                                      case_dinov2_reg, case_dinov2_noreg, case_dinov2_cosettle, case_dinov2_chunks1,
-                                      case_dinov2_chunks2, case_clip, case_blip]}
+CASES = {"dino_bare": case_dino_bare, "dino_full": case_dino_full, "ibot": case_ibot, "mae": case_mae,
+         "mocov3": case_mocov3, "ijepa": case_ijepa,
+         "dinov2_reg": functools.partial(case_dinov2, file="dinov2_vitb14_reg4_pretrain.pth", D=128, seed=60,
+                                         registers=4, sizes=[(70, 70), (56, 56), (42, 84)]),
+         "dinov2_noreg": functools.partial(case_dinov2, file="dinov2_vits14_pretrain.pth", D=64, seed=61,
+                                           sizes=[(70, 70), (56, 56)]),
+         "dinov2_cosettle": case_dinov2_cosettle,
+         "dinov2_chunks1": functools.partial(case_dinov2, file="dinov2_chunked.pth", D=128, seed=64, registers=4,
+                                             chunk=lambda i: 0, sizes=[(56, 56)]),  # block_chunks=1: blocks.0.<i>
+         "dinov2_chunks2": functools.partial(case_dinov2, file="dinov2_chunked2.pth", D=128, seed=65, teacher=True,
+                                             chunk=lambda i: i, sizes=[(70, 70)]),  # block_chunks=2, depth 2
+         "clip": case_clip, "blip": case_blip}
 
 
 @pytest.fixture(scope="module")
