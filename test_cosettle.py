@@ -830,24 +830,17 @@ def timm_backbone(D, depth, patch=16, grid=4, cls=True, registers=0, layerscale=
     sd["patch_embed.proj.weight"] = _randn(g, D, 3, patch, patch, std=(3 * patch * patch) ** -0.5)
     sd["patch_embed.proj.bias"] = _randn(g, D, std=0.1)
     H = mlp * D
+    shapes = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+              "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "ls1.gamma": (D,), "norm2.weight": (D,),
+              "norm2.bias": (D,), "mlp.fc1.weight": (H, D), "mlp.fc1.bias": (H,), "mlp.fc2.weight": (D, H),
+              "mlp.fc2.bias": (D,), "ls2.gamma": (D,)}
     for i in range(depth):
-        b = f"blocks.{i}."
-        sd[b + "norm1.weight"] = 1 + _randn(g, D, std=0.2)
-        sd[b + "norm1.bias"] = _randn(g, D, std=0.1)
-        sd[b + "attn.qkv.weight"] = _randn(g, 3 * D, D, std=D ** -0.5)
-        sd[b + "attn.qkv.bias"] = _randn(g, 3 * D, std=0.1)
-        sd[b + "attn.proj.weight"] = _randn(g, D, D, std=D ** -0.5)
-        sd[b + "attn.proj.bias"] = _randn(g, D, std=0.1)
-        if layerscale:
-            sd[b + "ls1.gamma"] = _randn(g, D, std=0.7)
-        sd[b + "norm2.weight"] = 1 + _randn(g, D, std=0.2)
-        sd[b + "norm2.bias"] = _randn(g, D, std=0.1)
-        sd[b + "mlp.fc1.weight"] = _randn(g, H, D, std=D ** -0.5)
-        sd[b + "mlp.fc1.bias"] = _randn(g, H, std=0.1)
-        sd[b + "mlp.fc2.weight"] = _randn(g, D, H, std=H ** -0.5)
-        sd[b + "mlp.fc2.bias"] = _randn(g, D, std=0.1)
-        if layerscale:
-            sd[b + "ls2.gamma"] = _randn(g, D, std=0.7)
+        for part, shape in shapes.items():
+            if part.startswith("ls") and not layerscale:
+                continue
+            norm_weight = part.startswith("norm") and part.endswith("weight")  # about 1, std 0.2
+            std = 0.7 if part.startswith("ls") else 0.2 if norm_weight else 0.1 if len(shape) == 1 else shape[1] ** -0.5
+            sd[f"blocks.{i}.{part}"] = int(norm_weight) + _randn(g, *shape, std=std)
     sd["norm.weight"] = 1 + _randn(g, D, std=0.2)
     sd["norm.bias"] = _randn(g, D, std=0.1)
     return sd
@@ -932,6 +925,11 @@ def timm_params(sd, prefix="", registers=False, layerscale=False, cls=True, chun
                 ln_pre=None, blocks=blocks, norm=(get("norm.weight"), get("norm.bias")))
 
 
+CLIP_PARTS = dict(zip(BLOCK_PARTS, ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+                                     "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
+                                     "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")))
+
+
 def clip_params(sd):
     """Read OpenAI CLIP's visual tower (visual.conv1, class_embedding, positional_embedding, ln_pre,
     transformer.resblocks.i.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_post)."""
@@ -939,18 +937,9 @@ def clip_params(sd):
         return _d(sd["visual." + k])
 
     depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("visual.transformer.resblocks."))
-    blocks = []
-    for i in range(depth):
-        r = f"transformer.resblocks.{i}."
-        D = sd["visual." + r + "ln_1.weight"].shape[0]
-        blocks.append({"norm1.weight": get(r + "ln_1.weight"), "norm1.bias": get(r + "ln_1.bias"),
-                       "attn.qkv.weight": get(r + "attn.in_proj_weight"), "attn.qkv.bias": get(r + "attn.in_proj_bias"),
-                       "attn.proj.weight": get(r + "attn.out_proj.weight"),
-                       "attn.proj.bias": get(r + "attn.out_proj.bias"),
-                       "norm2.weight": get(r + "ln_2.weight"), "norm2.bias": get(r + "ln_2.bias"),
-                       "mlp.fc1.weight": get(r + "mlp.c_fc.weight"), "mlp.fc1.bias": get(r + "mlp.c_fc.bias"),
-                       "mlp.fc2.weight": get(r + "mlp.c_proj.weight"), "mlp.fc2.bias": get(r + "mlp.c_proj.bias"),
-                       "ls1": torch.ones(D, dtype=torch.float64), "ls2": torch.ones(D, dtype=torch.float64)})
+    ones = torch.ones(sd["visual.ln_pre.weight"].shape[0], dtype=torch.float64)
+    blocks = [{**{part: get(f"transformer.resblocks.{i}.{name}") for part, name in CLIP_PARTS.items()},
+               "ls1": ones, "ls2": ones} for i in range(depth)]
     pos = get("positional_embedding")
     return dict(conv_w=get("conv1.weight"), conv_b=None, cls=get("class_embedding")[None], pos_cls=pos[:1],
                 pos=pos[1:], reg=None, ln_pre=(get("ln_pre.weight"), get("ln_pre.bias")), blocks=blocks,
