@@ -1953,14 +1953,29 @@ TINY_DIM, TINY_DEPTH = 128, 2
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
-    """A randomly initialised (ViT's own init, seed 0) tiny ViT (width 128 = 2 heads of 64, depth 2, patch 16,
-    14x14 grid) saved as a bare state dict."""
+    """small_vit(0) saved as a bare state dict."""
+    return saved(tmp_path_factory.mktemp("weights") / "tiny_vit.pth", small_vit(0).state_dict())
+
+
+def seeded(seed, make):
     with torch.random.fork_rng():
-        torch.manual_seed(0)
-        vit = cosettle.ViT(16, TINY_DIM, TINY_DEPTH, TINY_DIM // 64, grid=(14, 14))
-    path = tmp_path_factory.mktemp("weights") / "tiny_vit.pth"
-    torch.save(vit.state_dict(), path)
-    return path
+        torch.manual_seed(seed)
+        return make()
+
+
+def small_vit(seed):
+    """A randomly initialised (ViT's own init) tiny ViT: width 128 = 2 heads of 64, depth 2, patch 16, 14x14 grid."""
+    return seeded(seed, lambda: cosettle.ViT(16, TINY_DIM, TINY_DEPTH, TINY_DIM // 64, grid=(14, 14)))
+
+
+def train_cli(weights, videos, out, *flags, capsys=None):
+    """train.py in-process on the CPU path (no torch.compile, no loader workers) -> run()'s (code, stdout, stderr)."""
+    return run(train.main, ["--weights", weights, "--videos", videos, "--out", out, "--no-compile", "--workers", "0",
+                            *flags], capsys)
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")
@@ -1985,8 +2000,7 @@ def trained_run(tiny_weights, small_videos, tmp_path_factory):
     stdout, stderr = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = run(train.main, ["--weights", tiny_weights, "--videos", small_videos, "--out", out_dir,
-                                    "--no-compile", "--workers", "0", "--batch-size", "4", "--epochs", "1"])[0]
+            code = train_cli(tiny_weights, small_videos, out_dir, "--batch-size", "4", "--epochs", "1")[0]
         restored = signal.getsignal(signal.SIGTERM) is mine and \
             signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
@@ -2030,9 +2044,8 @@ def test_resume_after_sigterm_and_sigint_equals_uninterrupted(tiny_weights, smal
     """SIGTERM (exit 143) and Ctrl-C (SIGINT, exit 130, so `train.py && eval_davis.py` stops there) each end the
     step in progress and save it; resuming twice gives the uninterrupted run bit for bit."""
     monkeypatch.setattr(train, "LOG_EVERY", 1)
-    common = ["--weights", tiny_weights, "--videos", small_videos, "--no-compile", "--workers", "0",
-              "--batch-size", "2", "--epochs", "2", "--blr", "1", "--warmup-epochs", "0.5"]  # 4 steps/epoch
-    code, out, _ = run(train.main, common + ["--out", tmp_path / "a"], capsys)
+    common = ["--batch-size", "2", "--epochs", "2", "--blr", "1", "--warmup-epochs", "0.5"]  # 4 steps/epoch
+    code, out, _ = train_cli(tiny_weights, small_videos, tmp_path / "a", *common, capsys=capsys)
     assert code == 0 and "done: step 8/8" in out
 
     real_lr_at = train.lr_at
@@ -2051,7 +2064,7 @@ def test_resume_after_sigterm_and_sigint_equals_uninterrupted(tiny_weights, smal
     signal.signal(signal.SIGTERM, lambda *a: guard.append(a))  # if train() did not catch it, pytest must survive
     b = tmp_path / "b"
     signal_at(3, signal.SIGTERM)
-    code, out, _ = run(train.main, common + ["--out", b], capsys)
+    code, out, _ = train_cli(tiny_weights, small_videos, b, *common, capsys=capsys)
     assert code == 143 and "interrupted: step 3/8" in out and not guard  # 128 + SIGTERM
     ckpt = torch.load(b / "cosettle.pth", map_location="cpu", weights_only=True)
     assert set(ckpt) == {"projection", "optimizer", "step", "epoch", "args", "world", "videos", "encoder"}
@@ -2066,11 +2079,11 @@ def test_resume_after_sigterm_and_sigint_equals_uninterrupted(tiny_weights, smal
     assert torch.equal(proj.linear.weight, ckpt["projection"]["linear.weight"])
 
     signal_at(3, signal.SIGINT)  # resume, and press Ctrl-C mid-epoch 1 (global step 6)
-    code, out, err = run(train.main, common + ["--out", b, "--resume"], capsys)
+    code, out, err = train_cli(tiny_weights, small_videos, b, *common, "--resume", capsys=capsys)
     assert code == 130 and "starting at step 3" in out and "interrupted: step 6/8" in out, (code, err)
     assert torch.load(b / "cosettle.pth", weights_only=True)["step"] == 6
     monkeypatch.setattr(train, "lr_at", real_lr_at)
-    code, out, _ = run(train.main, common + ["--out", b, "--resume"], capsys)
+    code, out, _ = train_cli(tiny_weights, small_videos, b, *common, "--resume", capsys=capsys)
     assert code == 0 and "starting at step 6" in out and "done: step 8/8" in out
 
     ca = torch.load(tmp_path / "a" / "cosettle.pth", weights_only=True)
@@ -2081,16 +2094,11 @@ def test_resume_after_sigterm_and_sigint_equals_uninterrupted(tiny_weights, smal
     for i, state in ca["optimizer"]["state"].items():
         for k, v in state.items():
             assert torch.equal(cb["optimizer"]["state"][i][k], v), (i, k)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        init = cosettle.Projection(TINY_DIM)
+    init = seeded(0, lambda: cosettle.Projection(TINY_DIM))
     assert (init.linear.weight - ca["projection"]["linear.weight"]).abs().max() > 1e-2  # it did train
 
-    logs = {}
-    for name in ("a", "b"):
-        recs = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
-        assert all(set(r) == LOG_KEYS for r in recs)
-        logs[name] = recs
+    logs = {name: read_log(tmp_path / name) for name in ("a", "b")}
+    assert all(set(r) == LOG_KEYS for recs in logs.values() for r in recs)
     assert [r["step"] for r in logs["a"]] == [r["step"] for r in logs["b"]] == list(range(1, 9))
     for ra, rb in zip(logs["a"], logs["b"]):
         assert all(ra[k] == rb[k] for k in ("epoch", "lr", "loss", "cycle", "reg", "accuracy")), (ra, rb)
@@ -2135,12 +2143,9 @@ def test_ddp_two_processes_equal_one_and_bad_videos_stop_every_rank(tiny_weights
     assert a["step"] == b["step"] == 2
     for k, v in b["projection"].items():
         torch.testing.assert_close(a["projection"][k], v, rtol=0, atol=1e-5)
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        init = cosettle.Projection(TINY_DIM)
+    init = seeded(3, lambda: cosettle.Projection(TINY_DIM))
     assert (init.linear.weight - b["projection"]["linear.weight"]).abs().max() > 1e-3  # not vacuous
-    ra = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
-    rb = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    ra, rb = read_log(tmp_path / "ddp"), read_log(tmp_path / "one")
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == [2]
     assert ra[0]["lr"] == pytest.approx(rb[0]["lr"], rel=1e-12)
     for k in ("loss", "cycle", "reg", "accuracy"):  # the all-reduced mean of the global batch, not rank 0's half
@@ -2167,22 +2172,18 @@ def test_shared_run_hint_handlers_and_overwrite(trained_run, tmp_path, capsys):
     ckpt = torch.load(run_dir / "cosettle.pth", weights_only=True)
     assert ckpt["world"] == 1 and ckpt["videos"] == 8 and ckpt["args"]["batch_size"] == 4
     args = json.loads(json.dumps(ckpt["args"], default=str))
-    code, out, err = run(train.main, ["--weights", args["weights"], "--videos", args["videos"], "--out", run_dir,
-                                      "--no-compile", "--workers", "0", "--batch-size", "8", "--epochs", "2",
-                                      "--blr", "0.01", "--overwrite"], capsys)
+    code, out, err = train_cli(args["weights"], args["videos"], run_dir, "--batch-size", "8", "--epochs", "2",
+                               "--blr", "0.01", "--overwrite", capsys=capsys)
     assert code == 0 and "done: step 2/2" in out and "hint:" not in out, err
     assert torch.load(run_dir / "cosettle.pth", weights_only=True)["step"] == 2
-    assert [json.loads(r)["step"] for r in (run_dir / "log.jsonl").read_text().splitlines()] == [2]
+    assert [r["step"] for r in read_log(run_dir)] == [2]
 
 
 def test_projection_checked_against_its_encoder(trained_run, tiny_weights):
     ckpt = trained_run[0] / "cosettle.pth"
     assert cosettle.load_projection(str(ckpt), load_encoder(str(tiny_weights))).linear.in_features == TINY_DIM
-    with torch.random.fork_rng():
-        torch.manual_seed(7)
-        other = cosettle.ViT(16, TINY_DIM, TINY_DEPTH, TINY_DIM // 64, grid=(14, 14))
     with pytest.raises(BadInput, match="not on the one given"):
-        cosettle.load_projection(str(ckpt), other)
+        cosettle.load_projection(str(ckpt), small_vit(7))
 
 
 def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weights, small_videos, tmp_path, capsys):
@@ -2193,9 +2194,8 @@ def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weig
     ckpt_path = out_dir / "cosettle.pth"
     good = torch.load(ckpt_path, weights_only=True)
     assert good["step"] == 2
-    code, _, err = run(train.main, ["--weights", tiny_weights, "--videos", small_videos, "--out", out_dir,
-                                    "--no-compile", "--workers", "0", "--batch-size", "4", "--epochs", "2", "--blr",
-                                    "inf", "--resume"], capsys)
+    code, _, err = train_cli(tiny_weights, small_videos, out_dir, "--batch-size", "4", "--epochs", "2", "--blr", "inf",
+                             "--resume", capsys=capsys)
     check_error(code, err, ckpt_path, "last good state", re.compile(r"step [34]\b"),
                 re.compile(r"\b(nan|inf|non-finite)\b"))
     kept = torch.load(ckpt_path, weights_only=True)
@@ -2207,13 +2207,12 @@ def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weig
 
 def test_nan_update_on_epoch_boundary_is_not_checkpointed(tiny_weights, small_videos, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    common = ["--weights", tiny_weights, "--videos", small_videos, "--out", out_dir, "--no-compile", "--workers",
-              "0", "--batch-size", "8"]  # 8 videos: one step per epoch, so every step ends an epoch
-    code, _, err = run(train.main, common + ["--epochs", "1"], capsys)
+    common = [tiny_weights, small_videos, out_dir, "--batch-size", "8"]  # 8 videos: every step ends an epoch
+    code, _, err = train_cli(*common, "--epochs", "1", capsys=capsys)
     assert code == 0, err
     ckpt_path = out_dir / "cosettle.pth"
     good = torch.load(ckpt_path, weights_only=True)
-    code, _, err = run(train.main, common + ["--epochs", "3", "--blr", "inf", "--resume"], capsys)
+    code, _, err = train_cli(*common, "--epochs", "3", "--blr", "inf", "--resume", capsys=capsys)
     check_error(code, err, ckpt_path, re.compile(r"step [23]\b"))  # step 2's update (lr inf) ruins the weights
     kept = torch.load(ckpt_path, weights_only=True)
     assert all(torch.isfinite(v).all() for v in kept["projection"].values()), "non-finite weights were saved"
@@ -2229,8 +2228,7 @@ def test_short_and_corrupt_videos_warn_and_training_continues(tiny_weights, tmp_
         frame.write_bytes(frame.read_bytes()[:200])  # truncated JPEGs
     out_dir = tmp_path / "out"
     # 8 usable videos (7 good + the corrupt one), batch 4: both steps together visit every video
-    code, out, err = run(train.main, ["--weights", tiny_weights, "--videos", root, "--out", out_dir, "--no-compile",
-                               "--workers", "0", "--batch-size", "4", "--epochs", "1"], capsys)
+    code, out, err = train_cli(tiny_weights, root, out_dir, "--batch-size", "4", "--epochs", "1", capsys=capsys)
     assert code == 0, err
     assert "warning: " in err and "cannot decode" in err
     assert "skipped 2 of 10" in err
@@ -2241,9 +2239,8 @@ def test_short_and_corrupt_videos_warn_and_training_continues(tiny_weights, tmp_
 
 def test_train_on_official_ours_file(official, small_videos, tmp_path, capsys):
     """Its frozen encoder gets a new projection (resuming from the file is refused: the table below)."""
-    code, out, err = run(train.main, ["--videos", small_videos, "--out", tmp_path / "out", "--no-compile", "--workers",
-                                      "0", "--batch-size", "4", "--epochs", "1", "--weights", official("dino")[0]],
-                         capsys)
+    code, out, err = train_cli(official("dino")[0], small_videos, tmp_path / "out", "--batch-size", "4", "--epochs",
+                               "1", capsys=capsys)
     assert code == 0, err
     assert "training a new projection on the frozen dino encoder of this official '+ Ours' checkpoint" in out
 
@@ -3030,9 +3027,7 @@ def _nan_weights():
 
 
 def _twin():
-    with torch.random.fork_rng():
-        torch.manual_seed(1)  # the same recipe, another seed: the same file size
-        return cosettle.ViT(16, TINY_DIM, TINY_DEPTH, TINY_DIM // 64, grid=(14, 14)).state_dict()
+    return small_vit(1).state_dict()  # the same recipe, another seed: the same file size
 
 
 def _video_dirs(tmp):
