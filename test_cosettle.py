@@ -87,6 +87,11 @@ def write_video(folder, frames, suffix='.png'):
     return paths
 
 
+def pairs(videos, size, **kw):
+    """data.FramePairs at the paper's clip gap."""
+    return data.FramePairs(videos, size=size, clip_gap=cosettle.CLIP_GAP, **kw)
+
+
 def noise_frame(seed, height=48, width=64):
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
@@ -234,15 +239,15 @@ def test_sample_pair_follows_the_official_rule_exhaustively():
     for n in range(2, 41):
         g = int(0.15 * n)
         rng = random.Random(n)
-        pairs = [data.sample_pair(n, 0.15, rng) for _ in range(3000)]
+        drawn = [data.sample_pair(n, 0.15, rng) for _ in range(3000)]
         if n <= 4 or g < 1:  # official fallback: two independent uniform frames, ties and any order allowed
             assert n <= 6
-            assert set(pairs) == {(a, b) for a in range(n) for b in range(n)}
+            assert set(drawn) == {(a, b) for a in range(n) for b in range(n)}
         else:
-            assert g >= 1 and all(j - i == g for i, j in pairs)
+            assert g >= 1 and all(j - i == g for i, j in drawn)
             # 0-based i in {1, ..., n-g-1}: frame 0 is never first, the last frame can be second
-            assert {i for i, _ in pairs} == set(range(1, n - g))
-            assert max(j for _, j in pairs) == n - 1
+            assert {i for i, _ in drawn} == set(range(1, n - g))
+            assert max(j for _, j in drawn) == n - 1
     assert int(0.15 * 20) == 3  # a 2-fps Kinetics clip of 20 frames: frames 1..16 paired with 4..19
     assert {data.sample_pair(20, 0.15, random.Random(s)) for s in range(2000)} == {(i, i + 3) for i in range(1, 17)}
     assert data.sample_pair(7, 0.15, random.Random(0))[1] - data.sample_pair(7, 0.15, random.Random(0))[0] == 1
@@ -340,7 +345,7 @@ def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
     # identical frames: any difference in crop or flip would show
     frame = noise_frame(3, 40, 56)
     videos = [p.parent for p in (write_video(tmp_path / f"v{k}", [frame] * 8)[0] for k in range(3))]
-    ds = data.FramePairs(videos, size=24, clip_gap=cosettle.CLIP_GAP)
+    ds = pairs(videos, size=24)
     for epoch in range(6):
         ds.set_epoch(epoch)
         for idx in range(3):
@@ -349,7 +354,7 @@ def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
 
     # a left-to-right ramp: flipped outputs fall from left to right, about half of them
     ramp = np.repeat(np.repeat(np.linspace(0, 255, 64)[None, :, None], 48, 0), 3, 2)
-    ds = data.FramePairs([write_video(tmp_path / 'ramp', [ramp] * 5)[0].parent], size=16, clip_gap=cosettle.CLIP_GAP)
+    ds = pairs([write_video(tmp_path / 'ramp', [ramp] * 5)[0].parent], size=16)
     flips = []
     for epoch in range(40):
         ds.set_epoch(epoch)
@@ -361,7 +366,7 @@ def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
     assert 8 <= sum(flips) <= 32
     # white frames give the normalised constants
     write_video(tmp_path / 'white', [np.full((30, 40, 3), 255)] * 6, '.jpg')
-    x1, x2 = data.FramePairs([tmp_path / 'white'], size=16, clip_gap=cosettle.CLIP_GAP)[0]
+    x1, x2 = pairs([tmp_path / 'white'], size=16)[0]
     assert x1.shape == x2.shape == (3, 16, 16)
     assert np.allclose(x1.numpy(), ((1 - MEAN) / STD)[:, None, None], atol=1e-5)
 
@@ -373,7 +378,7 @@ def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
     big = np.random.default_rng(0).random((H // 4, (W + (n - 1) * d) // 4, 3))
     big = np.asarray(Image.fromarray((big * 255).astype(np.uint8)).resize(((W + (n - 1) * d), H), Image.BICUBIC))
     frames = [big[:, (n - 1 - k) * d:(n - 1 - k) * d + W] for k in range(n)]
-    ds = data.FramePairs([write_video(tmp_path / 'v', frames)[0].parent], size=size, clip_gap=cosettle.CLIP_GAP)
+    ds = pairs([write_video(tmp_path / 'v', frames)[0].parent], size=size)
     checked = 0
     for epoch in range(12):
         ds.set_epoch(epoch)
@@ -393,20 +398,19 @@ def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
 def test_frame_pairs_deterministic_in_seed_epoch_idx(tmp_path):
     videos = [write_video(tmp_path / f"v{k}", [noise_frame(10 * k + t) for t in range(10)])[0].parent
               for k in range(4)]
-    ds = data.FramePairs(videos, size=20, clip_gap=cosettle.CLIP_GAP, seed=7)
+    ds = pairs(videos, size=20, seed=7)
     first = [ds[idx] for idx in range(4)]
-    again = data.FramePairs(videos, size=20, clip_gap=cosettle.CLIP_GAP, seed=7)
+    again = pairs(videos, size=20, seed=7)
     for idx in range(4):
         assert all(torch.equal(a, b) for a, b in zip(first[idx], again[idx]))
     ds.set_epoch(1)
     assert sum(not torch.equal(first[idx][0], ds[idx][0]) for idx in range(4)) >= 3
-    other_seed = data.FramePairs(videos, size=20, clip_gap=cosettle.CLIP_GAP, seed=8)
+    other_seed = pairs(videos, size=20, seed=8)
     assert sum(not torch.equal(first[idx][0], other_seed[idx][0]) for idx in range(4)) >= 3
 
     # the same items whatever the number of DataLoader workers
     def collect(workers):
-        loader = torch.utils.data.DataLoader(data.FramePairs(videos, size=20, clip_gap=cosettle.CLIP_GAP, seed=7), batch_size=2,
-                                             num_workers=workers)
+        loader = torch.utils.data.DataLoader(pairs(videos, size=20, seed=7), batch_size=2, num_workers=workers)
         return torch.cat([x1 for x1, _ in loader])
 
     assert torch.equal(collect(0), collect(2))
@@ -426,7 +430,7 @@ def test_frame_pairs_decodes_only_the_two_sampled_frames(tmp_path, monkeypatch):
         return real_load_rgb(path, *args, **kwargs)
 
     monkeypatch.setattr(data, 'load_rgb', counting_load_rgb)
-    ds = data.FramePairs([tmp_path / 'v'], size=16, clip_gap=cosettle.CLIP_GAP)
+    ds = pairs([tmp_path / 'v'], size=16)
     for epoch in range(5):
         ds.set_epoch(epoch)
         opened.clear()
@@ -440,7 +444,7 @@ def test_frame_pairs_corrupt_frames_warn_and_fall_back(tmp_path, capsys):
     for path in bad:
         path.write_bytes(path.read_bytes()[:300])  # truncated JPEGs
     write_video(tmp_path / 'b_good', [noise_frame(t, 32, 32) for t in range(6)], '.jpg')
-    ds = data.FramePairs(data.find_videos(tmp_path), size=16, clip_gap=cosettle.CLIP_GAP)
+    ds = pairs(data.find_videos(tmp_path), size=16)
     x1, x2 = ds[0]
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith('warning: ') and 'a_bad' in err[0]  # one line naming the file
@@ -448,7 +452,7 @@ def test_frame_pairs_corrupt_frames_warn_and_fall_back(tmp_path, capsys):
     good1, good2 = ds[1]
     assert torch.equal(x1, good1) and torch.equal(x2, good2)  # the fallback is video 1's own sample
 
-    only_bad = data.FramePairs([tmp_path / 'a_bad', tmp_path / 'gone'], size=16, clip_gap=cosettle.CLIP_GAP)
+    only_bad = pairs([tmp_path / 'a_bad', tmp_path / 'gone'], size=16)
     with pytest.raises(BadInput, match='a_bad'):
         only_bad[0]
 
@@ -517,7 +521,7 @@ def test_write_synthetic_videos_is_found_and_loads(tmp_path):
     assert [p.name for p in data.list_frames(folders[0])] == [f"{t:05d}.jpg" for t in range(8)]
     assert Image.open(folders[0] / '00000.jpg').size == (40, 32)
     assert not list(tmp_path.rglob('*.tmp'))
-    x1, x2 = data.FramePairs(folders, size=16, clip_gap=cosettle.CLIP_GAP)[2]  # 8 frames: gap int(1.2) = 1, two different frames
+    x1, x2 = pairs(folders, size=16)[2]  # 8 frames: gap int(1.2) = 1, two different frames
     assert x1.shape == (3, 16, 16) and not torch.equal(x1, x2)
 
 
@@ -3136,7 +3140,8 @@ TRAIN_BAD = [  # (flags after the defaults, what the error line must hold); defa
                      ["--batch-size", "4", "--videos", "FEWER.txt"])],
     (["--weights", "OURS", "--out", "OURSRUN", "--resume"],
      ["OURSRUN/cosettle.pth", "official Co-Settle '+ Ours'", "no optimiser state"]),
-    (["--weights", "W", "--out", "RUN", "--epochs", "2"], ["RUN/cosettle.pth", "--resume", "--overwrite"]),    # issue 10: no flag is silently ignored
+    (["--weights", "W", "--out", "RUN", "--epochs", "2"], ["RUN/cosettle.pth", "--resume", "--overwrite"]),
+    # issue 10: no flag is silently ignored
     (["--bench"], ["--bench does not use --videos, --out, --workers"]),
 ]
 
