@@ -1144,14 +1144,14 @@ def _vit_arch(D, depth, patch=16, grid=4, **kw):
     return arch
 
 
-def saved(path, ckpt):
+def save_to(path, ckpt):
     torch.save(ckpt, path)
     return path
 
 
 def case_dino_bare(tmp):
     sd = timm_backbone(128, 2, seed=10)
-    return Case(saved(tmp / "dino_vitbase16_pretrain.pth", sd), "dino", _vit_arch(128, 2), timm_params(sd),
+    return Case(save_to(tmp / "dino_vitbase16_pretrain.pth", sd), "dino", _vit_arch(128, 2), timm_params(sd),
                 [(64, 64), (64, 96), (48, 32)])
 
 
@@ -1163,13 +1163,13 @@ def case_dino_full(tmp):
             "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}, "epoch": 3,
             "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, lr=0.0005),
             "fp16_scaler": None, "dino_loss": {"center": torch.zeros(1, 65)}}
-    return Case(saved(tmp / "checkpoint.pth", ckpt), "dino", _vit_arch(128, 2), timm_params(teacher), [(64, 64)],
+    return Case(save_to(tmp / "checkpoint.pth", ckpt), "dino", _vit_arch(128, 2), timm_params(teacher), [(64, 64)],
                 native=timm_params(student))
 
 
 def case_ibot(tmp):
     sd = timm_backbone(64, 2, seed=20)
-    return Case(saved(tmp / "checkpoint_teacher.pth", {"state_dict": sd}), "ibot", _vit_arch(64, 2), timm_params(sd),
+    return Case(save_to(tmp / "checkpoint_teacher.pth", {"state_dict": sd}), "ibot", _vit_arch(64, 2), timm_params(sd),
                 [(64, 64), (80, 48)])
 
 
@@ -1185,7 +1185,7 @@ def case_mae(tmp):
     ckpt = {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
             "scaler": {"scale": 65536.0, "growth_factor": 2.0},
             "args": argparse.Namespace(model="mae_vit_base_patch16")}
-    return Case(saved(tmp / "checkpoint-799.pth", ckpt), "mae", _vit_arch(128, 2), timm_params(sd),
+    return Case(save_to(tmp / "checkpoint-799.pth", ckpt), "mae", _vit_arch(128, 2), timm_params(sd),
                 [(64, 64), (96, 64)])
 
 
@@ -1197,7 +1197,7 @@ def case_mocov3(tmp):
                      **prefixed(momentum, "module.momentum_encoder."),
                      **moco_head("module.momentum_encoder.head.", 128, g), **moco_head("module.predictor.", 16, g))
     ckpt = {"epoch": 300, "arch": "vit_base", "state_dict": sd, "optimizer": {}}
-    return Case(saved(tmp / "vit-b-300ep.pth.tar", ckpt), "mocov3", _vit_arch(128, 2), timm_params(momentum),
+    return Case(save_to(tmp / "vit-b-300ep.pth.tar", ckpt), "mocov3", _vit_arch(128, 2), timm_params(momentum),
                 [(64, 64), (64, 80)], native=timm_params(base))
 
 
@@ -1215,7 +1215,7 @@ def case_ijepa(tmp):
     ckpt = {"encoder": prefixed(enc, "module."), "predictor": predictor, "target_encoder": prefixed(target, "module."),
             "opt": {"state": {}, "param_groups": []}, "scaler": None, "epoch": 1, "loss": 0.25, "batch_size": 128,
             "world_size": 16, "lr": 0.001}
-    return Case(saved(tmp / "ijepa-ep800.pth.tar", ckpt), "ijepa", _vit_arch(128, 2, cls_token=False),
+    return Case(save_to(tmp / "ijepa-ep800.pth.tar", ckpt), "ijepa", _vit_arch(128, 2, cls_token=False),
                 timm_params(enc, cls=False), [(64, 64), (48, 80)], native=timm_params(target, cls=False))
 
 
@@ -1228,7 +1228,7 @@ def case_dinov2(tmp, file, D, seed, sizes, registers=0, chunk=None, teacher=Fals
                           else k, v) for k, v in sd.items())
         assert f"blocks.{chunk(1)}.1.attn.qkv.weight" in sd
     ckpt = {"teacher": prefixed(sd, "backbone.")} if teacher else sd
-    return Case(saved(tmp / file, ckpt), "dinov2", _vit_arch(D, 2, patch=14, grid=5, registers=registers,
+    return Case(save_to(tmp / file, ckpt), "dinov2", _vit_arch(D, 2, patch=14, grid=5, registers=registers,
                                                               layerscale=True),
                 timm_params(sd, registers=bool(registers), layerscale=True, chunk=chunk), sizes)
 
@@ -1239,7 +1239,7 @@ def case_dinov2_cosettle(tmp):
     g = _gen(63)
     teacher = OrderedDict(**prefixed(sd, "backbone."), **dino_head_keys("dino_head.", 128, g),
                           **dino_head_keys("ibot_head.", 128, g))
-    return Case(saved(tmp / "teacher_checkpoint.pth", {"teacher": teacher}), "dinov2",
+    return Case(save_to(tmp / "teacher_checkpoint.pth", {"teacher": teacher}), "dinov2",
                 _vit_arch(128, 2, registers=4, layerscale=True), timm_params(sd, registers=True, layerscale=True),
                 [(64, 64), (80, 64)])
 
@@ -1270,7 +1270,7 @@ def case_blip(tmp):
     grid = P["pos"].reshape(1, gb, gb, D).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(14, 14), mode="bicubic", align_corners=False)
     P["pos"] = grid[0].permute(1, 2, 0).reshape(196, D)
-    return Case(saved(tmp / "model_base_retrieval_coco.pth", ckpt), "blip", _vit_arch(D, 1, grid=14), P,
+    return Case(save_to(tmp / "model_base_retrieval_coco.pth", ckpt), "blip", _vit_arch(D, 1, grid=14), P,
                 [(224, 224), (64, 64)], native=timm_params(mom))
 
 
@@ -1508,21 +1508,19 @@ def test_clip_archive_is_torchscript_with_fp16_weights_and_matches_clip_modules(
 def _clip_state_dict(tmp, built):
     """open_clip / `model.state_dict()` saved with torch.save (not TorchScript) is detected by its key names."""
     case = built("clip")
-    torch.save(torch.jit.load(str(case.path)).state_dict(), tmp / "clip_state_dict.pt")
-    return tmp / "clip_state_dict.pt", "clip", case.params, case.heads, dict(eps=1e-5, act="quick_gelu")
+    path = save_to(tmp / "clip_state_dict.pt", torch.jit.load(str(case.path)).state_dict())
+    return path, "clip", case.params, case.heads, dict(eps=1e-5, act="quick_gelu")
 
 
 def _mae_encoder_only(tmp, built):
     """The released mae_pretrain_vit_base.pth is believed to be encoder-only: {'model': encoder} is still MAE."""
     sd = timm_backbone(64, 1, seed=33, pos=mae_sincos(64, 4))
-    torch.save({"model": sd}, tmp / "mae_pretrain_vit_base.pth")
-    return tmp / "mae_pretrain_vit_base.pth", "mae", timm_params(sd), 1, {}
+    return save_to(tmp / "mae_pretrain_vit_base.pth", {"model": sd}), "mae", timm_params(sd), 1, {}
 
 
 def _bare_ijepa(tmp, built):
     sd = timm_backbone(64, 1, cls=False, seed=53)
-    torch.save(prefixed(sd, "module."), tmp / "ijepa_encoder.pth")
-    return tmp / "ijepa_encoder.pth", "ijepa", timm_params(sd, cls=False), 1, {}
+    return save_to(tmp / "ijepa_encoder.pth", prefixed(sd, "module.")), "ijepa", timm_params(sd, cls=False), 1, {}
 
 
 @pytest.mark.parametrize("write", [_clip_state_dict, _mae_encoder_only, _bare_ijepa])
@@ -1645,8 +1643,7 @@ def test_forcing_the_wrong_family_is_a_clear_error(built, name, forced, words):
 def _saved(name, obj):
     """A writer for LOADER_BAD: torch.save(obj(built) if callable else obj) as tmp/name."""
     def write(tmp, built):
-        torch.save(obj(built) if callable(obj) else obj, tmp / name)
-        return tmp / name
+        return save_to(tmp / name, obj(built) if callable(obj) else obj)
     return write
 
 
@@ -1958,7 +1955,7 @@ TINY_DIM, TINY_DEPTH = 128, 2
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """small_vit(0) saved as a bare state dict."""
-    return saved(tmp_path_factory.mktemp("weights") / "tiny_vit.pth", small_vit(0).state_dict())
+    return save_to(tmp_path_factory.mktemp("weights") / "tiny_vit.pth", small_vit(0).state_dict())
 
 
 def seeded(seed, make):
