@@ -3017,18 +3017,10 @@ def _jhmdb_ghost(tmp, jhmdb_root):
     (tmp / "J" / "splits" / "catch_test_split1.txt").write_text("ghost.avi 2\n")
 
 
-def _weights(sd, name):
-    return lambda tmp: torch.save(sd() if callable(sd) else sd, tmp / name)
-
-
 def _nan_weights():
     sd = timm_backbone(64, 1, grid=14, seed=0)
     sd["norm.weight"][5] = float("nan")
     return sd
-
-
-def _twin():
-    return small_vit(1).state_dict()  # the same recipe, another seed: the same file size
 
 
 def _video_dirs(tmp):
@@ -3048,22 +3040,23 @@ MAKE = {  # placeholder -> how to make it under tmp_path (only when a row names 
     "OURSRUN": lambda tmp, fx: ((tmp / "OURSRUN").mkdir(), shutil.copy(fx["official"]("dino")[0],
                                                                         tmp / "OURSRUN" / "cosettle.pth")),
     "OURS": lambda tmp, fx: shutil.copy(fx["official"]("dino")[0], tmp / "OURS"),
-    "NAN": lambda tmp, fx: _weights(_nan_weights, "NAN")(tmp),
-    "OTHER": lambda tmp, fx: _weights(lambda: timm_backbone(64, 1, grid=14, seed=1), "OTHER")(tmp),
-    "TWIN": lambda tmp, fx: _weights(_twin, "TWIN")(tmp),
+    "NAN": lambda tmp, fx: save_to(tmp / "NAN", _nan_weights()),
+    "OTHER": lambda tmp, fx: save_to(tmp / "OTHER", timm_backbone(64, 1, grid=14, seed=1)),
+    # the same recipe as W, another seed: the same file size
+    "TWIN": lambda tmp, fx: save_to(tmp / "TWIN", small_vit(1).state_dict()),
     "FEWER.txt": lambda tmp, fx: (tmp / "FEWER.txt").write_text("\n".join(
         str(v) for v in data.find_videos(fx["small_videos"])[:6])),
     "EMPTY": lambda tmp, fx: _video_dirs(tmp), "SINGLES": lambda tmp, fx: _video_dirs(tmp),
     "RANDOM.pth": lambda tmp, fx: (tmp / "RANDOM.pth").write_bytes(os.urandom(4096)),
     "NOTES.pth": lambda tmp, fx: (tmp / "NOTES.pth").write_bytes(b"these are not weights\n"),
-    "CLASSIFIER.pth": lambda tmp, fx: _weights({"model": {"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)}},
-                                               "CLASSIFIER.pth")(tmp),
-    "STATE.pth": lambda tmp, fx: _weights({"epoch": 3, "best_acc": 0.5}, "STATE.pth")(tmp),
-    "INCOMPLETE.pth": lambda tmp, fx: _weights(lambda: _edited(timm_backbone(64, 2, grid=4, seed=0),
-                                                               ["blocks.1.mlp.fc2.weight"]), "INCOMPLETE.pth")(tmp),
+    "CLASSIFIER.pth": lambda tmp, fx: save_to(tmp / "CLASSIFIER.pth", {"model": {"fc.weight": torch.zeros(2, 2),
+                                                                               "fc.bias": torch.zeros(2)}}),
+    "STATE.pth": lambda tmp, fx: save_to(tmp / "STATE.pth", {"epoch": 3, "best_acc": 0.5}),
+    "INCOMPLETE.pth": lambda tmp, fx: save_to(tmp / "INCOMPLETE.pth", _edited(timm_backbone(64, 2, grid=4, seed=0),
+                                                                             ["blocks.1.mlp.fc2.weight"])),
     "HOLE": lambda tmp, fx: (make_davis(tmp / "HOLE", n_seqs=2, n_frames=4, height=32, width=48),
                              (tmp / "HOLE" / "Annotations" / "480p" / "synth-001" / "00002.png").unlink()),
-    "P64": lambda tmp, fx: torch.save({"projection": Projection(64).state_dict()}, tmp / "P64"),
+    "P64": lambda tmp, fx: save_to(tmp / "P64", {"projection": Projection(64).state_dict()}),
     "VIP": lambda tmp, fx: fx["vip_case"](tmp / "VIP"),
     "J": lambda tmp, fx: _jhmdb_ghost(tmp, fx["jhmdb_root"]),
 }
