@@ -16,6 +16,7 @@ written here, never against the code under test:
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import json
 import logging
@@ -84,6 +85,11 @@ def write_video(folder, frames, suffix='.png'):
         Image.fromarray(np.asarray(frame, dtype=np.uint8)).save(path, quality=95)
         paths.append(path)
     return paths
+
+
+def pairs(videos, size, **kw):
+    """data.FramePairs at the paper's clip gap."""
+    return data.FramePairs(videos, size=size, clip_gap=cosettle.CLIP_GAP, **kw)
 
 
 def noise_frame(seed, height=48, width=64):
@@ -233,15 +239,15 @@ def test_sample_pair_follows_the_official_rule_exhaustively():
     for n in range(2, 41):
         g = int(0.15 * n)
         rng = random.Random(n)
-        pairs = [data.sample_pair(n, 0.15, rng) for _ in range(3000)]
+        drawn = [data.sample_pair(n, 0.15, rng) for _ in range(3000)]
         if n <= 4 or g < 1:  # official fallback: two independent uniform frames, ties and any order allowed
             assert n <= 6
-            assert set(pairs) == {(a, b) for a in range(n) for b in range(n)}
+            assert set(drawn) == {(a, b) for a in range(n) for b in range(n)}
         else:
-            assert g >= 1 and all(j - i == g for i, j in pairs)
+            assert g >= 1 and all(j - i == g for i, j in drawn)
             # 0-based i in {1, ..., n-g-1}: frame 0 is never first, the last frame can be second
-            assert {i for i, _ in pairs} == set(range(1, n - g))
-            assert max(j for _, j in pairs) == n - 1
+            assert {i for i, _ in drawn} == set(range(1, n - g))
+            assert max(j for _, j in drawn) == n - 1
     assert int(0.15 * 20) == 3  # a 2-fps Kinetics clip of 20 frames: frames 1..16 paired with 4..19
     assert {data.sample_pair(20, 0.15, random.Random(s)) for s in range(2000)} == {(i, i + 3) for i in range(1, 17)}
     assert data.sample_pair(7, 0.15, random.Random(0))[1] - data.sample_pair(7, 0.15, random.Random(0))[0] == 1
@@ -339,7 +345,7 @@ def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
     # identical frames: any difference in crop or flip would show
     frame = noise_frame(3, 40, 56)
     videos = [p.parent for p in (write_video(tmp_path / f"v{k}", [frame] * 8)[0] for k in range(3))]
-    ds = data.FramePairs(videos, size=24, clip_gap=cosettle.CLIP_GAP)
+    ds = pairs(videos, size=24)
     for epoch in range(6):
         ds.set_epoch(epoch)
         for idx in range(3):
@@ -348,7 +354,7 @@ def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
 
     # a left-to-right ramp: flipped outputs fall from left to right, about half of them
     ramp = np.repeat(np.repeat(np.linspace(0, 255, 64)[None, :, None], 48, 0), 3, 2)
-    ds = data.FramePairs([write_video(tmp_path / 'ramp', [ramp] * 5)[0].parent], size=16, clip_gap=cosettle.CLIP_GAP)
+    ds = pairs([write_video(tmp_path / 'ramp', [ramp] * 5)[0].parent], size=16)
     flips = []
     for epoch in range(40):
         ds.set_epoch(epoch)
@@ -360,7 +366,7 @@ def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
     assert 8 <= sum(flips) <= 32
     # white frames give the normalised constants
     write_video(tmp_path / 'white', [np.full((30, 40, 3), 255)] * 6, '.jpg')
-    x1, x2 = data.FramePairs([tmp_path / 'white'], size=16, clip_gap=cosettle.CLIP_GAP)[0]
+    x1, x2 = pairs([tmp_path / 'white'], size=16)[0]
     assert x1.shape == x2.shape == (3, 16, 16)
     assert np.allclose(x1.numpy(), ((1 - MEAN) / STD)[:, None, None], atol=1e-5)
 
@@ -372,7 +378,7 @@ def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
     big = np.random.default_rng(0).random((H // 4, (W + (n - 1) * d) // 4, 3))
     big = np.asarray(Image.fromarray((big * 255).astype(np.uint8)).resize(((W + (n - 1) * d), H), Image.BICUBIC))
     frames = [big[:, (n - 1 - k) * d:(n - 1 - k) * d + W] for k in range(n)]
-    ds = data.FramePairs([write_video(tmp_path / 'v', frames)[0].parent], size=size, clip_gap=cosettle.CLIP_GAP)
+    ds = pairs([write_video(tmp_path / 'v', frames)[0].parent], size=size)
     checked = 0
     for epoch in range(12):
         ds.set_epoch(epoch)
@@ -392,20 +398,19 @@ def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
 def test_frame_pairs_deterministic_in_seed_epoch_idx(tmp_path):
     videos = [write_video(tmp_path / f"v{k}", [noise_frame(10 * k + t) for t in range(10)])[0].parent
               for k in range(4)]
-    ds = data.FramePairs(videos, size=20, clip_gap=cosettle.CLIP_GAP, seed=7)
+    ds = pairs(videos, size=20, seed=7)
     first = [ds[idx] for idx in range(4)]
-    again = data.FramePairs(videos, size=20, clip_gap=cosettle.CLIP_GAP, seed=7)
+    again = pairs(videos, size=20, seed=7)
     for idx in range(4):
         assert all(torch.equal(a, b) for a, b in zip(first[idx], again[idx]))
     ds.set_epoch(1)
     assert sum(not torch.equal(first[idx][0], ds[idx][0]) for idx in range(4)) >= 3
-    other_seed = data.FramePairs(videos, size=20, clip_gap=cosettle.CLIP_GAP, seed=8)
+    other_seed = pairs(videos, size=20, seed=8)
     assert sum(not torch.equal(first[idx][0], other_seed[idx][0]) for idx in range(4)) >= 3
 
     # the same items whatever the number of DataLoader workers
     def collect(workers):
-        loader = torch.utils.data.DataLoader(data.FramePairs(videos, size=20, clip_gap=cosettle.CLIP_GAP, seed=7), batch_size=2,
-                                             num_workers=workers)
+        loader = torch.utils.data.DataLoader(pairs(videos, size=20, seed=7), batch_size=2, num_workers=workers)
         return torch.cat([x1 for x1, _ in loader])
 
     assert torch.equal(collect(0), collect(2))
@@ -425,7 +430,7 @@ def test_frame_pairs_decodes_only_the_two_sampled_frames(tmp_path, monkeypatch):
         return real_load_rgb(path, *args, **kwargs)
 
     monkeypatch.setattr(data, 'load_rgb', counting_load_rgb)
-    ds = data.FramePairs([tmp_path / 'v'], size=16, clip_gap=cosettle.CLIP_GAP)
+    ds = pairs([tmp_path / 'v'], size=16)
     for epoch in range(5):
         ds.set_epoch(epoch)
         opened.clear()
@@ -439,7 +444,7 @@ def test_frame_pairs_corrupt_frames_warn_and_fall_back(tmp_path, capsys):
     for path in bad:
         path.write_bytes(path.read_bytes()[:300])  # truncated JPEGs
     write_video(tmp_path / 'b_good', [noise_frame(t, 32, 32) for t in range(6)], '.jpg')
-    ds = data.FramePairs(data.find_videos(tmp_path), size=16, clip_gap=cosettle.CLIP_GAP)
+    ds = pairs(data.find_videos(tmp_path), size=16)
     x1, x2 = ds[0]
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith('warning: ') and 'a_bad' in err[0]  # one line naming the file
@@ -447,7 +452,7 @@ def test_frame_pairs_corrupt_frames_warn_and_fall_back(tmp_path, capsys):
     good1, good2 = ds[1]
     assert torch.equal(x1, good1) and torch.equal(x2, good2)  # the fallback is video 1's own sample
 
-    only_bad = data.FramePairs([tmp_path / 'a_bad', tmp_path / 'gone'], size=16, clip_gap=cosettle.CLIP_GAP)
+    only_bad = pairs([tmp_path / 'a_bad', tmp_path / 'gone'], size=16)
     with pytest.raises(BadInput, match='a_bad'):
         only_bad[0]
 
@@ -516,7 +521,7 @@ def test_write_synthetic_videos_is_found_and_loads(tmp_path):
     assert [p.name for p in data.list_frames(folders[0])] == [f"{t:05d}.jpg" for t in range(8)]
     assert Image.open(folders[0] / '00000.jpg').size == (40, 32)
     assert not list(tmp_path.rglob('*.tmp'))
-    x1, x2 = data.FramePairs(folders, size=16, clip_gap=cosettle.CLIP_GAP)[2]  # 8 frames: gap int(1.2) = 1, two different frames
+    x1, x2 = pairs(folders, size=16)[2]  # 8 frames: gap int(1.2) = 1, two different frames
     assert x1.shape == (3, 16, 16) and not torch.equal(x1, x2)
 
 
@@ -829,24 +834,17 @@ def timm_backbone(D, depth, patch=16, grid=4, cls=True, registers=0, layerscale=
     sd["patch_embed.proj.weight"] = _randn(g, D, 3, patch, patch, std=(3 * patch * patch) ** -0.5)
     sd["patch_embed.proj.bias"] = _randn(g, D, std=0.1)
     H = mlp * D
+    shapes = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+              "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "ls1.gamma": (D,), "norm2.weight": (D,),
+              "norm2.bias": (D,), "mlp.fc1.weight": (H, D), "mlp.fc1.bias": (H,), "mlp.fc2.weight": (D, H),
+              "mlp.fc2.bias": (D,), "ls2.gamma": (D,)}
     for i in range(depth):
-        b = f"blocks.{i}."
-        sd[b + "norm1.weight"] = 1 + _randn(g, D, std=0.2)
-        sd[b + "norm1.bias"] = _randn(g, D, std=0.1)
-        sd[b + "attn.qkv.weight"] = _randn(g, 3 * D, D, std=D ** -0.5)
-        sd[b + "attn.qkv.bias"] = _randn(g, 3 * D, std=0.1)
-        sd[b + "attn.proj.weight"] = _randn(g, D, D, std=D ** -0.5)
-        sd[b + "attn.proj.bias"] = _randn(g, D, std=0.1)
-        if layerscale:
-            sd[b + "ls1.gamma"] = _randn(g, D, std=0.7)
-        sd[b + "norm2.weight"] = 1 + _randn(g, D, std=0.2)
-        sd[b + "norm2.bias"] = _randn(g, D, std=0.1)
-        sd[b + "mlp.fc1.weight"] = _randn(g, H, D, std=D ** -0.5)
-        sd[b + "mlp.fc1.bias"] = _randn(g, H, std=0.1)
-        sd[b + "mlp.fc2.weight"] = _randn(g, D, H, std=H ** -0.5)
-        sd[b + "mlp.fc2.bias"] = _randn(g, D, std=0.1)
-        if layerscale:
-            sd[b + "ls2.gamma"] = _randn(g, D, std=0.7)
+        for part, shape in shapes.items():
+            if part.startswith("ls") and not layerscale:
+                continue
+            norm_weight = part.startswith("norm") and part.endswith("weight")  # about 1, std 0.2
+            std = 0.7 if part.startswith("ls") else 0.2 if norm_weight else 0.1 if len(shape) == 1 else shape[1] ** -0.5
+            sd[f"blocks.{i}.{part}"] = int(norm_weight) + _randn(g, *shape, std=std)
     sd["norm.weight"] = 1 + _randn(g, D, std=0.2)
     sd["norm.bias"] = _randn(g, D, std=0.1)
     return sd
@@ -931,6 +929,11 @@ def timm_params(sd, prefix="", registers=False, layerscale=False, cls=True, chun
                 ln_pre=None, blocks=blocks, norm=(get("norm.weight"), get("norm.bias")))
 
 
+CLIP_PARTS = dict(zip(BLOCK_PARTS, ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+                                     "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
+                                     "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")))
+
+
 def clip_params(sd):
     """Read OpenAI CLIP's visual tower (visual.conv1, class_embedding, positional_embedding, ln_pre,
     transformer.resblocks.i.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_post)."""
@@ -938,18 +941,9 @@ def clip_params(sd):
         return _d(sd["visual." + k])
 
     depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("visual.transformer.resblocks."))
-    blocks = []
-    for i in range(depth):
-        r = f"transformer.resblocks.{i}."
-        D = sd["visual." + r + "ln_1.weight"].shape[0]
-        blocks.append({"norm1.weight": get(r + "ln_1.weight"), "norm1.bias": get(r + "ln_1.bias"),
-                       "attn.qkv.weight": get(r + "attn.in_proj_weight"), "attn.qkv.bias": get(r + "attn.in_proj_bias"),
-                       "attn.proj.weight": get(r + "attn.out_proj.weight"),
-                       "attn.proj.bias": get(r + "attn.out_proj.bias"),
-                       "norm2.weight": get(r + "ln_2.weight"), "norm2.bias": get(r + "ln_2.bias"),
-                       "mlp.fc1.weight": get(r + "mlp.c_fc.weight"), "mlp.fc1.bias": get(r + "mlp.c_fc.bias"),
-                       "mlp.fc2.weight": get(r + "mlp.c_proj.weight"), "mlp.fc2.bias": get(r + "mlp.c_proj.bias"),
-                       "ls1": torch.ones(D, dtype=torch.float64), "ls2": torch.ones(D, dtype=torch.float64)})
+    ones = torch.ones(sd["visual.ln_pre.weight"].shape[0], dtype=torch.float64)
+    blocks = [{**{part: get(f"transformer.resblocks.{i}.{name}") for part, name in CLIP_PARTS.items()},
+               "ls1": ones, "ls2": ones} for i in range(depth)]
     pos = get("positional_embedding")
     return dict(conv_w=get("conv1.weight"), conv_b=None, cls=get("class_embedding")[None], pos_cls=pos[:1],
                 pos=pos[1:], reg=None, ln_pre=(get("ln_pre.weight"), get("ln_pre.bias")), blocks=blocks,
@@ -1131,9 +1125,12 @@ def make_clip(path, width=128, layers=2, grid=4, seed=0):
 # one native checkpoint per family
 
 class Case:
-    def __init__(self, path, family, arch, params, sizes, heads, eps=1e-6, act="gelu", native=None):
+    """A native checkpoint at `path`; `params` is the backbone the loader must pick, `native` the other encoder
+    in the file (if any); heads, eps and activation of the reference forward are the expected arch's."""
+
+    def __init__(self, path, family, arch, params, sizes, native=None):
         self.path, self.family, self.arch, self.params, self.sizes = path, family, arch, params, sizes
-        self.heads, self.eps, self.act, self.native = heads, eps, act, native
+        self.heads, self.eps, self.act, self.native = arch["heads"], arch["eps"], arch["act"], native
 
     def reference(self, x, patch_pos=None):
         return explicit_forward(self.params, x, self.heads, self.eps, self.act, patch_pos)
@@ -1147,11 +1144,15 @@ def _vit_arch(D, depth, patch=16, grid=4, **kw):
     return arch
 
 
+def save_to(path, ckpt):
+    torch.save(ckpt, path)
+    return path
+
+
 def case_dino_bare(tmp):
     sd = timm_backbone(128, 2, seed=10)
-    path = tmp / "dino_vitbase16_pretrain.pth"
-    torch.save(sd, path)
-    return Case(path, "dino", _vit_arch(128, 2), timm_params(sd), [(64, 64), (64, 96), (48, 32)], heads=2)
+    return Case(save_to(tmp / "dino_vitbase16_pretrain.pth", sd), "dino", _vit_arch(128, 2), timm_params(sd),
+                [(64, 64), (64, 96), (48, 32)])
 
 
 def case_dino_full(tmp):
@@ -1162,17 +1163,14 @@ def case_dino_full(tmp):
             "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}, "epoch": 3,
             "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, lr=0.0005),
             "fp16_scaler": None, "dino_loss": {"center": torch.zeros(1, 65)}}
-    path = tmp / "checkpoint.pth"
-    torch.save(ckpt, path)
-    return Case(path, "dino", _vit_arch(128, 2), timm_params(teacher), [(64, 64)], heads=2,
+    return Case(save_to(tmp / "checkpoint.pth", ckpt), "dino", _vit_arch(128, 2), timm_params(teacher), [(64, 64)],
                 native=timm_params(student))
 
 
 def case_ibot(tmp):
     sd = timm_backbone(64, 2, seed=20)
-    path = tmp / "checkpoint_teacher.pth"
-    torch.save({"state_dict": sd}, path)
-    return Case(path, "ibot", _vit_arch(64, 2), timm_params(sd), [(64, 64), (80, 48)], heads=1)
+    return Case(save_to(tmp / "checkpoint_teacher.pth", {"state_dict": sd}), "ibot", _vit_arch(64, 2), timm_params(sd),
+                [(64, 64), (80, 48)])
 
 
 def case_mae(tmp):
@@ -1187,25 +1185,20 @@ def case_mae(tmp):
     ckpt = {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
             "scaler": {"scale": 65536.0, "growth_factor": 2.0},
             "args": argparse.Namespace(model="mae_vit_base_patch16")}
-    path = tmp / "checkpoint-799.pth"
-    torch.save(ckpt, path)
-    return Case(path, "mae", _vit_arch(128, 2), timm_params(sd), [(64, 64), (96, 64)], heads=2)
+    return Case(save_to(tmp / "checkpoint-799.pth", ckpt), "mae", _vit_arch(128, 2), timm_params(sd),
+                [(64, 64), (96, 64)])
 
 
 def case_mocov3(tmp):
     pos = moco_sincos(128, 4)
     base, momentum = timm_backbone(128, 2, seed=40, pos=pos), timm_backbone(128, 2, seed=41, pos=pos)
     g = _gen(42)
-    sd = OrderedDict()
-    sd.update(prefixed(base, "module.base_encoder."))
-    sd.update(moco_head("module.base_encoder.head.", 128, g))
-    sd.update(prefixed(momentum, "module.momentum_encoder."))
-    sd.update(moco_head("module.momentum_encoder.head.", 128, g))
-    sd.update(moco_head("module.predictor.", 16, g))
-    path = tmp / "vit-b-300ep.pth.tar"
-    torch.save({"epoch": 300, "arch": "vit_base", "state_dict": sd, "optimizer": {}}, path)
-    return Case(path, "mocov3", _vit_arch(128, 2), timm_params(momentum), [(64, 64), (64, 80)], heads=2,
-                native=timm_params(base))
+    sd = OrderedDict(**prefixed(base, "module.base_encoder."), **moco_head("module.base_encoder.head.", 128, g),
+                     **prefixed(momentum, "module.momentum_encoder."),
+                     **moco_head("module.momentum_encoder.head.", 128, g), **moco_head("module.predictor.", 16, g))
+    ckpt = {"epoch": 300, "arch": "vit_base", "state_dict": sd, "optimizer": {}}
+    return Case(save_to(tmp / "vit-b-300ep.pth.tar", ckpt), "mocov3", _vit_arch(128, 2), timm_params(momentum),
+                [(64, 64), (64, 80)], native=timm_params(base))
 
 
 def case_ijepa(tmp):
@@ -1222,26 +1215,22 @@ def case_ijepa(tmp):
     ckpt = {"encoder": prefixed(enc, "module."), "predictor": predictor, "target_encoder": prefixed(target, "module."),
             "opt": {"state": {}, "param_groups": []}, "scaler": None, "epoch": 1, "loss": 0.25, "batch_size": 128,
             "world_size": 16, "lr": 0.001}
-    path = tmp / "ijepa-ep800.pth.tar"
-    torch.save(ckpt, path)
-    return Case(path, "ijepa", _vit_arch(128, 2, cls_token=False), timm_params(enc, cls=False),
-                [(64, 64), (48, 80)], heads=2, native=timm_params(target, cls=False))
+    return Case(save_to(tmp / "ijepa-ep800.pth.tar", ckpt), "ijepa", _vit_arch(128, 2, cls_token=False),
+                timm_params(enc, cls=False), [(64, 64), (48, 80)], native=timm_params(target, cls=False))
 
 
-def case_dinov2_reg(tmp):
-    sd = timm_backbone(128, 2, patch=14, grid=5, registers=4, layerscale=True, seed=60)
-    path = tmp / "dinov2_vitb14_reg4_pretrain.pth"
-    torch.save(sd, path)
-    return Case(path, "dinov2", _vit_arch(128, 2, patch=14, grid=5, registers=4, layerscale=True),
-                timm_params(sd, registers=True, layerscale=True), [(70, 70), (56, 56), (42, 84)], heads=2)
-
-
-def case_dinov2_noreg(tmp):
-    sd = timm_backbone(64, 2, patch=14, grid=5, layerscale=True, seed=61)
-    path = tmp / "dinov2_vits14_pretrain.pth"
-    torch.save(sd, path)
-    return Case(path, "dinov2", _vit_arch(64, 2, patch=14, grid=5, layerscale=True),
-                timm_params(sd, layerscale=True), [(70, 70), (56, 56)], heads=1)
+def case_dinov2(tmp, file, D, seed, sizes, registers=0, chunk=None, teacher=False):
+    """The released DINOv2 layout (patch 14, 5x5 grid, LayerScale); chunk(i): the block_chunks index of block i
+    (keys blocks.<chunk>.<i>.*, BlockChunk pads with Identity); teacher: under {"teacher": backbone.*}."""
+    sd = timm_backbone(D, 2, patch=14, grid=5, registers=registers, layerscale=True, seed=seed)
+    if chunk:
+        sd = OrderedDict((f"blocks.{chunk(int(k.split('.')[1]))}.{k[len('blocks.'):]}" if k.startswith("blocks.")
+                          else k, v) for k, v in sd.items())
+        assert f"blocks.{chunk(1)}.1.attn.qkv.weight" in sd
+    ckpt = {"teacher": prefixed(sd, "backbone.")} if teacher else sd
+    return Case(save_to(tmp / file, ckpt), "dinov2", _vit_arch(D, 2, patch=14, grid=5, registers=registers,
+                                                              layerscale=True),
+                timm_params(sd, registers=bool(registers), layerscale=True, chunk=chunk), sizes)
 
 
 def case_dinov2_cosettle(tmp):
@@ -1250,45 +1239,16 @@ def case_dinov2_cosettle(tmp):
     g = _gen(63)
     teacher = OrderedDict(**prefixed(sd, "backbone."), **dino_head_keys("dino_head.", 128, g),
                           **dino_head_keys("ibot_head.", 128, g))
-    path = tmp / "teacher_checkpoint.pth"
-    torch.save({"teacher": teacher}, path)
-    return Case(path, "dinov2", _vit_arch(128, 2, registers=4, layerscale=True),
-                timm_params(sd, registers=True, layerscale=True), [(64, 64), (80, 64)], heads=2)
-
-
-def _chunked(sd, chunk):
-    def rename(k):
-        return f"blocks.{chunk(int(k.split('.')[1]))}.{k[len('blocks.'):]}" if k.startswith("blocks.") else k
-    return OrderedDict((rename(k), v) for k, v in sd.items())
-
-
-def case_dinov2_chunks1(tmp):
-    """block_chunks=1: every block under blocks.0.<i>."""
-    chunk = lambda i: 0  # noqa: E731
-    sd = _chunked(timm_backbone(128, 2, patch=14, grid=5, registers=4, layerscale=True, seed=64), chunk)
-    assert "blocks.0.1.attn.qkv.weight" in sd
-    path = tmp / "dinov2_chunked.pth"
-    torch.save(sd, path)
-    return Case(path, "dinov2", _vit_arch(128, 2, patch=14, grid=5, registers=4, layerscale=True),
-                timm_params(sd, registers=True, layerscale=True, chunk=chunk), [(56, 56)], heads=2)
-
-
-def case_dinov2_chunks2(tmp):
-    """block_chunks=2 with depth 2: blocks.0.0.* and blocks.1.1.* (BlockChunk pads with Identity)."""
-    chunk = lambda i: i  # noqa: E731
-    sd = _chunked(timm_backbone(128, 2, patch=14, grid=5, layerscale=True, seed=65), chunk)
-    assert "blocks.1.1.attn.qkv.weight" in sd
-    path = tmp / "dinov2_chunked2.pth"
-    torch.save({"teacher": prefixed(sd, "backbone.")}, path)
-    return Case(path, "dinov2", _vit_arch(128, 2, patch=14, grid=5, layerscale=True),
-                timm_params(sd, layerscale=True, chunk=chunk), [(70, 70)], heads=2)
+    return Case(save_to(tmp / "teacher_checkpoint.pth", {"teacher": teacher}), "dinov2",
+                _vit_arch(128, 2, registers=4, layerscale=True), timm_params(sd, registers=True, layerscale=True),
+                [(64, 64), (80, 64)])
 
 
 def case_clip(tmp):
     path = tmp / "ViT-B-16.pt"
     sd, reference = make_clip(path)
     case = Case(path, "clip", _vit_arch(128, 2, eps=1e-5, act="quick_gelu", ln_pre=True, patch_bias=False),
-                clip_params(sd), [(64, 64), (48, 80)], heads=2, eps=1e-5, act="quick_gelu")
+                clip_params(sd), [(64, 64), (48, 80)])
     case.module = reference
     return case
 
@@ -1297,28 +1257,35 @@ def case_blip(tmp):
     D, gb = 64, 6
     vis, mom = timm_backbone(D, 1, grid=gb, seed=70), timm_backbone(D, 1, grid=gb, seed=71)
     g = _gen(72)
-    model = OrderedDict()
-    model.update(prefixed(vis, "visual_encoder."))
-    model.update(prefixed(mom, "visual_encoder_m."))
+    model = OrderedDict(**prefixed(vis, "visual_encoder."), **prefixed(mom, "visual_encoder_m."))
     model.update({"text_encoder.embeddings.word_embeddings.weight": _randn(g, 100, 32),
                   "text_encoder.encoder.layer.0.attention.self.query.weight": _randn(g, 32, 32),
                   "vision_proj.weight": _randn(g, 16, D), "vision_proj.bias": torch.zeros(16),
                   "text_proj.weight": _randn(g, 16, 32), "itm_head.weight": _randn(g, 2, 32),
                   "image_queue": _randn(g, 16, 8), "idx_queue": torch.zeros(1, 8, dtype=torch.long),
                   "ptr_queue": torch.zeros(1, dtype=torch.long), "temp": torch.tensor(0.07)})
-    path = tmp / "model_base_retrieval_coco.pth"
-    torch.save({"model": model, "optimizer": {}, "config": {"image_size": 384, "vit": "base"}, "epoch": 5}, path)
+    ckpt = {"model": model, "optimizer": {}, "config": {"image_size": 384, "vit": "base"}, "epoch": 5}
     P = timm_params(vis)
     # BLIP's interpolate_pos_embed at load: CLS row kept, 6x6 -> 224/16 = 14x14, bicubic, align_corners=False
     grid = P["pos"].reshape(1, gb, gb, D).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(14, 14), mode="bicubic", align_corners=False)
     P["pos"] = grid[0].permute(1, 2, 0).reshape(196, D)
-    return Case(path, "blip", _vit_arch(D, 1, grid=14), P, [(224, 224), (64, 64)], heads=1, native=timm_params(mom))
+    return Case(save_to(tmp / "model_base_retrieval_coco.pth", ckpt), "blip", _vit_arch(D, 1, grid=14), P,
+                [(224, 224), (64, 64)], native=timm_params(mom))
 
 
-CASES = {f.__name__[5:]: f for f in [case_dino_bare, case_dino_full, case_ibot, case_mae, case_mocov3, case_ijepa,
-                                      case_dinov2_reg, case_dinov2_noreg, case_dinov2_cosettle, case_dinov2_chunks1,
-                                      case_dinov2_chunks2, case_clip, case_blip]}
+CASES = {"dino_bare": case_dino_bare, "dino_full": case_dino_full, "ibot": case_ibot, "mae": case_mae,
+         "mocov3": case_mocov3, "ijepa": case_ijepa,
+         "dinov2_reg": functools.partial(case_dinov2, file="dinov2_vitb14_reg4_pretrain.pth", D=128, seed=60,
+                                         registers=4, sizes=[(70, 70), (56, 56), (42, 84)]),
+         "dinov2_noreg": functools.partial(case_dinov2, file="dinov2_vits14_pretrain.pth", D=64, seed=61,
+                                           sizes=[(70, 70), (56, 56)]),
+         "dinov2_cosettle": case_dinov2_cosettle,
+         "dinov2_chunks1": functools.partial(case_dinov2, file="dinov2_chunked.pth", D=128, seed=64, registers=4,
+                                             chunk=lambda i: 0, sizes=[(56, 56)]),  # block_chunks=1: blocks.0.<i>
+         "dinov2_chunks2": functools.partial(case_dinov2, file="dinov2_chunked2.pth", D=128, seed=65, teacher=True,
+                                             chunk=lambda i: i, sizes=[(70, 70)]),  # block_chunks=2, depth 2
+         "clip": case_clip, "blip": case_blip}
 
 
 @pytest.fixture(scope="module")
@@ -1541,21 +1508,19 @@ def test_clip_archive_is_torchscript_with_fp16_weights_and_matches_clip_modules(
 def _clip_state_dict(tmp, built):
     """open_clip / `model.state_dict()` saved with torch.save (not TorchScript) is detected by its key names."""
     case = built("clip")
-    torch.save(torch.jit.load(str(case.path)).state_dict(), tmp / "clip_state_dict.pt")
-    return tmp / "clip_state_dict.pt", "clip", case.params, case.heads, dict(eps=1e-5, act="quick_gelu")
+    path = save_to(tmp / "clip_state_dict.pt", torch.jit.load(str(case.path)).state_dict())
+    return path, "clip", case.params, case.heads, dict(eps=1e-5, act="quick_gelu")
 
 
 def _mae_encoder_only(tmp, built):
     """The released mae_pretrain_vit_base.pth is believed to be encoder-only: {'model': encoder} is still MAE."""
     sd = timm_backbone(64, 1, seed=33, pos=mae_sincos(64, 4))
-    torch.save({"model": sd}, tmp / "mae_pretrain_vit_base.pth")
-    return tmp / "mae_pretrain_vit_base.pth", "mae", timm_params(sd), 1, {}
+    return save_to(tmp / "mae_pretrain_vit_base.pth", {"model": sd}), "mae", timm_params(sd), 1, {}
 
 
 def _bare_ijepa(tmp, built):
     sd = timm_backbone(64, 1, cls=False, seed=53)
-    torch.save(prefixed(sd, "module."), tmp / "ijepa_encoder.pth")
-    return tmp / "ijepa_encoder.pth", "ijepa", timm_params(sd, cls=False), 1, {}
+    return save_to(tmp / "ijepa_encoder.pth", prefixed(sd, "module.")), "ijepa", timm_params(sd, cls=False), 1, {}
 
 
 @pytest.mark.parametrize("write", [_clip_state_dict, _mae_encoder_only, _bare_ijepa])
@@ -1678,8 +1643,7 @@ def test_forcing_the_wrong_family_is_a_clear_error(built, name, forced, words):
 def _saved(name, obj):
     """A writer for LOADER_BAD: torch.save(obj(built) if callable else obj) as tmp/name."""
     def write(tmp, built):
-        torch.save(obj(built) if callable(obj) else obj, tmp / name)
-        return tmp / name
+        return save_to(tmp / name, obj(built) if callable(obj) else obj)
     return write
 
 
@@ -1990,14 +1954,29 @@ TINY_DIM, TINY_DEPTH = 128, 2
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
-    """A randomly initialised (ViT's own init, seed 0) tiny ViT (width 128 = 2 heads of 64, depth 2, patch 16,
-    14x14 grid) saved as a bare state dict."""
+    """small_vit(0) saved as a bare state dict."""
+    return save_to(tmp_path_factory.mktemp("weights") / "tiny_vit.pth", small_vit(0).state_dict())
+
+
+def seeded(seed, make):
     with torch.random.fork_rng():
-        torch.manual_seed(0)
-        vit = cosettle.ViT(16, TINY_DIM, TINY_DEPTH, TINY_DIM // 64, grid=(14, 14))
-    path = tmp_path_factory.mktemp("weights") / "tiny_vit.pth"
-    torch.save(vit.state_dict(), path)
-    return path
+        torch.manual_seed(seed)
+        return make()
+
+
+def small_vit(seed):
+    """A randomly initialised (ViT's own init) tiny ViT: width 128 = 2 heads of 64, depth 2, patch 16, 14x14 grid."""
+    return seeded(seed, lambda: cosettle.ViT(16, TINY_DIM, TINY_DEPTH, TINY_DIM // 64, grid=(14, 14)))
+
+
+def train_cli(weights, videos, out, *flags, capsys=None):
+    """train.py in-process on the CPU path (no torch.compile, no loader workers) -> run()'s (code, stdout, stderr)."""
+    return run(train.main, ["--weights", weights, "--videos", videos, "--out", out, "--no-compile", "--workers", "0",
+                            *flags], capsys)
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")
@@ -2022,8 +2001,7 @@ def trained_run(tiny_weights, small_videos, tmp_path_factory):
     stdout, stderr = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = run(train.main, ["--weights", tiny_weights, "--videos", small_videos, "--out", out_dir,
-                                    "--no-compile", "--workers", "0", "--batch-size", "4", "--epochs", "1"])[0]
+            code = train_cli(tiny_weights, small_videos, out_dir, "--batch-size", "4", "--epochs", "1")[0]
         restored = signal.getsignal(signal.SIGTERM) is mine and \
             signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
@@ -2067,9 +2045,8 @@ def test_resume_after_sigterm_and_sigint_equals_uninterrupted(tiny_weights, smal
     """SIGTERM (exit 143) and Ctrl-C (SIGINT, exit 130, so `train.py && eval_davis.py` stops there) each end the
     step in progress and save it; resuming twice gives the uninterrupted run bit for bit."""
     monkeypatch.setattr(train, "LOG_EVERY", 1)
-    common = ["--weights", tiny_weights, "--videos", small_videos, "--no-compile", "--workers", "0",
-              "--batch-size", "2", "--epochs", "2", "--blr", "1", "--warmup-epochs", "0.5"]  # 4 steps/epoch
-    code, out, _ = run(train.main, common + ["--out", tmp_path / "a"], capsys)
+    common = ["--batch-size", "2", "--epochs", "2", "--blr", "1", "--warmup-epochs", "0.5"]  # 4 steps/epoch
+    code, out, _ = train_cli(tiny_weights, small_videos, tmp_path / "a", *common, capsys=capsys)
     assert code == 0 and "done: step 8/8" in out
 
     real_lr_at = train.lr_at
@@ -2088,7 +2065,7 @@ def test_resume_after_sigterm_and_sigint_equals_uninterrupted(tiny_weights, smal
     signal.signal(signal.SIGTERM, lambda *a: guard.append(a))  # if train() did not catch it, pytest must survive
     b = tmp_path / "b"
     signal_at(3, signal.SIGTERM)
-    code, out, _ = run(train.main, common + ["--out", b], capsys)
+    code, out, _ = train_cli(tiny_weights, small_videos, b, *common, capsys=capsys)
     assert code == 143 and "interrupted: step 3/8" in out and not guard  # 128 + SIGTERM
     ckpt = torch.load(b / "cosettle.pth", map_location="cpu", weights_only=True)
     assert set(ckpt) == {"projection", "optimizer", "step", "epoch", "args", "world", "videos", "encoder"}
@@ -2103,11 +2080,11 @@ def test_resume_after_sigterm_and_sigint_equals_uninterrupted(tiny_weights, smal
     assert torch.equal(proj.linear.weight, ckpt["projection"]["linear.weight"])
 
     signal_at(3, signal.SIGINT)  # resume, and press Ctrl-C mid-epoch 1 (global step 6)
-    code, out, err = run(train.main, common + ["--out", b, "--resume"], capsys)
+    code, out, err = train_cli(tiny_weights, small_videos, b, *common, "--resume", capsys=capsys)
     assert code == 130 and "starting at step 3" in out and "interrupted: step 6/8" in out, (code, err)
     assert torch.load(b / "cosettle.pth", weights_only=True)["step"] == 6
     monkeypatch.setattr(train, "lr_at", real_lr_at)
-    code, out, _ = run(train.main, common + ["--out", b, "--resume"], capsys)
+    code, out, _ = train_cli(tiny_weights, small_videos, b, *common, "--resume", capsys=capsys)
     assert code == 0 and "starting at step 6" in out and "done: step 8/8" in out
 
     ca = torch.load(tmp_path / "a" / "cosettle.pth", weights_only=True)
@@ -2118,16 +2095,11 @@ def test_resume_after_sigterm_and_sigint_equals_uninterrupted(tiny_weights, smal
     for i, state in ca["optimizer"]["state"].items():
         for k, v in state.items():
             assert torch.equal(cb["optimizer"]["state"][i][k], v), (i, k)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        init = cosettle.Projection(TINY_DIM)
+    init = seeded(0, lambda: cosettle.Projection(TINY_DIM))
     assert (init.linear.weight - ca["projection"]["linear.weight"]).abs().max() > 1e-2  # it did train
 
-    logs = {}
-    for name in ("a", "b"):
-        recs = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
-        assert all(set(r) == LOG_KEYS for r in recs)
-        logs[name] = recs
+    logs = {name: read_log(tmp_path / name) for name in ("a", "b")}
+    assert all(set(r) == LOG_KEYS for recs in logs.values() for r in recs)
     assert [r["step"] for r in logs["a"]] == [r["step"] for r in logs["b"]] == list(range(1, 9))
     for ra, rb in zip(logs["a"], logs["b"]):
         assert all(ra[k] == rb[k] for k in ("epoch", "lr", "loss", "cycle", "reg", "accuracy")), (ra, rb)
@@ -2172,12 +2144,9 @@ def test_ddp_two_processes_equal_one_and_bad_videos_stop_every_rank(tiny_weights
     assert a["step"] == b["step"] == 2
     for k, v in b["projection"].items():
         torch.testing.assert_close(a["projection"][k], v, rtol=0, atol=1e-5)
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        init = cosettle.Projection(TINY_DIM)
+    init = seeded(3, lambda: cosettle.Projection(TINY_DIM))
     assert (init.linear.weight - b["projection"]["linear.weight"]).abs().max() > 1e-3  # not vacuous
-    ra = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
-    rb = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    ra, rb = read_log(tmp_path / "ddp"), read_log(tmp_path / "one")
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == [2]
     assert ra[0]["lr"] == pytest.approx(rb[0]["lr"], rel=1e-12)
     for k in ("loss", "cycle", "reg", "accuracy"):  # the all-reduced mean of the global batch, not rank 0's half
@@ -2204,22 +2173,18 @@ def test_shared_run_hint_handlers_and_overwrite(trained_run, tmp_path, capsys):
     ckpt = torch.load(run_dir / "cosettle.pth", weights_only=True)
     assert ckpt["world"] == 1 and ckpt["videos"] == 8 and ckpt["args"]["batch_size"] == 4
     args = json.loads(json.dumps(ckpt["args"], default=str))
-    code, out, err = run(train.main, ["--weights", args["weights"], "--videos", args["videos"], "--out", run_dir,
-                                      "--no-compile", "--workers", "0", "--batch-size", "8", "--epochs", "2",
-                                      "--blr", "0.01", "--overwrite"], capsys)
+    code, out, err = train_cli(args["weights"], args["videos"], run_dir, "--batch-size", "8", "--epochs", "2",
+                               "--blr", "0.01", "--overwrite", capsys=capsys)
     assert code == 0 and "done: step 2/2" in out and "hint:" not in out, err
     assert torch.load(run_dir / "cosettle.pth", weights_only=True)["step"] == 2
-    assert [json.loads(r)["step"] for r in (run_dir / "log.jsonl").read_text().splitlines()] == [2]
+    assert [r["step"] for r in read_log(run_dir)] == [2]
 
 
 def test_projection_checked_against_its_encoder(trained_run, tiny_weights):
     ckpt = trained_run[0] / "cosettle.pth"
     assert cosettle.load_projection(str(ckpt), load_encoder(str(tiny_weights))).linear.in_features == TINY_DIM
-    with torch.random.fork_rng():
-        torch.manual_seed(7)
-        other = cosettle.ViT(16, TINY_DIM, TINY_DEPTH, TINY_DIM // 64, grid=(14, 14))
     with pytest.raises(BadInput, match="not on the one given"):
-        cosettle.load_projection(str(ckpt), other)
+        cosettle.load_projection(str(ckpt), small_vit(7))
 
 
 def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weights, small_videos, tmp_path, capsys):
@@ -2230,9 +2195,8 @@ def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weig
     ckpt_path = out_dir / "cosettle.pth"
     good = torch.load(ckpt_path, weights_only=True)
     assert good["step"] == 2
-    code, _, err = run(train.main, ["--weights", tiny_weights, "--videos", small_videos, "--out", out_dir,
-                                    "--no-compile", "--workers", "0", "--batch-size", "4", "--epochs", "2", "--blr",
-                                    "inf", "--resume"], capsys)
+    code, _, err = train_cli(tiny_weights, small_videos, out_dir, "--batch-size", "4", "--epochs", "2", "--blr", "inf",
+                             "--resume", capsys=capsys)
     check_error(code, err, ckpt_path, "last good state", re.compile(r"step [34]\b"),
                 re.compile(r"\b(nan|inf|non-finite)\b"))
     kept = torch.load(ckpt_path, weights_only=True)
@@ -2244,13 +2208,12 @@ def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weig
 
 def test_nan_update_on_epoch_boundary_is_not_checkpointed(tiny_weights, small_videos, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    common = ["--weights", tiny_weights, "--videos", small_videos, "--out", out_dir, "--no-compile", "--workers",
-              "0", "--batch-size", "8"]  # 8 videos: one step per epoch, so every step ends an epoch
-    code, _, err = run(train.main, common + ["--epochs", "1"], capsys)
+    common = [tiny_weights, small_videos, out_dir, "--batch-size", "8"]  # 8 videos: every step ends an epoch
+    code, _, err = train_cli(*common, "--epochs", "1", capsys=capsys)
     assert code == 0, err
     ckpt_path = out_dir / "cosettle.pth"
     good = torch.load(ckpt_path, weights_only=True)
-    code, _, err = run(train.main, common + ["--epochs", "3", "--blr", "inf", "--resume"], capsys)
+    code, _, err = train_cli(*common, "--epochs", "3", "--blr", "inf", "--resume", capsys=capsys)
     check_error(code, err, ckpt_path, re.compile(r"step [23]\b"))  # step 2's update (lr inf) ruins the weights
     kept = torch.load(ckpt_path, weights_only=True)
     assert all(torch.isfinite(v).all() for v in kept["projection"].values()), "non-finite weights were saved"
@@ -2266,8 +2229,7 @@ def test_short_and_corrupt_videos_warn_and_training_continues(tiny_weights, tmp_
         frame.write_bytes(frame.read_bytes()[:200])  # truncated JPEGs
     out_dir = tmp_path / "out"
     # 8 usable videos (7 good + the corrupt one), batch 4: both steps together visit every video
-    code, out, err = run(train.main, ["--weights", tiny_weights, "--videos", root, "--out", out_dir, "--no-compile",
-                               "--workers", "0", "--batch-size", "4", "--epochs", "1"], capsys)
+    code, out, err = train_cli(tiny_weights, root, out_dir, "--batch-size", "4", "--epochs", "1", capsys=capsys)
     assert code == 0, err
     assert "warning: " in err and "cannot decode" in err
     assert "skipped 2 of 10" in err
@@ -2278,9 +2240,8 @@ def test_short_and_corrupt_videos_warn_and_training_continues(tiny_weights, tmp_
 
 def test_train_on_official_ours_file(official, small_videos, tmp_path, capsys):
     """Its frozen encoder gets a new projection (resuming from the file is refused: the table below)."""
-    code, out, err = run(train.main, ["--videos", small_videos, "--out", tmp_path / "out", "--no-compile", "--workers",
-                                      "0", "--batch-size", "4", "--epochs", "1", "--weights", official("dino")[0]],
-                         capsys)
+    code, out, err = train_cli(official("dino")[0], small_videos, tmp_path / "out", "--batch-size", "4", "--epochs",
+                               "1", capsys=capsys)
     assert code == 0, err
     assert "training a new projection on the frozen dino encoder of this official '+ Ours' checkpoint" in out
 
@@ -3056,20 +3017,10 @@ def _jhmdb_ghost(tmp, jhmdb_root):
     (tmp / "J" / "splits" / "catch_test_split1.txt").write_text("ghost.avi 2\n")
 
 
-def _weights(sd, name):
-    return lambda tmp: torch.save(sd() if callable(sd) else sd, tmp / name)
-
-
 def _nan_weights():
     sd = timm_backbone(64, 1, grid=14, seed=0)
     sd["norm.weight"][5] = float("nan")
     return sd
-
-
-def _twin():
-    with torch.random.fork_rng():
-        torch.manual_seed(1)  # the same recipe, another seed: the same file size
-        return cosettle.ViT(16, TINY_DIM, TINY_DEPTH, TINY_DIM // 64, grid=(14, 14)).state_dict()
 
 
 def _video_dirs(tmp):
@@ -3089,22 +3040,23 @@ MAKE = {  # placeholder -> how to make it under tmp_path (only when a row names 
     "OURSRUN": lambda tmp, fx: ((tmp / "OURSRUN").mkdir(), shutil.copy(fx["official"]("dino")[0],
                                                                         tmp / "OURSRUN" / "cosettle.pth")),
     "OURS": lambda tmp, fx: shutil.copy(fx["official"]("dino")[0], tmp / "OURS"),
-    "NAN": lambda tmp, fx: _weights(_nan_weights, "NAN")(tmp),
-    "OTHER": lambda tmp, fx: _weights(lambda: timm_backbone(64, 1, grid=14, seed=1), "OTHER")(tmp),
-    "TWIN": lambda tmp, fx: _weights(_twin, "TWIN")(tmp),
+    "NAN": lambda tmp, fx: save_to(tmp / "NAN", _nan_weights()),
+    "OTHER": lambda tmp, fx: save_to(tmp / "OTHER", timm_backbone(64, 1, grid=14, seed=1)),
+    # the same recipe as W, another seed: the same file size
+    "TWIN": lambda tmp, fx: save_to(tmp / "TWIN", small_vit(1).state_dict()),
     "FEWER.txt": lambda tmp, fx: (tmp / "FEWER.txt").write_text("\n".join(
         str(v) for v in data.find_videos(fx["small_videos"])[:6])),
     "EMPTY": lambda tmp, fx: _video_dirs(tmp), "SINGLES": lambda tmp, fx: _video_dirs(tmp),
     "RANDOM.pth": lambda tmp, fx: (tmp / "RANDOM.pth").write_bytes(os.urandom(4096)),
     "NOTES.pth": lambda tmp, fx: (tmp / "NOTES.pth").write_bytes(b"these are not weights\n"),
-    "CLASSIFIER.pth": lambda tmp, fx: _weights({"model": {"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)}},
-                                               "CLASSIFIER.pth")(tmp),
-    "STATE.pth": lambda tmp, fx: _weights({"epoch": 3, "best_acc": 0.5}, "STATE.pth")(tmp),
-    "INCOMPLETE.pth": lambda tmp, fx: _weights(lambda: _edited(timm_backbone(64, 2, grid=4, seed=0),
-                                                               ["blocks.1.mlp.fc2.weight"]), "INCOMPLETE.pth")(tmp),
+    "CLASSIFIER.pth": lambda tmp, fx: save_to(tmp / "CLASSIFIER.pth", {"model": {"fc.weight": torch.zeros(2, 2),
+                                                                               "fc.bias": torch.zeros(2)}}),
+    "STATE.pth": lambda tmp, fx: save_to(tmp / "STATE.pth", {"epoch": 3, "best_acc": 0.5}),
+    "INCOMPLETE.pth": lambda tmp, fx: save_to(tmp / "INCOMPLETE.pth", _edited(timm_backbone(64, 2, grid=4, seed=0),
+                                                                             ["blocks.1.mlp.fc2.weight"])),
     "HOLE": lambda tmp, fx: (make_davis(tmp / "HOLE", n_seqs=2, n_frames=4, height=32, width=48),
                              (tmp / "HOLE" / "Annotations" / "480p" / "synth-001" / "00002.png").unlink()),
-    "P64": lambda tmp, fx: torch.save({"projection": Projection(64).state_dict()}, tmp / "P64"),
+    "P64": lambda tmp, fx: save_to(tmp / "P64", {"projection": Projection(64).state_dict()}),
     "VIP": lambda tmp, fx: fx["vip_case"](tmp / "VIP"),
     "J": lambda tmp, fx: _jhmdb_ghost(tmp, fx["jhmdb_root"]),
 }
@@ -3178,7 +3130,8 @@ TRAIN_BAD = [  # (flags after the defaults, what the error line must hold); defa
                      ["--batch-size", "4", "--videos", "FEWER.txt"])],
     (["--weights", "OURS", "--out", "OURSRUN", "--resume"],
      ["OURSRUN/cosettle.pth", "official Co-Settle '+ Ours'", "no optimiser state"]),
-    (["--weights", "W", "--out", "RUN", "--epochs", "2"], ["RUN/cosettle.pth", "--resume", "--overwrite"]),    # issue 10: no flag is silently ignored
+    (["--weights", "W", "--out", "RUN", "--epochs", "2"], ["RUN/cosettle.pth", "--resume", "--overwrite"]),
+    # issue 10: no flag is silently ignored
     (["--bench"], ["--bench does not use --videos, --out, --workers"]),
 ]
 
