@@ -751,6 +751,15 @@ def make_jhmdb(root, actions=('catch', 'pour', 'walk'), n_videos=3, n_frames=12,
     return root
 
 
+def numbered(paths, folder):
+    """Files sorted by the number their name starts with, as CropMAE sorts frames and labels (int of the name up to
+    its first dot; src/data/vos.py and jhmdb.py make_paths). A name that is not a number is refused."""
+    try:
+        return sorted(paths, key=lambda p: int(p.name.split('.')[0]))
+    except ValueError:
+        raise BadInput(f"{folder}: frame names must be numbers (00001.png …), found {sorted(paths)[0].name}.")
+
+
 def png_frames(folder):
     """The .png frames of a JHMDB video folder sorted by number (alexandre-eymael/CropMAE
     downstreams/propagation/src/data/jhmdb.py make_paths keeps '.png' names sorted by int(stem))."""
@@ -758,11 +767,7 @@ def png_frames(folder):
         names = [n for n in os.listdir(folder) if n.lower().endswith('.png')]
     except OSError:
         return []
-    try:
-        names.sort(key=lambda n: int(n.split('.')[0]))
-    except ValueError:
-        raise BadInput(f"{folder}: frame names must be numbers (00001.png …), found {sorted(names)[0]}.")
-    return [Path(folder) / n for n in names]
+    return numbered([Path(folder) / n for n in names], folder)
 
 
 def jhmdb_video(mat, frames_dir, source):

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from cosettle import (CLIP_GAP, FAMILIES, SIZE, TEMP, BadInput, build_vit, cycle_loss, load_encoder, load_projection,
                       timeit)
 from data import (IMAGENET_MEAN, IMAGENET_STD, at_least, atomic, check_out_dir, davis_palette, find_videos, list_frames,
-                  load_rgb, make_davis, positive, read_jhmdb, refuse_unused, synthetic_video)
+                  is_frame, load_rgb, make_davis, numbered, positive, read_jhmdb, refuse_unused, synthetic_video)
 
 # Two protocols for DAVIS, one propagation loop. Sizes: a (height, width) pair is fixed; one number is a rule.
 # paper: the pipeline behind the paper's Table 1 (it follows SiamMAE/CropMAE/RSP's protocol): CropMAE's
@@ -207,12 +207,6 @@ def read_davis(davis, scoring=True):
     return out
 
 
-def numbered(paths):
-    """Frames sorted by number when every name is one (VIP's 000000000001.jpg, CropMAE sorts by int), else by name."""
-    paths = sorted(paths)
-    return sorted(paths, key=lambda p: int(p.stem)) if all(p.stem.isdigit() for p in paths) else paths
-
-
 def read_vip(path):
     """Check a VIP set before anything is written: [(video, frames, labels, first label)].
 
@@ -241,8 +235,8 @@ def read_vip(path):
             if not folder.is_dir():
                 where = f"{path} (paths relative to the current folder)" if path.is_file() else listing
                 raise BadInput(f"{folder}: no such folder, so no {what} for {images.name} of {where}")
-        frames = numbered(f for f in images.glob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        anns = numbered(labels.glob("*.png"))
+        frames = numbered([f for f in images.iterdir() if is_frame(f.name)], images)
+        anns = numbered(list(labels.glob("*.png")), labels)
         if not frames or not anns:
             raise BadInput(f"{images if not frames else labels}: no {'frames' if not frames else 'labels'}")
         if [f.stem for f in frames] != [a.stem for a in anns]:
