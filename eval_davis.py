@@ -645,10 +645,13 @@ class Propagation:
         return soft.T.reshape(K, h, w)
 
 
-def dino_post(soft, patch):
-    """DINO's read-out of soft maps [b, K, h, w]: ×patch bilinear, min-max per channel, argmax -> label indices."""
-    up = F.interpolate(soft, scale_factor=patch, mode="bilinear", align_corners=False, recompute_scale_factor=False)
-    return norm_mask(up).max(1).indices
+def read_out(soft, params, patch, size):
+    """Soft maps [b, C, h, w] -> channel indices [b, th, tw] at the processing size. dino: ×patch bilinear, min-max
+    per channel, argmax. crw (CropMAE src/utils/test_utils.py dump_predictions): bilinear to the size, argmax."""
+    if params["algorithm"] == "dino":
+        up = F.interpolate(soft, scale_factor=patch, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+        return norm_mask(up).max(1).indices
+    return F.interpolate(soft, size=size, mode="bilinear", align_corners=False).argmax(1)
 
 
 class CRWPropagation:
@@ -714,6 +717,9 @@ class CRWPropagation:
         return soft.T.reshape(C, h, w)
 
 
+CORES = {"dino": Propagation, "crw": CRWPropagation}  # the propagation core of each protocol's algorithm
+
+
 def load_frame(path, size, mean, std, quantise=True):
     """RGB frame -> normalised [3, th, tw], resized bilinearly without antialiasing. quantise: round to uint8
     after the resize, as DINO's cv2.resize of a uint8 image does (CropMAE resizes the float image: no rounding)."""
@@ -774,7 +780,7 @@ def soft_maps(frames, labels0, size, embed, heads, params, device, batch_size=8)
     per batch of frames t0 .. t0 + b - 1 (frame 0's map is labels0). embed: normalised frames [B, 3, th, tw] ->
     features [B, h, w, D]; heads: {name: module applied to those features, or None}. One encoder forward per
     batch feeds every head."""
-    core = CRWPropagation if params["algorithm"] == "crw" else Propagation
+    core = CORES[params["algorithm"]]
     props = {}
     for b0 in range(0, len(frames), batch_size):
         x = torch.stack([load_frame(f, size, params["mean"], params["std"], params["algorithm"] == "dino")
@@ -822,12 +828,9 @@ def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overl
         show = set(np.linspace(0, len(frames) - 1, 4).round().astype(int).tolist()) if overlay else set()
         for b0, maps in soft_maps(frames, labels0, (th, tw), embed, heads, params, device, batch_size):
             for name, soft in maps.items():
-                if dino:
-                    small = lookup[dino_post(soft, patch)]
-                else:
-                    small = lookup[F.interpolate(soft, size=(th, tw), mode="bilinear", align_corners=False).argmax(1)]
-                    if not vip:
-                        small = nearest(small, (H, W))
+                small = lookup[read_out(soft, params, patch, (th, tw))]
+                if not (dino or vip):
+                    small = nearest(small, (H, W))
                 for t, m in enumerate(small.to(torch.uint8).cpu().numpy(), start=b0):  # one sync per batch
                     if dino and t == 0:
                         m = ann
@@ -1115,16 +1118,12 @@ def fast_loop(x, labels0, embed, patch, params, batch_size=8):
     """Our path on in-memory frames (frames 1..T-1 -> uint8 labels): batched forward, the protocol's core, its
     read-out, one host transfer per batch."""
     out, prop = [], None
-    core = Propagation if params["algorithm"] == "dino" else CRWPropagation
     for a in range(0, len(x), batch_size):
         feats = embed(x[a:a + batch_size])
-        prop = prop if prop is not None else core(feats[0], labels0, params)
+        prop = prop if prop is not None else CORES[params["algorithm"]](feats[0], labels0, params)
         soft = [prop(f) for f in feats[1 if a == 0 else 0:]]
-        if soft and params["algorithm"] == "dino":
-            out.append(dino_post(torch.stack(soft), patch).to(torch.uint8).cpu())
-        elif soft:
-            up = F.interpolate(torch.stack(soft), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            out.append(up.argmax(1).to(torch.uint8).cpu())
+        if soft:
+            out.append(read_out(torch.stack(soft), params, patch, x.shape[-2:]).to(torch.uint8).cpu())
     return torch.cat(out)
 
 
@@ -1178,17 +1177,14 @@ def bench(encoder, device, n_frames=10):
             labels0 = labels0.to(device)
             embed(x[:2])  # warm-up
             feats, enc = timed(lambda: torch.cat([embed(x[i:i + 8]) for i in range(0, len(x), 8)]), frames=n_frames)
-            core = Propagation if params["algorithm"] == "dino" else CRWPropagation
             warm = params["context"] + 1
-            prop = core(feats[0], labels0, params)
+            prop = CORES[params["algorithm"]](feats[0], labels0, params)
             for t in range(1, warm):
                 prop(feats[t % n_frames])
 
             def steady():
                 soft = torch.stack([prop(feats[t % n_frames]) for t in range(warm, warm + 4)])
-                if params["algorithm"] == "dino":
-                    return dino_post(soft, patch).cpu()
-                return F.interpolate(soft, size=(th, tw), mode="bilinear", align_corners=False).argmax(1).cpu()
+                return read_out(soft, params, patch, (th, tw)).cpu()
             _, core_t = timed(steady, frames=4)
             line = f"  {task:12s} {tw}x{th}: encoder {enc[0]:6.3f} s/frame, propagation + read-out {core_t[0]:6.3f} " \
                    f"s/frame: {1 / (enc[0] + core_t[0]):6.2f} frames/s, the propagation adds " \
