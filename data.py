@@ -498,17 +498,19 @@ def make_vip(root, n_videos=2, n_frames=6, height=72, width=128, stride=5, seed=
     parts = [(2, 4, 8), (1, 6, 11)]
     names = [f"videos{v + 1}" for v in range(n_videos)]
     for v, name in enumerate(names):
-        frames, masks = synthetic_video((seed, 2, v), (n_frames - 1) * stride + 1, height, width, n_objects=2)
-        for t in range(0, len(frames), stride):
+        video = synthetic_frames((seed, 2, v), (n_frames - 1) * stride + 1, height, width, n_objects=2)
+        for t, (frame, mask) in enumerate(video):  # rendered one at a time: memory independent of the length
+            if t % stride:
+                continue
             ids = np.zeros((height, width), np.uint8)
             for k, classes in enumerate(parts):
-                ys = np.nonzero(masks[t] == k + 1)[0]
+                ys = np.nonzero(mask == k + 1)[0]
                 if len(ys):
                     third = (np.arange(height)[:, None] - ys.min()) * 3 // (ys.max() - ys.min() + 1)
-                    ids = np.where(masks[t] == k + 1, np.take(classes, np.clip(third, 0, 2)), ids)
+                    ids = np.where(mask == k + 1, np.take(classes, np.clip(third, 0, 2)), ids)
             stem = f"{t + 1:012d}"
             atomic(root / "Images" / name / f"{stem}.jpg",
-                   lambda tmp: Image.fromarray(frames[t]).save(tmp, "JPEG", quality=95))
+                   lambda tmp: Image.fromarray(frame).save(tmp, "JPEG", quality=95))
             atomic(root / "Annotations" / "Category_ids" / name / f"{stem}.png",
                    lambda tmp: Image.fromarray(ids.astype(np.uint8)).save(tmp, "PNG"))
     atomic(root / "lists" / "val_videos.txt", lambda tmp: tmp.write_text("".join(n + "\n" for n in names)))
@@ -730,13 +732,12 @@ def make_jhmdb(root, actions=('catch', 'pour', 'walk'), n_videos=3, n_frames=12,
     for a, action in enumerate(actions):
         names = [f"synth_{action}_{v:02d}" for v in range(n_videos)]
         for v, name in enumerate(names):
-            frames, _ = synthetic_video((seed, 2, a, v), n_frames, height, width, n_objects=2)
             rng = np.random.default_rng((seed, 3, a, v))
             joints = jhmdb_pose(rng, n_frames, width, height)
             look = rng.integers(2 ** 32)
             folder = root / 'Rename_Images' / action / name
-            for t in range(n_frames):
-                frame = frames[t].astype(np.float64)
+            for t, (scene, _) in enumerate(synthetic_frames((seed, 2, a, v), n_frames, height, width, n_objects=2)):
+                frame = scene.astype(np.float64)
                 draw_person(frame, joints[t], look)
                 image = Image.fromarray(np.clip(frame + 0.5, 0, 255).astype(np.uint8))
                 atomic(folder / f"{t + 1:05d}.png", lambda tmp: image.save(tmp, "PNG"))
