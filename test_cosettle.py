@@ -559,29 +559,23 @@ def pos_grid(pos):  # [1, s*s, D] -> [D, s, s]
     return pos[0].reshape(s, s, D).permute(2, 0, 1)
 
 
-def find_window(up, window):
-    """Offset (i, j) of the s x s `window` [D, s, s] inside `up` [D, U, U], found by matching its corner."""
-    s, U = window.shape[-1], up.shape[-1]
-    d = ((up[:, :U - s + 1, :U - s + 1] - window[:, :1, :1]) ** 2).sum(0)
-    return divmod(int(d.argmin()), U - s + 1)
-
-
 @pytest.mark.parametrize("ratio", [10.0, 1.0])
 def test_pea_is_a_window_of_the_bicubic_upsample(ratio):
-    pos = torch.randn(1, 196, 16, generator=torch.Generator().manual_seed(0))
+    pos = torch.randn(1, 196, 16, generator=_gen(0))
     up_side = int((1 + ratio) * 14)
     up = F.interpolate(pos_grid(pos).double()[None], size=(up_side, up_side), mode="bicubic",
                        align_corners=False)[0]
+    starts = up_side - 14 + 1  # where a 14 x 14 window can start, in each direction
     offsets = []
     for seed in range(6):
-        out = cosettle.shifted_pos_embed(pos, ratio, torch.Generator().manual_seed(seed))
+        out = cosettle.shifted_pos_embed(pos, ratio, _gen(seed))
         assert out.shape == pos.shape
         window = pos_grid(out).double()
-        i, j = find_window(up, window)
+        corner = ((up[:, :starts, :starts] - window[:, :1, :1]) ** 2).sum(0)  # the window found by its corner
+        i, j = divmod(int(corner.argmin()), starts)
         torch.testing.assert_close(window, up[:, i:i + 14, j:j + 14], rtol=0, atol=1e-5)
         offsets.append((i, j))
-        again = cosettle.shifted_pos_embed(pos, ratio, torch.Generator().manual_seed(seed))
-        assert torch.equal(again, out)  # same seed, same window
+        assert torch.equal(cosettle.shifted_pos_embed(pos, ratio, _gen(seed)), out)  # same seed, same window
     assert len(set(offsets)) >= 4  # different generators, different windows
     assert any(o != (0, 0) for o in offsets)
     torch.testing.assert_close(cosettle.shifted_pos_embed(pos, 0.0, _gen(5)), pos, rtol=0, atol=1e-6)  # ratio 0
@@ -592,13 +586,6 @@ def grid_pool(p):
     B, n, D = p.shape
     s = math.isqrt(n)
     return F.avg_pool2d(p.transpose(1, 2).reshape(B, D, s, s), 2).flatten(2).transpose(1, 2)
-
-
-def cycle_matrix(p1, p2, p1b, temp=0.03):
-    """M = softmax(q1 q2^T/t) softmax(q2 q1b^T/t) on avg_pool2d-pooled tokens: what accuracy and sim_identity
-    are read from (the loss itself is compared with cosettle.official_cycle_loss)."""
-    q1, q2, q1b = grid_pool(p1), grid_pool(p2), grid_pool(p1b)
-    return torch.softmax(q1 @ q2.transpose(1, 2) / temp, -1) @ torch.softmax(q2 @ q1b.transpose(1, 2) / temp, -1)
 
 
 def orthonormal_tokens(B, D, seed):
@@ -646,8 +633,10 @@ def test_cycle_loss_equals_the_official_formulation(case):
             assert a.grad.abs().max() < grad_atol and b.grad.abs().max() < grad_atol
         else:
             assert_rel_close(a.grad, b.grad, rel)
-    # the official loss is cross_entropy(log(M + 1e-6), identity) of the M written here
-    M = cycle_matrix(p1, p2, p1b)
+    # the official loss is cross_entropy(log(M + 1e-6), identity) of M = softmax(q1 q2^T/t) softmax(q2 q1b^T/t),
+    # t = 0.03, on avg_pool2d-pooled tokens
+    q1, q2, q1b = grid_pool(p1), grid_pool(p2), grid_pool(p1b)
+    M = torch.softmax(q1 @ q2.transpose(1, 2) / 0.03, -1) @ torch.softmax(q2 @ q1b.transpose(1, 2) / 0.03, -1)
     B, n, _ = M.shape
     explicit = F.cross_entropy(torch.log(M + 1e-6).reshape(B * n, n), torch.arange(n).repeat(B))
     assert_rel_close(ref.detach(), explicit, 1e-9)
@@ -837,9 +826,8 @@ def mae_sincos(D, grid, cls=True):
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    gh = np.arange(grid, dtype=np.float32)
-    gw = np.arange(grid, dtype=np.float32)
-    mesh = np.stack(np.meshgrid(gw, gh), axis=0).reshape(2, 1, grid, grid)
+    g = np.arange(grid, dtype=np.float32)
+    mesh = np.stack(np.meshgrid(g, g), axis=0).reshape(2, 1, grid, grid)  # grid_w first, as MAE's
     emb = np.concatenate([one_d(D // 2, mesh[0]), one_d(D // 2, mesh[1])], axis=1)
     if cls:
         emb = np.concatenate([np.zeros([1, D]), emb], axis=0)
@@ -954,11 +942,8 @@ def explicit_forward(P, x, heads, eps=1e-6, act="gelu", patch_pos=None, naive_re
     pos = (P["pos"] if patch_pos is None else patch_pos.detach().double()).reshape(-1, P["pos"].shape[0], D)
     g = math.isqrt(pos.shape[1])
     if (h, w) != (g, g):
-        grid = pos.reshape(-1, g, g, D).permute(0, 3, 1, 2)
-        if naive_resize:
-            grid = F.interpolate(grid, size=(h, w), mode="bicubic")
-        else:
-            grid = F.interpolate(grid, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic")
+        resize = dict(size=(h, w)) if naive_resize else dict(scale_factor=((h + 0.1) / g, (w + 0.1) / g))
+        grid = F.interpolate(pos.reshape(-1, g, g, D).permute(0, 3, 1, 2), mode="bicubic", **resize)
         pos = grid.permute(0, 2, 3, 1).reshape(-1, h * w, D)
     t = t + pos
     prefix = []
@@ -1358,22 +1343,17 @@ def test_checkpoint_layouts_and_arch_inference(arch, tmp_path):
 def test_heads_come_from_the_width_table_and_family(tmp_path):
     """ViT-g is 1408 wide with 16 heads (not 1408 / 64 = 22); an unknown width is refused; MoCo v3's ViT-S is
     384 wide with 12 heads (not DINO's 6), and the forward really uses 12; ViT-H (I-JEPA) is 1280/16."""
-    sd = {"patch_embed.proj.weight": torch.zeros(1408, 3, 14, 14), "pos_embed": torch.zeros(1, 1 + 256, 1408),
-          "blocks.0.mlp.fc1.weight": torch.zeros(6144, 1408)}
-    assert infer_arch(sd)["heads"] == 16
-    sd = {"patch_embed.proj.weight": torch.zeros(320, 3, 16, 16), "pos_embed": torch.zeros(1, 1 + 196, 320),
-          "blocks.0.mlp.fc1.weight": torch.zeros(1280, 320)}
-    with pytest.raises(BadInput, match="width 320"):
-        infer_arch(sd, path="odd.pth")
-
-    def meta_sd(D, patch=16, rows=1 + 196):
+    def meta_sd(D, patch=16, rows=1 + 196, hidden=None):
         sd = {"patch_embed.proj.weight": torch.empty(D, 3, patch, patch, device="meta"),
               "pos_embed": torch.empty(1, rows, D, device="meta")}
         for i in range(12):
-            sd[f"blocks.{i}.mlp.fc1.weight"] = torch.empty(4 * D, D, device="meta")
+            sd[f"blocks.{i}.mlp.fc1.weight"] = torch.empty(hidden or 4 * D, D, device="meta")
             sd[f"blocks.{i}.attn.qkv.bias"] = torch.empty(3 * D, device="meta")
         return sd
 
+    assert infer_arch(meta_sd(1408, patch=14, rows=1 + 256, hidden=6144))["heads"] == 16
+    with pytest.raises(BadInput, match="width 320"):
+        infer_arch(meta_sd(320), path="odd.pth")
     assert infer_arch(meta_sd(384), "mocov3")["heads"] == 12
     assert infer_arch(meta_sd(384), "dino")["heads"] == 6
     assert infer_arch(meta_sd(768), "mocov3")["heads"] == 12
@@ -1396,9 +1376,17 @@ def test_heads_come_from_the_width_table_and_family(tmp_path):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_native_checkpoint_loads_as_its_family_and_matches_explicit_forward(built, name):
+def test_native_checkpoint_loads_as_its_family_and_matches_explicit_forward(built, capsys, name):
     case = built(name)
-    enc = case.encoder
+    capsys.readouterr()
+    load_encoder(str(case.path))
+    assert capsys.readouterr().out == ""  # quiet by default; verbose: one line naming the file, family and arch
+    enc = load_encoder(str(case.path), verbose=True)
+    out, a = capsys.readouterr().out, case.arch
+    assert out.count("\n") == 1 and str(case.path) in out, out
+    for word in (case.family, f"patch {a['patch_size']}", f"width {a['embed_dim']}", f"depth {a['depth']}",
+                 f"{a['heads']} heads", str(a["grid"]), f"{a['registers']} registers"):
+        assert word in out, (word, out)
     assert enc.family == case.family
     assert {k: enc.arch.get(k) for k in case.arch} == case.arch
     assert enc.native_stats == (CLIP_STATS if case.family in ("clip", "blip") else IMAGENET)
@@ -1498,25 +1486,6 @@ def test_other_layouts_of_a_family(tmp_path, built, write):
     x = images(64, 64)
     with torch.no_grad():
         assert_tokens(enc(x), explicit_forward(P, x, heads, **kw))
-
-
-@pytest.mark.parametrize("name, line", [
-    ("dino_bare", ["dino", "patch 16", "width 128", "depth 2", "2 heads", "(4, 4)"]),
-    ("dinov2_reg", ["dinov2", "patch 14", "width 128", "depth 2", "2 heads", "(5, 5)", "4 registers"]),
-    ("clip", ["clip", "patch 16", "width 128", "depth 2", "2 heads"]),
-    ("blip", ["blip", "width 64", "depth 1", "1 heads", "(14, 14)"]),
-])
-def test_verbose_prints_one_line_naming_family_and_arch(built, capsys, name, line):
-    case = built(name)
-    capsys.readouterr()
-    load_encoder(str(case.path), verbose=True)
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1, out
-    assert str(case.path) in out
-    for word in line:
-        assert word in out, (word, out)
-    load_encoder(str(case.path))
-    assert capsys.readouterr().out == ""  # quiet by default
 
 
 # PEA: the replacement patch table lands where each family's own code puts it
