@@ -302,7 +302,7 @@ def test_load_rgb_every_mode(tmp_path):
         assert px('i16.png')[..., 0].tolist() == [[128, 255], [0, 1]]  # 16 -> 8 bits, not clipped
 
 
-def test_load_rgb_corrupt_file_raises_badinput_naming_it(tmp_path):
+def test_load_rgb_corrupt_files_and_draft(tmp_path):
     good = tmp_path / 'good.jpg'
     Image.fromarray(noise_frame(0, 64, 64)).save(good, quality=95)
     raw = good.read_bytes()
@@ -311,10 +311,7 @@ def test_load_rgb_corrupt_file_raises_badinput_naming_it(tmp_path):
     for name in ['cut.jpg', 'junk.jpg', 'absent.jpg']:
         with pytest.raises(BadInput, match=name):
             data.load_rgb(tmp_path / name)
-
-
-def test_load_rgb_draft_downscales_large_jpegs_only_as_far_as_needed(tmp_path):
-    path = tmp_path / 'big.jpg'
+    path = tmp_path / 'big.jpg'  # draft mode downscales large JPEGs only as far as needed
     Image.fromarray(noise_frame(1, 768, 1024)).save(path, quality=90)
     assert data.load_rgb(path).size == (1024, 768)
     assert data.load_rgb(path, (100, 100)).size == (256, 192)  # 1/8 would give 96 rows < 100: 1/4 it is
@@ -692,8 +689,7 @@ def test_separability_loss_by_hand_and_as_kl_div_batchmean():
 
 def test_objective_is_cycle_plus_lambda_kl():
     g = _gen(2)
-    h, z = torch.randn(2, 3 * 196, 16, generator=g, dtype=torch.float64), torch.randn(2, 3 * 196, 16, generator=g,
-                                                                                   dtype=torch.float64)
+    h, z = (torch.randn(2, 3 * 196, 16, generator=g, dtype=torch.float64) for _ in range(2))
     loss, cyc, reg, acc, sim = cosettle.objective(h, z, temp=0.05, lambda_reg=2.5)
     p, zn = F.normalize(h, dim=-1), F.normalize(z, dim=-1)
     ref_cyc = cosettle.official_cycle_loss(*p.chunk(3, dim=1), temp=0.05)
@@ -1098,11 +1094,9 @@ class Case:
 
 
 def _vit_arch(D, depth, patch=16, grid=4, **kw):
-    arch = dict(patch_size=patch, embed_dim=D, depth=depth, heads=max(1, D // 64), grid=(grid, grid),
-                mlp_dim=4 * D, qkv_bias=True, eps=1e-6, cls_token=True, registers=0, layerscale=False,
-                ln_pre=False, patch_bias=True, act="gelu")
-    arch.update(kw)
-    return arch
+    return dict(patch_size=patch, embed_dim=D, depth=depth, heads=max(1, D // 64), grid=(grid, grid), mlp_dim=4 * D,
+                qkv_bias=True, eps=1e-6, cls_token=True, registers=0, layerscale=False, ln_pre=False, patch_bias=True,
+                act="gelu") | kw
 
 
 def save_to(path, ckpt):
@@ -1335,8 +1329,6 @@ def test_checkpoint_layouts_and_arch_inference(arch, tmp_path):
             assert set(loaded) == set(sd)
             for k, v in sd.items():
                 assert loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float()), (layout, k)
-            assert not any(p.requires_grad for p in model.parameters())
-            assert not any(m.training for m in model.modules())
         path.unlink()
 
 
@@ -1423,13 +1415,11 @@ def test_each_family_switch_matters(built, name, switch):
     with torch.no_grad():
         ours = case.encoder(x).double()
     P, kw = dict(case.params), dict(act=case.act, eps=case.eps)
-    if "naive_resize" in switch or "act" in switch:
+    if "layerscale" in switch:  # every gamma 1
+        P["blocks"] = [dict(b, ls1=1, ls2=1) for b in P["blocks"]]
+    elif "naive_resize" in switch or "act" in switch:  # an argument of the forward
         kw.update(switch)
-    elif "layerscale" in switch:
-        P["blocks"] = [dict(b, ls1=torch.ones_like(b["ls1"]), ls2=torch.ones_like(b["ls2"])) for b in P["blocks"]]
-    elif "pos_cls" in switch:
-        P["pos_cls"] = torch.zeros_like(P["pos_cls"])
-    else:
+    else:  # a parameter: no ln_pre, no registers, a zero CLS position
         P.update(switch)
     assert (ours - case.reference(x)).abs().max() < TOL
     assert (ours - explicit_forward(P, x, case.heads, **kw)).abs().max() > 1e-2
