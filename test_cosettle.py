@@ -359,7 +359,6 @@ def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
     big = np.asarray(Image.fromarray((big * 255).astype(np.uint8)).resize(((W + (n - 1) * d), H), Image.BICUBIC))
     frames = [big[:, (n - 1 - k) * d:(n - 1 - k) * d + W] for k in range(n)]
     ds = pairs([write_video(tmp_path / 'v', frames)[0].parent], size=size)
-    checked = 0
     for epoch in range(12):
         ds.set_epoch(epoch)
         i, j, box, flip = ds.draw(0, n)
@@ -371,8 +370,6 @@ def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
         best = min(errors, key=errors.get)
         assert abs(best - expected) <= 1, (epoch, best, expected)
         assert errors[best] < 0.5 * errors[0]
-        checked += 1
-    assert checked == 12
 
 
 def test_frame_pairs_deterministic_in_seed_epoch_idx(tmp_path):
