@@ -64,26 +64,18 @@ VIP_CLASSES = ["background", "hat", "hair", "sun-glasses", "upper-clothes", "dre
                "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm", "left-arm", "right-leg", "left-leg",
                "right-shoe", "left-shoe"]  # HCPLab-SYSU/ATEN evaluate/test_parsing.py: ids 0..19
 
-# The paper's Table 1, ViT-B/16, in %: VIP mIoU, DAVIS-2017 J&F mean, JHMDB PCK@0.1 of the frozen encoder and
-# + Co-Settle (the same numbers as the "Checkpoints" table of yafeng19/Co-Settle README.md).
-PUBLISHED = {
-    "mae": {"baseline": {"vip": 29.3, "davis": 52.4, "jhmdb": 41.6},
-           "cosettle": {"vip": 33.8, "davis": 59.6, "jhmdb": 48.4}},
-    "ijepa": {"baseline": {"vip": 31.5, "davis": 53.9, "jhmdb": 42.6},
-             "cosettle": {"vip": 35.3, "davis": 58.7, "jhmdb": 44.4}},
-    "clip": {"baseline": {"vip": 38.1, "davis": 54.9, "jhmdb": 36.9},
-            "cosettle": {"vip": 39.2, "davis": 58.3, "jhmdb": 40.6}},
-    "blip": {"baseline": {"vip": 37.6, "davis": 58.8, "jhmdb": 35.1},
-            "cosettle": {"vip": 39.6, "davis": 62.0, "jhmdb": 38.9}},
-    "mocov3": {"baseline": {"vip": 38.8, "davis": 62.6, "jhmdb": 43.6},
-              "cosettle": {"vip": 39.8, "davis": 62.9, "jhmdb": 45.3}},
-    "ibot": {"baseline": {"vip": 39.6, "davis": 64.6, "jhmdb": 45.7},
-            "cosettle": {"vip": 40.8, "davis": 65.1, "jhmdb": 46.1}},
-    "dino": {"baseline": {"vip": 39.1, "davis": 63.2, "jhmdb": 44.4},
-            "cosettle": {"vip": 39.8, "davis": 64.2, "jhmdb": 46.2}},
-    "dinov2": {"baseline": {"vip": 38.4, "davis": 63.1, "jhmdb": 46.6},
-              "cosettle": {"vip": 39.9, "davis": 63.7, "jhmdb": 47.3}},
-}
+# The paper's Table 1, ViT-B/16, in % (the same numbers as the "Checkpoints" table of yafeng19/Co-Settle
+# README.md): family: (VIP mIoU, DAVIS-2017 J&F mean, JHMDB PCK@0.1) of the frozen encoder, then + Co-Settle.
+TABLE_1 = {"mae": ((29.3, 52.4, 41.6), (33.8, 59.6, 48.4)),
+           "ijepa": ((31.5, 53.9, 42.6), (35.3, 58.7, 44.4)),
+           "clip": ((38.1, 54.9, 36.9), (39.2, 58.3, 40.6)),
+           "blip": ((37.6, 58.8, 35.1), (39.6, 62.0, 38.9)),
+           "mocov3": ((38.8, 62.6, 43.6), (39.8, 62.9, 45.3)),
+           "ibot": ((39.6, 64.6, 45.7), (40.8, 65.1, 46.1)),
+           "dino": ((39.1, 63.2, 44.4), (39.8, 64.2, 46.2)),
+           "dinov2": ((38.4, 63.1, 46.6), (39.9, 63.7, 47.3))}
+PUBLISHED = {family: {variant: dict(zip(("vip", "davis", "jhmdb"), row)) for variant, row in
+                      zip(("baseline", "cosettle"), rows)} for family, rows in TABLE_1.items()}
 HEADLINE = {"davis": ("DAVIS J&F", "J&F-Mean"), "vip": ("VIP mIoU", "mIoU"),  # each task's Table 1 number
             "jhmdb": ("JHMDB PCK@0.1", "PCK@0.1")}
 
