@@ -550,8 +550,8 @@ def pck(preds, gts, sizes, alphas=PCK_ALPHAS, grid=(20, 20)):
 
 
 def draw_skeleton(rgb, kps, width=4):
-    """uint8 [H, W, 3]: a copy of rgb with the 15-joint tree drawn (CropMAE utils/test_utils.py vis_pose: a line
-    from each joint to its parent in the joint's colour; skipped when either end has a coordinate that int()
+    """uint8 [H, W, 3]: a copy of rgb with the 15-joint tree drawn (CropMAE utils/test_utils.py vis_pose: each
+    joint joined to its parent by a line in the joint's colour; skipped when either end has a coordinate that int()
     makes negative, so -1 joints are not drawn). kps [15, 2] (x, y) in rgb's pixels. Upstream draws 8-px lines on
     the 320x320 input; `width` is ours."""
     image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
