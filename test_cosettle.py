@@ -313,12 +313,50 @@ def test_load_rgb_corrupt_files_and_draft(tmp_path):
     assert data.load_rgb(path, (600, 300)).size == (1024, 768)  # no reduction keeps 600 columns
 
 
-def test_to_tensor_white_and_black_numbers():
+def test_to_tensor_is_uint8_and_normalise_batch_numbers():
     white = data.to_tensor(Image.new('RGB', (5, 4), (255, 255, 255)))
     black = data.to_tensor(np.zeros((4, 5, 3), dtype=np.uint8))
-    assert white.shape == (3, 4, 5) and white.dtype == torch.float32
-    assert np.allclose(white[:, 0, 0].numpy(), [2.2489083, 2.4285715, 2.64], atol=1e-5)  # (1 - mean) / std
-    assert np.allclose(black[:, 2, 3].numpy(), -MEAN / STD, atol=1e-5)
+    assert white.shape == (3, 4, 5) and white.dtype == torch.uint8 and (white == 255).all() and (black == 0).all()
+    x = data.normalise_batch(torch.stack([white, black]))
+    assert x.dtype == torch.float32
+    assert np.allclose(x[0, :, 0, 0].numpy(), [2.2489083, 2.4285715, 2.64], atol=1e-5)  # (1 - mean) / std
+    assert np.allclose(x[1, :, 2, 3].numpy(), -MEAN / STD, atol=1e-5)
+    clip_white = data.normalise_batch(white, *CLIP_STATS)[:, 3, 4].numpy()  # the family-native option
+    assert np.allclose(clip_white, (1 - np.array(CLIP_STATS[0])) / CLIP_STATS[1], atol=1e-5)
+
+
+def test_frame_pairs_uint8_equal_the_normalising_loader_at_real_sizes(tmp_path):
+    """FramePairs ships uint8 and the step normalises, against the loader that normalised in the worker (its path
+    written out here: the same draws, draft, bicubic box resize and flip, then float32 numpy normalisation), on
+    340x256 JPEGs (Kinetics frames: never drafted) and 1280x720 ones (drafted). Both paths round once, in PIL's
+    resize to uint8, so they agree exactly, inside any bound of the uint8 rounding (0.5/255/std)."""
+    drafted = []
+    for H, W in [(256, 340), (720, 1280)]:
+        frames = [Image.fromarray(noise_frame(t, H // 8, W // 8)).resize((W, H), Image.BICUBIC) for t in range(8)]
+        folder = write_video(tmp_path / f"{W}", frames, '.jpg')[0].parent
+        ds = pairs([folder], size=224, seed=3)
+        for epoch in range(8):
+            ds.set_epoch(epoch)
+            rng = random.Random(f"3-{epoch}-0")  # the draws, as the normalising loader made them
+            i, j = data.sample_pair(8, cosettle.CLIP_GAP, rng)
+            left, top, w, h = (v / 224 for v in data.random_resized_crop_box(224, 224, rng))
+            flip = rng.random() < 0.5
+            assert ds.draw(0, 8) == (i, j, (left, top, w, h), flip)
+            x = data.normalise_batch(torch.stack(ds[0]))
+            for k, t in enumerate((i, j)):
+                with Image.open(folder / f"{t:05d}.jpg") as img:
+                    img.draft('RGB', (math.ceil(224 / w), math.ceil(224 / h)))
+                    img = img.convert('RGB')
+                s = W // img.width  # the DCT scale: the smallest whose crop still covers 224 x 224
+                assert s == 1 or (w * img.width >= 224 and h * img.height >= 224)
+                assert s == 8 or w * W / (2 * s) < 224 or h * H / (2 * s) < 224
+                drafted.append(s > 1)
+                ref = img.resize((224, 224), Image.BICUBIC, box=(left * img.width, top * img.height,
+                                                                 (left + w) * img.width, (top + h) * img.height))
+                ref = np.asarray(ref.transpose(Image.FLIP_LEFT_RIGHT) if flip else ref, dtype=np.float32)
+                ref = (ref / 255.0 - MEAN.astype(np.float32)) / STD.astype(np.float32)
+                assert torch.equal(x[k], torch.from_numpy(ref.transpose(2, 0, 1).copy()))
+    assert not any(drafted[:16]) and any(drafted[16:])
 
 
 def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
@@ -344,11 +382,10 @@ def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
         assert falling == (x2[0, :, -1] < x2[0, :, 0]).all().item()
         flips.append(falling)
     assert 8 <= sum(flips) <= 32
-    # white frames give the normalised constants
+    # white frames stay white, as uint8
     write_video(tmp_path / 'white', [np.full((30, 40, 3), 255)] * 6, '.jpg')
     x1, x2 = pairs([tmp_path / 'white'], size=16)[0]
-    assert x1.shape == x2.shape == (3, 16, 16)
-    assert np.allclose(x1.numpy(), ((1 - MEAN) / STD)[:, None, None], atol=1e-5)
+    assert x1.shape == x2.shape == (3, 16, 16) and x1.dtype == torch.uint8 and (x1 == 255).all()
 
 
 def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
@@ -364,7 +401,7 @@ def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
         i, j, box, flip = ds.draw(0, n)
         assert j - i == int(0.15 * n) == 1
         expected = (j - i) * d * size / (box[2] * W) * (-1 if flip else 1)
-        x1, x2 = (x.numpy() for x in ds[0])
+        x1, x2 = (x.float().numpy() for x in ds[0])
         m = 14  # ignore the margins where new content enters
         errors = {s: np.abs(x2[:, :, m:-m] - x1[:, :, m - s:size - m - s]).mean() for s in range(-13, 14)}
         best = min(errors, key=errors.get)
@@ -425,7 +462,7 @@ def test_frame_pairs_corrupt_frames_warn_and_fall_back(tmp_path, capsys):
     x1, x2 = ds[0]
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith('warning: ') and 'a_bad' in err[0]  # one line naming the file
-    assert torch.isfinite(x1).all() and x1.shape == (3, 16, 16)
+    assert x1.dtype == torch.uint8 and x1.shape == (3, 16, 16)
     good1, good2 = ds[1]
     assert torch.equal(x1, good1) and torch.equal(x2, good2)  # the fallback is video 1's own sample
 

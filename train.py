@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from cosettle import (CLIP_GAP, FAMILIES, IMAGENET_STATS, LAMBDA_REG, PEA_RATIO, SIZE, TEMP, BadInput, CoSettle,
                       build_vit, fingerprint, fuse, is_official, load_encoder, objective, official_objective,
                       read_checkpoint, shifted_pos_embed, timeit)
-from data import (FramePairs, at_least, atomic, check_out_dir, find_videos, make_davis, positive, refuse_unused,
-                  write_synthetic_videos)
+from data import (FramePairs, at_least, atomic, check_out_dir, find_videos, make_davis, normalise_batch, positive,
+                  refuse_unused, write_synthetic_videos)
 from eval_davis import compare
 
 LOG_EVERY = 10           # steps between progress lines / log.jsonl records
@@ -124,11 +124,10 @@ def compile_objective(encoder, batch, device, args):
     return fuse(objective, (batch, tokens, encoder.embed_dim), device, args.temp, args.lambda_reg)
 
 
-def input_stats(encoder, args):
-    """ImageNet mean/std for every family, as the official training code and its metric script use;
-    --native-stats switches to the family's own (CLIP's for CLIP and BLIP)."""
-    mean, std = encoder.native_stats if args.native_stats else IMAGENET_STATS
-    return dict(mean=mean, std=std)
+def input_stats(encoder, args, device):
+    """(mean, std) on the device: ImageNet's for every family, as the official training code and its metric script
+    use; --native-stats switches to the family's own (CLIP's for CLIP and BLIP)."""
+    return [torch.tensor(s, device=device) for s in (encoder.native_stats if args.native_stats else IMAGENET_STATS)]
 
 
 def setup_distributed():
@@ -195,8 +194,9 @@ def cycle_accuracy(model, videos, device, dtype, seed, batch_size=8):
     g = torch.Generator().manual_seed(seed + 1)
     accs = []
     for x1, x2 in loader:
+        x1, x2 = normalise_batch(x1.to(device)), normalise_batch(x2.to(device))
         with mixed_precision(device, dtype):
-            accs.append(model(x1.to(device), x2.to(device), generator=g)["accuracy"].item())
+            accs.append(model(x1, x2, generator=g)["accuracy"].item())
     return sum(accs) / len(accs)
 
 
@@ -218,7 +218,8 @@ def train(args):
         projection = DistributedDataParallel(projection, device_ids=[device.index] if device.type == "cuda" else None)
     dtype = autocast_dtype(device)
 
-    data = FramePairs(videos, size=SIZE, clip_gap=args.clip_gap, seed=args.seed, **input_stats(encoder, args))
+    data = FramePairs(videos, size=SIZE, clip_gap=args.clip_gap, seed=args.seed)
+    mean, std = input_stats(encoder, args, device)
     steps_per_epoch = len(data) // (args.batch_size * world)
     if steps_per_epoch == 0:
         raise BadInput(f"{args.videos}: {len(data)} videos cannot fill one global batch of {args.batch_size * world}")
@@ -266,8 +267,10 @@ def train(args):
                 # one PEA offset per step, the same on every rank, from a generator seeded by (seed, step): the seed
                 # scaled by a prime larger than any run's step count, so no two (seed, step) pairs share a seed
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+                # uint8 from the loader (pinned on CUDA: the copy is queued, the host goes on), normalised there
+                x1, x2 = (normalise_batch(x.to(device, non_blocking=True), mean, std) for x in (x1, x2))
                 with mixed_precision(device, dtype):
-                    out = model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), g, projection)
+                    out = model(x1, x2, g, projection)
                 # Stop (NaN, or a signal seen by any rank) is decided here, from the value all ranks share, so
                 # every rank stops after the same step and none is left waiting in a collective.
                 flags = torch.stack([~out["loss"].detach().isfinite(),
