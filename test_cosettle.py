@@ -3045,6 +3045,7 @@ TRAIN_BAD = [  # (flags after the defaults, what the error line must hold); defa
     (["--weights", "W", "--out", "RUN", "--epochs", "2"], ["RUN/cosettle.pth", "--resume", "--overwrite"]),
     # issue 10: no flag is silently ignored
     (["--bench"], ["--bench does not use --videos, --out, --workers"]),
+    (["--bench-data"], ["--bench-data does not use --weights, --out, --batch-size, --no-compile"]),
 ]
 
 

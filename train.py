@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=4 train.py --weights ... --videos ...          # 4 GPUs x 128 = the paper's 512
     python train.py                                                          # embedded demo (synthetic, random ViT)
     python train.py --bench [--weights W.pth] [--batch-size 8]              # training clips/s, ours vs official step
+    python train.py --bench-data [--videos DIR] [--workers N]               # loader clips/s
 
 The defaults are the official recipe (yafeng19/Co-Settle main_pretrain.py): 5 epochs (1 warm-up), 128 clips per
 process, lr = blr * global_batch / 256 with blr 1e-4, AdamW (0.9, 0.95), weight decay 0.05 on the linear weight
@@ -17,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import torch
@@ -64,7 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoint and log of a run already in OUT")
     p.add_argument("--no-compile", action="store_true", help="use the eager loss instead of the fused kernel")
     p.add_argument("--bench", action="store_true", help="measure training clips/s and exit")
+    p.add_argument("--bench-data", action="store_true", help="measure the loader's clips/s and exit")
     args = p.parse_args(argv)
+    if args.bench_data:
+        refuse_unused(p, args, "--bench-data", {"bench_data", "videos", "workers"})
     if args.bench:
         refuse_unused(p, args, "--bench", {"bench", "weights", "family", "batch_size", "no_compile", "temp",
                                            "lambda_reg", "pea_ratio"})
@@ -467,13 +472,39 @@ def bench(args):
     print(f"  speed-up x{rates[1] / rates[0]:.1f}")
 
 
+def bench_data(args):
+    """The loader's clips/s (two decoded, cropped 224-px uint8 frames a clip) over --videos, or over 64 synthetic
+    videos of 16 JPEG frames at 340x256, the size of Kinetics frames as usually extracted, in a temporary folder:
+    one process calling FramePairs, then --workers DataLoader workers (their start-up included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.videos:
+            print(f"writing 64 synthetic videos of 16 JPEG frames at 340x256 under {tmp}")
+        videos = find_videos(args.videos) if args.videos else write_synthetic_videos(tmp, 64, 16, 256, 340)
+        data = FramePairs(videos, SIZE, CLIP_GAP)
+        order = [k % len(data) for k in range(512)]
+        print(f"loader: {len(order)} clips of {len(videos)} videos, two {SIZE}-px uint8 frames a clip")
+        t = time.perf_counter()
+        for k in order:
+            data[k]
+        rate = len(order) / (time.perf_counter() - t)
+        print(f"  1 process, no DataLoader   {rate:7.1f} clips/s  ({1e3 / rate:.2f} ms a clip)")
+        loader = torch.utils.data.DataLoader(data, batch_size=16, sampler=order, num_workers=args.workers,
+                                             pin_memory=torch.cuda.is_available())
+        t = time.perf_counter()
+        for _ in loader:
+            pass
+        print(f"  {args.workers} DataLoader workers     {len(order) / (time.perf_counter() - t):7.1f} clips/s")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if not args.bench and args.weights is None and args.videos is None:
+    if not (args.bench or args.bench_data) and args.weights is None and args.videos is None:
         args = parse_args(DEMO_ARGS + argv)
     try:
-        if args.bench:
+        if args.bench_data:
+            bench_data(args)
+        elif args.bench:
             bench(args)
         elif args.weights is None and args.videos is None:
             demo(args)
