@@ -130,8 +130,10 @@ def fuse(fn, shape=(1, 3 * 16, 8), device="cpu", *args):
     """The fused kernel: torch.compile over fn (inductor: Triton on GPU, C++/OpenMP on CPU). Normalisation,
     pooling, both softmaxes, the cycle diagonal and the separability KL become a handful of loops that read the
     tokens once, instead of a dozen full-size eager passes. Compiled here, forward and backward, on an input of
-    the shape and with the extra `args` (temp, lambda: constants to the compiler) it will see, in fp32 (CoSettle
-    hands it fp32), so that a missing compiler fails now, with its reason, and the run never recompiles."""
+    the shape and with the extra `args` (temp, lambda: constants to the compiler) it will see, in fp32, so that a
+    missing compiler fails now, with its reason, and the run does not recompile. CoSettle hands it h and z as g and f
+    made them: fp32, except h under CPU bf16 autocast (which leaves g's LayerNorm in bf16; CUDA's runs it in fp32),
+    where the first step compiles once more, for that dtype."""
     fused = torch.compile(fn, dynamic=False)
     probe = torch.randn(shape, device=device, requires_grad=True)
     with quiet_compile():
@@ -189,8 +191,10 @@ class CoSettle(nn.Module):
         """-> dict(loss, cycle, reg, accuracy, sim_identity). `projection` lets DDP pass its wrapper."""
         z = self.encode(x1, x2, generator)
         h = (self.projection if projection is None else projection)(z)
-        with torch.autocast(h.device.type, enabled=False):  # logits / 0.03 need fp32, whatever the encoder ran in
-            loss, cyc, reg, accuracy, sim = self.loss_fn(h.float(), z.float(), self.temp, self.lambda_reg)
+        # logits / 0.03 need fp32, whatever the encoder ran in: the loss upcasts h and z itself (fused, not two fp32
+        # copies, when compiled) and autocast stays off inside it
+        with torch.autocast(h.device.type, enabled=False):
+            loss, cyc, reg, accuracy, sim = self.loss_fn(h, z, self.temp, self.lambda_reg)
         return dict(loss=loss, cycle=cyc, reg=reg, accuracy=accuracy, sim_identity=sim)
 
 

@@ -1,7 +1,7 @@
 """Data for Co-Settle: video folders, the frame-pair sampler, the shared crop/flip, synthetic data sets.
 
 Training pairs: from one video of `n` frames take two frames `g = int(0.15·n)` apart, give both the same
-random-resized crop and the same horizontal flip, normalise with ImageNet statistics.
+random-resized crop and the same horizontal flip, as uint8 (the training step normalises them on the device).
 Where the official code (github.com/yafeng19/Co-Settle, util/video_datasets.py, util/video/*.py) and the paper
 text differ we follow the code, and say so where it happens.
 
@@ -102,14 +102,18 @@ def is_frame(name):
     return name.lower().endswith(FRAME_SUFFIXES)
 
 
-def list_frames(folder):
-    """The frame files of one video folder, sorted by name (the official code sorts os.listdir the same way)."""
+def frame_names(folder):
+    """The frame file names of one video folder, sorted (the official code sorts os.listdir the same way)."""
     try:
         with os.scandir(folder) as entries:
-            names = [e.name for e in entries if is_frame(e.name) and e.is_file()]
+            return sorted(e.name for e in entries if is_frame(e.name) and e.is_file())
     except OSError as e:
         raise BadInput(f"{folder}: cannot list the video folder ({e.strerror or e}).") from e
-    return [Path(folder) / name for name in sorted(names)]
+
+
+def list_frames(folder):
+    """The frame files of one video folder, sorted by name."""
+    return [Path(folder) / name for name in frame_names(folder)]
 
 
 def count_frames(folder):
@@ -206,7 +210,7 @@ def random_resized_crop_box(width, height, rng, scale=(0.5, 1.0), ratio=(3 / 4, 
 
 
 # -----------------------------------------------------------------------------
-# decoding and normalising
+# decoding, and normalising on the device
 
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)  # what PIL raises
 
@@ -235,27 +239,35 @@ def load_rgb(path, draft_size=None):
         raise BadInput(f"{path}: cannot decode the image ({e}).") from e
 
 
-def to_tensor(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """RGB PIL image (or uint8 H×W×3 array) -> normalised float tensor [3, H, W]: (x/255 - mean) / std."""
-    # normalise in numpy on H×W×3, then one contiguous copy to 3×H×W (torch on the permuted view is ~20× slower)
-    x = (np.asarray(img, dtype=np.float32) / 255.0 - np.array(mean, np.float32)) / np.array(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+def to_tensor(img):
+    """RGB PIL image (or uint8 H×W×3 array) -> uint8 tensor [3, H, W]; normalise_batch makes it model input."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def normalise_batch(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 images [..., 3, H, W] -> float32 (x/255 - mean) / std, computed where x is: the loader ships uint8
+    (a quarter of float32's bytes through worker queues, pinning and the host-to-device copy) and the device
+    normalises. The same float32 operations as a normalising loader, so the same numbers on the CPU."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)  # no copy if already there
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x.float() / 255 - mean) / std
 
 
 # -----------------------------------------------------------------------------
 # the training dataset
 
 class FramePairs(torch.utils.data.Dataset):
-    """Training pairs: item idx = two frames of video idx, same crop, same flip, ImageNet-normalised.
+    """Training pairs: item idx = two uint8 frames [3, size, size] of video idx, same crop, same flip (the
+    training step normalises them on the device, with data.normalise_batch).
 
     Randomness is a pure function of (seed, epoch, idx), so a sample does not depend on the number of DataLoader
     workers and is reproduced after a resume. Call set_epoch(e) before building the epoch's iterator (workers
     copy the dataset when they start, so with persistent_workers=True a later set_epoch would not reach them).
     """
 
-    def __init__(self, videos, size, clip_gap, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, videos, size, clip_gap, seed=0):
         self.videos = [Path(v) for v in videos]
-        self.size, self.mean, self.std = size, mean, std
+        self.size = size
         self.clip_gap = clip_gap
         self.seed = seed
         self.epoch = 0
@@ -289,17 +301,17 @@ class FramePairs(torch.utils.data.Dataset):
                          box=(left * W, top * H, (left + w) * W, (top + h) * H))
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(img, self.mean, self.std)
+        return to_tensor(img)
 
     def load(self, idx):
-        frames = list_frames(self.videos[idx])
-        if len(frames) < 2:
-            raise BadInput(f"{self.videos[idx]}: has {len(frames)} frames, needs at least 2.")
-        i, j, box, flip = self.draw(idx, len(frames))
+        names = frame_names(self.videos[idx])  # a Path per frame of a 300-frame video would cost ~1 ms a clip
+        if len(names) < 2:
+            raise BadInput(f"{self.videos[idx]}: has {len(names)} frames, needs at least 2.")
+        i, j, box, flip = self.draw(idx, len(names))
         # Decode only frames i and j (the official code also decodes i-1 and j-1 and never uses them). The
         # draft size keeps the crop at least size×size after JPEG DCT-domain downscaling.
         draft_size = (math.ceil(self.size / box[2]), math.ceil(self.size / box[3]))
-        return tuple(self.crop(load_rgb(frames[t], draft_size), box, flip) for t in (i, j))
+        return tuple(self.crop(load_rgb(self.videos[idx] / names[t], draft_size), box, flip) for t in (i, j))
 
     def __getitem__(self, idx):
         if not 0 <= idx < len(self.videos):

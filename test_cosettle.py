@@ -313,12 +313,50 @@ def test_load_rgb_corrupt_files_and_draft(tmp_path):
     assert data.load_rgb(path, (600, 300)).size == (1024, 768)  # no reduction keeps 600 columns
 
 
-def test_to_tensor_white_and_black_numbers():
+def test_to_tensor_is_uint8_and_normalise_batch_numbers():
     white = data.to_tensor(Image.new('RGB', (5, 4), (255, 255, 255)))
     black = data.to_tensor(np.zeros((4, 5, 3), dtype=np.uint8))
-    assert white.shape == (3, 4, 5) and white.dtype == torch.float32
-    assert np.allclose(white[:, 0, 0].numpy(), [2.2489083, 2.4285715, 2.64], atol=1e-5)  # (1 - mean) / std
-    assert np.allclose(black[:, 2, 3].numpy(), -MEAN / STD, atol=1e-5)
+    assert white.shape == (3, 4, 5) and white.dtype == torch.uint8 and (white == 255).all() and (black == 0).all()
+    x = data.normalise_batch(torch.stack([white, black]))
+    assert x.dtype == torch.float32
+    assert np.allclose(x[0, :, 0, 0].numpy(), [2.2489083, 2.4285715, 2.64], atol=1e-5)  # (1 - mean) / std
+    assert np.allclose(x[1, :, 2, 3].numpy(), -MEAN / STD, atol=1e-5)
+    clip_white = data.normalise_batch(white, *CLIP_STATS)[:, 3, 4].numpy()  # the family-native option
+    assert np.allclose(clip_white, (1 - np.array(CLIP_STATS[0])) / CLIP_STATS[1], atol=1e-5)
+
+
+def test_frame_pairs_uint8_equal_the_normalising_loader_at_real_sizes(tmp_path):
+    """FramePairs ships uint8 and the step normalises, against the loader that normalised in the worker (its path
+    written out here: the same draws, draft, bicubic box resize and flip, then float32 numpy normalisation), on
+    340x256 JPEGs (Kinetics frames: never drafted) and 1280x720 ones (drafted). Both paths round once, in PIL's
+    resize to uint8, so they agree exactly, inside any bound of the uint8 rounding (0.5/255/std)."""
+    drafted = []
+    for H, W in [(256, 340), (720, 1280)]:
+        frames = [Image.fromarray(noise_frame(t, H // 8, W // 8)).resize((W, H), Image.BICUBIC) for t in range(8)]
+        folder = write_video(tmp_path / f"{W}", frames, '.jpg')[0].parent
+        ds = pairs([folder], size=224, seed=3)
+        for epoch in range(8):
+            ds.set_epoch(epoch)
+            rng = random.Random(f"3-{epoch}-0")  # the draws, as the normalising loader made them
+            i, j = data.sample_pair(8, cosettle.CLIP_GAP, rng)
+            left, top, w, h = (v / 224 for v in data.random_resized_crop_box(224, 224, rng))
+            flip = rng.random() < 0.5
+            assert ds.draw(0, 8) == (i, j, (left, top, w, h), flip)
+            x = data.normalise_batch(torch.stack(ds[0]))
+            for k, t in enumerate((i, j)):
+                with Image.open(folder / f"{t:05d}.jpg") as img:
+                    img.draft('RGB', (math.ceil(224 / w), math.ceil(224 / h)))
+                    img = img.convert('RGB')
+                s = W // img.width  # the DCT scale: the smallest whose crop still covers 224 x 224
+                assert s == 1 or (w * img.width >= 224 and h * img.height >= 224)
+                assert s == 8 or w * W / (2 * s) < 224 or h * H / (2 * s) < 224
+                drafted.append(s > 1)
+                ref = img.resize((224, 224), Image.BICUBIC, box=(left * img.width, top * img.height,
+                                                                 (left + w) * img.width, (top + h) * img.height))
+                ref = np.asarray(ref.transpose(Image.FLIP_LEFT_RIGHT) if flip else ref, dtype=np.float32)
+                ref = (ref / 255.0 - MEAN.astype(np.float32)) / STD.astype(np.float32)
+                assert torch.equal(x[k], torch.from_numpy(ref.transpose(2, 0, 1).copy()))
+    assert not any(drafted[:16]) and any(drafted[16:])
 
 
 def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
@@ -344,11 +382,10 @@ def test_frame_pairs_same_crop_and_flip_on_both_frames(tmp_path):
         assert falling == (x2[0, :, -1] < x2[0, :, 0]).all().item()
         flips.append(falling)
     assert 8 <= sum(flips) <= 32
-    # white frames give the normalised constants
+    # white frames stay white, as uint8
     write_video(tmp_path / 'white', [np.full((30, 40, 3), 255)] * 6, '.jpg')
     x1, x2 = pairs([tmp_path / 'white'], size=16)[0]
-    assert x1.shape == x2.shape == (3, 16, 16)
-    assert np.allclose(x1.numpy(), ((1 - MEAN) / STD)[:, None, None], atol=1e-5)
+    assert x1.shape == x2.shape == (3, 16, 16) and x1.dtype == torch.uint8 and (x1 == 255).all()
 
 
 def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
@@ -364,7 +401,7 @@ def test_frame_pairs_shifted_frames_move_by_the_expected_amount(tmp_path):
         i, j, box, flip = ds.draw(0, n)
         assert j - i == int(0.15 * n) == 1
         expected = (j - i) * d * size / (box[2] * W) * (-1 if flip else 1)
-        x1, x2 = (x.numpy() for x in ds[0])
+        x1, x2 = (x.float().numpy() for x in ds[0])
         m = 14  # ignore the margins where new content enters
         errors = {s: np.abs(x2[:, :, m:-m] - x1[:, :, m - s:size - m - s]).mean() for s in range(-13, 14)}
         best = min(errors, key=errors.get)
@@ -425,7 +462,7 @@ def test_frame_pairs_corrupt_frames_warn_and_fall_back(tmp_path, capsys):
     x1, x2 = ds[0]
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith('warning: ') and 'a_bad' in err[0]  # one line naming the file
-    assert torch.isfinite(x1).all() and x1.shape == (3, 16, 16)
+    assert x1.dtype == torch.uint8 and x1.shape == (3, 16, 16)
     good1, good2 = ds[1]
     assert torch.equal(x1, good1) and torch.equal(x2, good2)  # the fallback is video 1's own sample
 
@@ -1836,9 +1873,15 @@ def small_vit(seed):
 
 
 def train_cli(weights, videos, out, *flags, capsys=None):
-    """train.py in-process on the CPU path (no torch.compile, no loader workers) -> run()'s (code, stdout, stderr)."""
+    """train.py in-process, on the device it picks, eager (no torch.compile) and without loader workers -> run()'s
+    (code, stdout, stderr)."""
     return run(train.main, ["--weights", weights, "--videos", videos, "--out", out, "--no-compile", "--workers", "0",
                             *flags], capsys)
+
+
+def read_ckpt(path):
+    """A train.py checkpoint, its tensors on the CPU whatever device wrote them."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_log(folder):
@@ -1895,9 +1938,10 @@ def test_short_training_run_raises_cycle_accuracy(tiny_weights, tmp_path, capsys
     args = train.parse_args(["--weights", str(tiny_weights), "--videos", str(videos_root), "--out",
                              str(tmp_path / "out"), "--no-compile", "--workers", "0", "--batch-size", "4",
                              "--epochs", "25", "--blr", "1", "--lambda-reg", "0"])
-    trained, steps = train.train(args)
+    trained, steps = train.train(args)  # on the device train() picks, then measured on the CPU as `before` is
     assert steps == 25 * (16 // 4)
-    assert torch.equal(torch.load(tmp_path / "out" / "cosettle.pth", weights_only=True)["projection"]["linear.weight"],
+    trained.cpu()
+    assert torch.equal(read_ckpt(tmp_path / "out" / "cosettle.pth")["projection"]["linear.weight"],
                        trained.projection.linear.weight)
     after = train.cycle_accuracy(trained.eval(), videos, cpu, None, 0)
     assert after > before + 0.15 and after > 2 * before, (before, after)
@@ -1933,7 +1977,7 @@ def test_resume_after_sigterm_and_sigint_equals_uninterrupted(tiny_weights, smal
     signal_at(3, signal.SIGTERM)
     code, out, _ = train_cli(tiny_weights, small_videos, b, *common, capsys=capsys)
     assert code == 143 and "interrupted: step 3/8" in out and not guard  # 128 + SIGTERM
-    ckpt = torch.load(b / "cosettle.pth", map_location="cpu", weights_only=True)
+    ckpt = read_ckpt(b / "cosettle.pth")
     assert set(ckpt) == {"projection", "optimizer", "step", "epoch", "args", "world", "videos", "encoder"}
     assert ckpt["step"] == 3 and ckpt["epoch"] == 0
     assert {k: ckpt["encoder"][k] for k in ("path", "size")} == dict(path=os.path.abspath(tiny_weights),
@@ -1948,13 +1992,13 @@ def test_resume_after_sigterm_and_sigint_equals_uninterrupted(tiny_weights, smal
     signal_at(3, signal.SIGINT)  # resume, and press Ctrl-C mid-epoch 1 (global step 6)
     code, out, err = train_cli(tiny_weights, small_videos, b, *common, "--resume", capsys=capsys)
     assert code == 130 and "starting at step 3" in out and "interrupted: step 6/8" in out, (code, err)
-    assert torch.load(b / "cosettle.pth", weights_only=True)["step"] == 6
+    assert read_ckpt(b / "cosettle.pth")["step"] == 6
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     code, out, _ = train_cli(tiny_weights, small_videos, b, *common, "--resume", capsys=capsys)
     assert code == 0 and "starting at step 6" in out and "done: step 8/8" in out
 
-    ca = torch.load(tmp_path / "a" / "cosettle.pth", weights_only=True)
-    cb = torch.load(b / "cosettle.pth", weights_only=True)
+    ca = read_ckpt(tmp_path / "a" / "cosettle.pth")
+    cb = read_ckpt(b / "cosettle.pth")
     assert ca["step"] == cb["step"] == 8 and ca["epoch"] == cb["epoch"] == 2
     for k, v in ca["projection"].items():
         assert torch.equal(cb["projection"][k], v), k
@@ -1995,7 +2039,9 @@ def torchrun(wrapper, argv, tmp_path, env):
 def test_ddp_two_processes_equal_one_and_bad_videos_stop_every_rank(tiny_weights, small_videos, tmp_path):
     wrapper = tmp_path / "run_train.py"
     wrapper.write_text(WRAPPER.format(repo=str(REPO)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # the CPU path (gloo), pinned: gradient averaging is what is checked, and on a one-GPU machine rank 1 would
+    # ask for a GPU 1 that is not there
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
     common = ["--weights", str(tiny_weights), "--videos", str(small_videos), "--no-compile", "--workers", "0",
               "--epochs", "1", "--blr", "1", "--warmup-epochs", "0", "--seed", "3"]  # 8 videos: 2 steps of 4
     ddp = torchrun(wrapper, common + ["--batch-size", "2", "--out", str(tmp_path / "ddp")], tmp_path, env)
@@ -2005,8 +2051,8 @@ def test_ddp_two_processes_equal_one_and_bad_videos_stop_every_rank(tiny_weights
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "1 process(es) x 4 clips, 2 steps/epoch" in one.stdout
-    a = torch.load(tmp_path / "ddp" / "cosettle.pth", weights_only=True)
-    b = torch.load(tmp_path / "one" / "cosettle.pth", weights_only=True)
+    a = read_ckpt(tmp_path / "ddp" / "cosettle.pth")
+    b = read_ckpt(tmp_path / "one" / "cosettle.pth")
     assert a["step"] == b["step"] == 2
     for k, v in b["projection"].items():
         torch.testing.assert_close(a["projection"][k], v, rtol=0, atol=1e-5)
@@ -2034,15 +2080,15 @@ def test_shared_run_hint_handlers_and_overwrite(trained_run, tmp_path, capsys):
     assert restored
     hints = [line for line in stdout.splitlines() if line.startswith("hint:")]
     assert len(hints) == 1 and "2 steps at --blr 0.0001" in hints[0] and "--blr 0.1" in hints[0]
-    assert torch.load(out_dir / "cosettle.pth", weights_only=True)["step"] == 2
+    assert read_ckpt(out_dir / "cosettle.pth")["step"] == 2
     run_dir = copy_run(trained_run, tmp_path)
-    ckpt = torch.load(run_dir / "cosettle.pth", weights_only=True)
+    ckpt = read_ckpt(run_dir / "cosettle.pth")
     assert ckpt["world"] == 1 and ckpt["videos"] == 8 and ckpt["args"]["batch_size"] == 4
     args = json.loads(json.dumps(ckpt["args"], default=str))
     code, out, err = train_cli(args["weights"], args["videos"], run_dir, "--batch-size", "8", "--epochs", "2",
                                "--blr", "0.01", "--overwrite", capsys=capsys)
     assert code == 0 and "done: step 2/2" in out and "hint:" not in out, err
-    assert torch.load(run_dir / "cosettle.pth", weights_only=True)["step"] == 2
+    assert read_ckpt(run_dir / "cosettle.pth")["step"] == 2
     assert [r["step"] for r in read_log(run_dir)] == [2]
 
 
@@ -2059,13 +2105,13 @@ def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weig
     mid-epoch, so nothing is saved in between."""
     out_dir = copy_run(trained_run, tmp_path)
     ckpt_path = out_dir / "cosettle.pth"
-    good = torch.load(ckpt_path, weights_only=True)
+    good = read_ckpt(ckpt_path)
     assert good["step"] == 2
     code, _, err = train_cli(tiny_weights, small_videos, out_dir, "--batch-size", "4", "--epochs", "2", "--blr", "inf",
                              "--resume", capsys=capsys)
     check_error(code, err, ckpt_path, "last good state", re.compile(r"step [34]\b"),
                 re.compile(r"\b(nan|inf|non-finite)\b"))
-    kept = torch.load(ckpt_path, weights_only=True)
+    kept = read_ckpt(ckpt_path)
     assert kept["step"] == 2
     for k, v in good["projection"].items():
         assert torch.equal(kept["projection"][k], v)
@@ -2078,10 +2124,10 @@ def test_nan_update_on_epoch_boundary_is_not_checkpointed(tiny_weights, small_vi
     code, _, err = train_cli(*common, "--epochs", "1", capsys=capsys)
     assert code == 0, err
     ckpt_path = out_dir / "cosettle.pth"
-    good = torch.load(ckpt_path, weights_only=True)
+    good = read_ckpt(ckpt_path)
     code, _, err = train_cli(*common, "--epochs", "3", "--blr", "inf", "--resume", capsys=capsys)
     check_error(code, err, ckpt_path, re.compile(r"step [23]\b"))  # step 2's update (lr inf) ruins the weights
-    kept = torch.load(ckpt_path, weights_only=True)
+    kept = read_ckpt(ckpt_path)
     assert all(torch.isfinite(v).all() for v in kept["projection"].values()), "non-finite weights were saved"
     assert kept["step"] == good["step"] == 1
 
@@ -2100,7 +2146,7 @@ def test_short_and_corrupt_videos_warn_and_training_continues(tiny_weights, tmp_
     assert "warning: " in err and "cannot decode" in err
     assert "skipped 2 of 10" in err
     assert "8 videos" in out and "done: step 2/2" in out
-    ckpt = torch.load(out_dir / "cosettle.pth", weights_only=True)
+    ckpt = read_ckpt(out_dir / "cosettle.pth")
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["projection"].values())
 
 
@@ -2999,6 +3045,7 @@ TRAIN_BAD = [  # (flags after the defaults, what the error line must hold); defa
     (["--weights", "W", "--out", "RUN", "--epochs", "2"], ["RUN/cosettle.pth", "--resume", "--overwrite"]),
     # issue 10: no flag is silently ignored
     (["--bench"], ["--bench does not use --videos, --out, --workers"]),
+    (["--bench-data"], ["--bench-data does not use --weights, --out, --batch-size, --no-compile"]),
 ]
 
 

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=4 train.py --weights ... --videos ...          # 4 GPUs x 128 = the paper's 512
     python train.py                                                          # embedded demo (synthetic, random ViT)
     python train.py --bench [--weights W.pth] [--batch-size 8]              # training clips/s, ours vs official step
+    python train.py --bench-data [--videos DIR] [--workers N]               # loader clips/s
 
 The defaults are the official recipe (yafeng19/Co-Settle main_pretrain.py): 5 epochs (1 warm-up), 128 clips per
 process, lr = blr * global_batch / 256 with blr 1e-4, AdamW (0.9, 0.95), weight decay 0.05 on the linear weight
@@ -17,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import torch
@@ -27,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 from cosettle import (CLIP_GAP, FAMILIES, IMAGENET_STATS, LAMBDA_REG, PEA_RATIO, SIZE, TEMP, BadInput, CoSettle,
                       build_vit, fingerprint, fuse, is_official, load_encoder, objective, official_objective,
                       read_checkpoint, shifted_pos_embed, timeit)
-from data import (FramePairs, at_least, atomic, check_out_dir, find_videos, make_davis, positive, refuse_unused,
-                  write_synthetic_videos)
+from data import (FramePairs, at_least, atomic, check_out_dir, find_videos, make_davis, normalise_batch, positive,
+                  refuse_unused, write_synthetic_videos)
 from eval_davis import compare
 
 LOG_EVERY = 10           # steps between progress lines / log.jsonl records
@@ -62,9 +64,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=at_least(0, int, below=2 ** 32), default=0)  # numpy and torch seeds are 32/64-bit
     p.add_argument("--resume", action="store_true", help="continue from OUT/cosettle.pth")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoint and log of a run already in OUT")
-    p.add_argument("--no-compile", action="store_true", help="use the eager loss instead of the fused kernel")
+    p.add_argument("--no-compile", action="store_true",
+                   help="use the eager loss instead of the fused kernel (and, on CUDA, the eager encoder)")
     p.add_argument("--bench", action="store_true", help="measure training clips/s and exit")
+    p.add_argument("--bench-data", action="store_true", help="measure the loader's clips/s and exit")
     args = p.parse_args(argv)
+    if args.bench_data:
+        refuse_unused(p, args, "--bench-data", {"bench_data", "videos", "workers"})
     if args.bench:
         refuse_unused(p, args, "--bench", {"bench", "weights", "family", "batch_size", "no_compile", "temp",
                                            "lambda_reg", "pea_ratio"})
@@ -124,11 +130,10 @@ def compile_objective(encoder, batch, device, args):
     return fuse(objective, (batch, tokens, encoder.embed_dim), device, args.temp, args.lambda_reg)
 
 
-def input_stats(encoder, args):
-    """ImageNet mean/std for every family, as the official training code and its metric script use;
-    --native-stats switches to the family's own (CLIP's for CLIP and BLIP)."""
-    mean, std = encoder.native_stats if args.native_stats else IMAGENET_STATS
-    return dict(mean=mean, std=std)
+def input_stats(encoder, args, device):
+    """(mean, std) on the device: ImageNet's for every family, as the official training code and its metric script
+    use; --native-stats switches to the family's own (CLIP's for CLIP and BLIP)."""
+    return [torch.tensor(s, device=device) for s in (encoder.native_stats if args.native_stats else IMAGENET_STATS)]
 
 
 def setup_distributed():
@@ -195,8 +200,9 @@ def cycle_accuracy(model, videos, device, dtype, seed, batch_size=8):
     g = torch.Generator().manual_seed(seed + 1)
     accs = []
     for x1, x2 in loader:
+        x1, x2 = normalise_batch(x1.to(device)), normalise_batch(x2.to(device))
         with mixed_precision(device, dtype):
-            accs.append(model(x1.to(device), x2.to(device), generator=g)["accuracy"].item())
+            accs.append(model(x1, x2, generator=g)["accuracy"].item())
     return sum(accs) / len(accs)
 
 
@@ -213,12 +219,18 @@ def train(args):
                   f"using the eager loss (pass --no-compile to skip the attempt)", file=sys.stderr)
     torch.manual_seed(args.seed)  # the projection's initial weights
     model = CoSettle(encoder, args.temp, args.lambda_reg, args.pea_ratio, loss_fn).to(device)
+    # On CUDA the frozen forward is most of the step: compiled for the one batch shape training feeds it, where the
+    # loss compiled (a host without a working compiler has said so above, and runs both eager). CPU: eager.
+    compiled_encoder = device.type == "cuda" and loss_fn is not objective
+    if compiled_encoder:
+        model.encoder.compile(dynamic=False)
     projection = model.projection
     if world > 1:  # only the 0.59M trainable parameters are synchronised; the encoder never sees DDP
         projection = DistributedDataParallel(projection, device_ids=[device.index] if device.type == "cuda" else None)
     dtype = autocast_dtype(device)
 
-    data = FramePairs(videos, size=SIZE, clip_gap=args.clip_gap, seed=args.seed, **input_stats(encoder, args))
+    data = FramePairs(videos, size=SIZE, clip_gap=args.clip_gap, seed=args.seed)
+    mean, std = input_stats(encoder, args, device)
     steps_per_epoch = len(data) // (args.batch_size * world)
     if steps_per_epoch == 0:
         raise BadInput(f"{args.videos}: {len(data)} videos cannot fill one global batch of {args.batch_size * world}")
@@ -247,7 +259,8 @@ def train(args):
     if rank == 0:
         print(f"{len(videos)} videos, {world} process(es) x {args.batch_size} clips, {steps_per_epoch} steps/epoch, "
               f"lr {base_lr:.2e}, {device}{', bf16 autocast' if dtype else ''}, "
-              f"{'fused' if loss_fn is not objective else 'eager'} loss, starting at step {step}")
+              f"{'fused' if loss_fn is not objective else 'eager'} loss, "
+              f"{'compiled' if compiled_encoder else 'eager'} encoder, starting at step {step}")
         if total_steps < SHORT_RUN and args.blr <= OFFICIAL_BLR:
             print(f"hint: {total_steps} steps at --blr {args.blr:g} leave the projection near its initialisation (the "
                   f"official rate is meant for ~2,300 steps of 512 Kinetics clips); on a small set try --blr 0.1, as "
@@ -266,8 +279,10 @@ def train(args):
                 # one PEA offset per step, the same on every rank, from a generator seeded by (seed, step): the seed
                 # scaled by a prime larger than any run's step count, so no two (seed, step) pairs share a seed
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+                # uint8 from the loader (pinned on CUDA: the copy is queued, the host goes on), normalised there
+                x1, x2 = (normalise_batch(x.to(device, non_blocking=True), mean, std) for x in (x1, x2))
                 with mixed_precision(device, dtype):
-                    out = model(x1.to(device, non_blocking=True), x2.to(device, non_blocking=True), g, projection)
+                    out = model(x1, x2, g, projection)
                 # Stop (NaN, or a signal seen by any rank) is decided here, from the value all ranks share, so
                 # every rank stops after the same step and none is left waiting in a collective.
                 flags = torch.stack([~out["loss"].detach().isfinite(),
@@ -412,10 +427,12 @@ def demo(args):
     model = model.to(device)
     before = cycle_accuracy(model.eval(), videos, device, dtype, args.seed)
     trained, _ = train(args)
-    trained.loss_fn = objective  # measured as `before` is, eagerly (the fused loss would compile again for no_grad)
-    after = cycle_accuracy(trained.eval(), videos, device, dtype, args.seed)
+    # `after` on `model` too, its encoder the same seeded ViT: eager, as `before` was (train() compiles its loss,
+    # and on CUDA its encoder, for the training shapes; compare's frame sizes would each compile again)
+    model.projection.load_state_dict(trained.projection.state_dict())
+    after = cycle_accuracy(model.eval(), videos, device, dtype, args.seed)
     davis = make_davis(os.path.join(args.out, "synthetic_davis"), n_seqs=3, n_frames=12, seed=args.seed)
-    jf = compare(trained.encoder, trained.projection, davis, os.path.join(args.out, "davis_results"), "paper",
+    jf = compare(model.encoder, model.projection, davis, os.path.join(args.out, "davis_results"), "paper",
                  size=(192, 256), verbose=False)  # the paper protocol, at the synthetic frames' scale
     print(f"cycle accuracy on fixed synthetic pairs: before {before:.3f} -> after {after:.3f}")
     print(f"J&F on 3 synthetic DAVIS sequences ({davis}): frozen {jf['baseline']['davis']['J&F-Mean']:.3f} -> "
@@ -464,13 +481,39 @@ def bench(args):
     print(f"  speed-up x{rates[1] / rates[0]:.1f}")
 
 
+def bench_data(args):
+    """The loader's clips/s (two decoded, cropped 224-px uint8 frames a clip) over --videos, or over 64 synthetic
+    videos of 16 JPEG frames at 340x256, the size of Kinetics frames as usually extracted, in a temporary folder:
+    one process calling FramePairs, then --workers DataLoader workers (their start-up included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.videos:
+            print(f"writing 64 synthetic videos of 16 JPEG frames at 340x256 under {tmp}")
+        videos = find_videos(args.videos) if args.videos else write_synthetic_videos(tmp, 64, 16, 256, 340)
+        data = FramePairs(videos, SIZE, CLIP_GAP)
+        order = [k % len(data) for k in range(512)]
+        print(f"loader: {len(order)} clips of {len(videos)} videos, two {SIZE}-px uint8 frames a clip")
+        t = time.perf_counter()
+        for k in order:
+            data[k]
+        rate = len(order) / (time.perf_counter() - t)
+        print(f"  1 process, no DataLoader   {rate:7.1f} clips/s  ({1e3 / rate:.2f} ms a clip)")
+        loader = torch.utils.data.DataLoader(data, batch_size=16, sampler=order, num_workers=args.workers,
+                                             pin_memory=torch.cuda.is_available())
+        t = time.perf_counter()
+        for _ in loader:
+            pass
+        print(f"  {args.workers} DataLoader workers     {len(order) / (time.perf_counter() - t):7.1f} clips/s")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if not args.bench and args.weights is None and args.videos is None:
+    if not (args.bench or args.bench_data) and args.weights is None and args.videos is None:
         args = parse_args(DEMO_ARGS + argv)
     try:
-        if args.bench:
+        if args.bench_data:
+            bench_data(args)
+        elif args.bench:
             bench(args)
         elif args.weights is None and args.videos is None:
             demo(args)
