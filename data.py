@@ -240,14 +240,72 @@ def load_rgb(path, draft_size=None):
 
 
 def to_tensor(img):
-    """RGB PIL image (or uint8 H×W×3 array) -> uint8 tensor [3, H, W]; normalise_batch makes it model input."""
+    """RGB PIL image (or uint8 H×W×3 array) -> uint8 tensor [3, H, W]."""
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
+def bicubic_weights(n, lo, hi, out):
+    """Pillow's BICUBIC resize of the span [lo, hi) of an n-pixel axis to `out` pixels, as a matrix: -> (first
+    source pixel used, weights [out, m] over the m source pixels from there). Pillow's own numbers
+    (src/libImaging/Resample.c precompute_coeffs, normalize_coeffs_8bpc): the box edges in float32, the filter
+    widened by the downscale factor, each row normalised, then rounded to 22-bit fixed point."""
+    lo, hi = np.float32(lo), np.float32(hi)
+    scale = float(hi - lo) / out
+    stretch = max(scale, 1.0)
+    support = 2.0 * stretch
+    centre = float(lo) + (np.arange(out) + 0.5) * scale
+    first = np.maximum((centre - support + 0.5).astype(np.int64), 0)  # C's (int): towards zero, then clamped
+    last = np.minimum((centre + support + 0.5).astype(np.int64), n)
+    taps = first[:, None] + np.arange(int(np.ceil(support)) * 2 + 1)  # each row's window, as Pillow's ksize
+    d = np.abs((taps - centre[:, None] + 0.5) * (1.0 / stretch))
+    w = np.where(d < 1, (1.5 * d - 2.5) * d * d + 1, np.where(d < 2, (((d - 5) * d + 8) * d - 4) * -0.5, 0.0))
+    w *= taps < last[:, None]
+    w /= w.sum(1, keepdims=True)
+    x0 = int(first[0])
+    dense = np.zeros((out, int(last[-1]) - x0), np.float32)
+    rows = np.arange(out)[:, None].repeat(taps.shape[1], 1)
+    keep = taps < last[:, None]
+    dense[rows[keep], taps[keep] - x0] = np.sign(w[keep]) * np.floor(np.abs(w[keep]) * 2 ** 22 + 0.5) / 2 ** 22
+    return x0, dense
+
+
+def resample(pixels, wy, wx):
+    """Crops to size×size where they are (the training step's device): uint8 pixels [B, 3, h, w] and
+    bicubic_weights' wy [B, S, h], wx [B, S, w] -> float32 [B, 3, S, S] in 0..255. Pillow's two passes, each
+    rounded to 8 bits as Pillow rounds: equal to Image.resize(BICUBIC, box) but for float32's rounding, which
+    moves ~1 pixel in 70,000 by one level (fp32 matmuls: keep TF32 off, torch's default)."""
+    B, _, h, w = pixels.shape
+    S = wx.shape[1]
+    x = torch.bmm(pixels.to(wx.dtype).view(B, 3 * h, w), wx.transpose(1, 2)).add_(0.5).floor_().clamp_(0, 255)
+    x = torch.bmm(wy, x.view(B, 3, h, S).transpose(1, 2).reshape(B, h, 3 * S)).add_(0.5).floor_().clamp_(0, 255)
+    return x.view(B, S, 3, S).transpose(1, 2)
+
+
+def collate_crops(items):
+    """DataLoader collate for FramePairs: per frame of the pair, the crops zero-padded to the batch's largest
+    (their weights are zero there) -> [(pixels, wy, wx) of frame 1, (pixels, wy, wx) of frame 2]."""
+    out = []
+    for crops in zip(*items):
+        h, w = max(c[0].shape[1] for c in crops), max(c[0].shape[2] for c in crops)
+        pixels = torch.zeros(len(crops), 3, h, w, dtype=torch.uint8)
+        wy = torch.zeros(len(crops), crops[0][1].shape[0], h)
+        wx = torch.zeros(len(crops), crops[0][2].shape[0], w)
+        for k, (p, y, x) in enumerate(crops):
+            pixels[k, :, :p.shape[1], :p.shape[2]], wy[k, :, :y.shape[1]], wx[k, :, :x.shape[1]] = p, y, x
+        out.append((pixels, wy, wx))
+    return out
+
+
+def model_input(crops, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """A collated frame batch (pixels, wy, wx) -> normalised float32 [B, 3, S, S] on the device: copied as uint8
+    (a quarter of float32's bytes; pinned by the DataLoader on CUDA, so the copy is queued and the host goes on),
+    then resampled and normalised there."""
+    x = resample(*(t.to(device, non_blocking=True) for t in crops))
+    return normalise_batch(x, mean, std)
+
+
 def normalise_batch(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """uint8 images [..., 3, H, W] -> float32 (x/255 - mean) / std, computed where x is: the loader ships uint8
-    (a quarter of float32's bytes through worker queues, pinning and the host-to-device copy) and the device
-    normalises. The same float32 operations as a normalising loader, so the same numbers on the CPU."""
+    """Images [..., 3, H, W] in 0..255 (uint8 or float) -> float32 (x/255 - mean) / std, where x is."""
     mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)  # no copy if already there
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
     return (x.float() / 255 - mean) / std
@@ -257,8 +315,9 @@ def normalise_batch(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 # the training dataset
 
 class FramePairs(torch.utils.data.Dataset):
-    """Training pairs: item idx = two uint8 frames [3, size, size] of video idx, same crop, same flip (the
-    training step normalises them on the device, with data.normalise_batch).
+    """Training pairs: item idx = two frames of video idx, same crop, same flip, each as (uint8 pixels of the
+    crop window, wy, wx): the bicubic resize to size×size is two small matrices the training step applies on the
+    device (data.model_input), so a worker only decodes. Batch them with collate_fn=collate_crops.
 
     Randomness is a pure function of (seed, epoch, idx), so a sample does not depend on the number of DataLoader
     workers and is reproduced after a resume. Call set_epoch(e) before building the epoch's iterator (workers
@@ -290,18 +349,18 @@ class FramePairs(torch.utils.data.Dataset):
         return i, j, box, flip
 
     def crop(self, img, box, flip):
-        """Cut the relative window out of the frame at its own resolution and resize it (bicubic) to size×size.
+        """The relative window of the frame at its own resolution, and the weights that resize it (Pillow's
+        bicubic) to size×size, the flip folded into wx: -> (uint8 [3, h, w], wy [size, h], wx [size, w]).
 
         The official code resamples twice (frame -> 224×224, then crop -> 224×224, upsampling the crop); one
         resample from the original frame shows the same window without that loss of detail.
         """
         W, H = img.size
         left, top, w, h = box
-        img = img.resize((self.size, self.size), Image.Resampling.BICUBIC,
-                         box=(left * W, top * H, (left + w) * W, (top + h) * H))
-        if flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(img)
+        x0, wx = bicubic_weights(W, left * W, (left + w) * W, self.size)
+        y0, wy = bicubic_weights(H, top * H, (top + h) * H, self.size)
+        pixels = to_tensor(img.crop((x0, y0, x0 + wx.shape[1], y0 + wy.shape[1])))
+        return pixels, torch.from_numpy(wy), torch.from_numpy(np.ascontiguousarray(wx[::-1]) if flip else wx)
 
     def load(self, idx):
         names = frame_names(self.videos[idx])  # a Path per frame of a 300-frame video would cost ~1 ms a clip

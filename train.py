@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 from cosettle import (CLIP_GAP, FAMILIES, IMAGENET_STATS, LAMBDA_REG, PEA_RATIO, SIZE, TEMP, BadInput, CoSettle,
                       build_vit, fingerprint, fuse, is_official, load_encoder, objective, official_objective,
                       read_checkpoint, shifted_pos_embed, timeit)
-from data import (FramePairs, at_least, atomic, check_out_dir, find_videos, make_davis, normalise_batch, positive,
-                  refuse_unused, write_synthetic_videos)
+from data import (FramePairs, at_least, atomic, check_out_dir, collate_crops, find_videos, make_davis, model_input,
+                  positive, refuse_unused, write_synthetic_videos)
 from eval_davis import compare
 
 LOG_EVERY = 10           # steps between progress lines / log.jsonl records
@@ -196,11 +196,11 @@ def cycle_accuracy(model, videos, device, dtype, seed, batch_size=8):
     """Mean cycle accuracy (Eq. 2's) of the current projection on fixed pairs of `videos`: same frames, crops and
     PEA offsets every call, so 'before' and 'after' are measured on identical inputs."""
     data = FramePairs(videos, SIZE, CLIP_GAP, seed=seed + 1)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate_crops)
     g = torch.Generator().manual_seed(seed + 1)
     accs = []
     for x1, x2 in loader:
-        x1, x2 = normalise_batch(x1.to(device)), normalise_batch(x2.to(device))
+        x1, x2 = model_input(x1, device), model_input(x2, device)
         with mixed_precision(device, dtype):
             accs.append(model(x1, x2, generator=g)["accuracy"].item())
     return sum(accs) / len(accs)
@@ -279,8 +279,7 @@ def train(args):
                 # one PEA offset per step, the same on every rank, from a generator seeded by (seed, step): the seed
                 # scaled by a prime larger than any run's step count, so no two (seed, step) pairs share a seed
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-                # uint8 from the loader (pinned on CUDA: the copy is queued, the host goes on), normalised there
-                x1, x2 = (normalise_batch(x.to(device, non_blocking=True), mean, std) for x in (x1, x2))
+                x1, x2 = model_input(x1, device, mean, std), model_input(x2, device, mean, std)
                 with mixed_precision(device, dtype):
                     out = model(x1, x2, g, projection)
                 # Stop (NaN, or a signal seen by any rank) is decided here, from the value all ranks share, so
@@ -402,6 +401,7 @@ def epoch_loader(data, epoch, skip, steps_per_epoch, args, rank, world, device):
     sampler.set_epoch(epoch)
     order = list(sampler)[skip * args.batch_size: steps_per_epoch * args.batch_size]
     return torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=order, drop_last=True,
+                                       collate_fn=collate_crops,
                                        num_workers=args.workers, pin_memory=device.type == "cuda")
 
 
@@ -482,27 +482,30 @@ def bench(args):
 
 
 def bench_data(args):
-    """The loader's clips/s (two decoded, cropped 224-px uint8 frames a clip) over --videos, or over 64 synthetic
-    videos of 16 JPEG frames at 340x256, the size of Kinetics frames as usually extracted, in a temporary folder:
-    one process calling FramePairs, then --workers DataLoader workers (their start-up included)."""
+    """The loader's clips/s (two decoded 224-px crops a clip) over --videos, or over 64 synthetic videos of 16
+    JPEG frames at 340x256, the size of Kinetics frames as usually extracted, in a temporary folder: one process
+    calling FramePairs, then --workers DataLoader workers (their start-up included), then the resample and
+    normalisation the training step does on the device."""
     with tempfile.TemporaryDirectory() as tmp:
         if not args.videos:
             print(f"writing 64 synthetic videos of 16 JPEG frames at 340x256 under {tmp}")
         videos = find_videos(args.videos) if args.videos else write_synthetic_videos(tmp, 64, 16, 256, 340)
         data = FramePairs(videos, SIZE, CLIP_GAP)
         order = [k % len(data) for k in range(512)]
-        print(f"loader: {len(order)} clips of {len(videos)} videos, two {SIZE}-px uint8 frames a clip")
+        print(f"loader: {len(order)} clips of {len(videos)} videos, two {SIZE}-px crops a clip")
         t = time.perf_counter()
         for k in order:
             data[k]
         rate = len(order) / (time.perf_counter() - t)
         print(f"  1 process, no DataLoader   {rate:7.1f} clips/s  ({1e3 / rate:.2f} ms a clip)")
-        loader = torch.utils.data.DataLoader(data, batch_size=16, sampler=order, num_workers=args.workers,
-                                             pin_memory=torch.cuda.is_available())
+        loader = torch.utils.data.DataLoader(data, batch_size=128, sampler=order, num_workers=args.workers,
+                                             collate_fn=collate_crops, pin_memory=torch.cuda.is_available())
         t = time.perf_counter()
-        for _ in loader:
-            pass
+        batches = list(loader)
         print(f"  {args.workers} DataLoader workers     {len(order) / (time.perf_counter() - t):7.1f} clips/s")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        wall = timeit(lambda: [model_input(x, device) for x in batches[0]], warmup=1, iters=3, device=device.type)[0]
+        print(f"  resample + normalise on {device}: {128 / wall:7.1f} clips/s  ({1e3 * wall / 128:.2f} ms a clip)")
 
 
 def main(argv=None):
