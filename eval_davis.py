@@ -589,6 +589,13 @@ def within_radius(h, w, radius, device):
     return ((i[:, None] - i[None]) ** 2 + (j[:, None] - j[None]) ** 2).float() ** 0.5 < radius
 
 
+def chunk_scores(device):
+    """How many scores a propagation step computes at once (queries x keys): 64 MB of them on a CPU, as the CPU
+    results were checked with; 1 GB on a GPU, where each chunk costs ~20 kernel launches (ViT-S/8 at 480x880: 52
+    chunks a frame at 64 MB, 4 at 1 GB)."""
+    return 1 << (24 if device.type == "cpu" else 28)
+
+
 def norm_mask(x):
     """DINO's norm_mask on [..., K, H, W]: channels whose max is > 0 are min-max scaled to [0, 1] (a constant
     positive channel becomes NaN there too, and torch.max then picks it)."""
@@ -618,7 +625,7 @@ class Propagation:
         k = min(self.params["topk"], m * N)
         keys, labels = self.feats[:m].reshape(m * N, -1), self.labels[:m].reshape(m * N, K)
         soft = torch.empty(N, K, device=q.device)
-        step = max(1, (1 << 24) // (m * N))  # queries per chunk: affinities stay under 64 MB
+        step = max(1, chunk_scores(q.device) // (m * N))  # queries per chunk
         for a in range(0, N, step):
             aff = q[a:a + step] @ keys.T  # [queries, all context keys]: cosine similarity
             if self.outside is not None:  # keys outside the window can never be chosen
@@ -681,7 +688,7 @@ class CRWPropagation:
         labels = torch.cat([self.label0, self.labels[:r].reshape(r * N, C)])  # [(1 + r) N, C]
         offset = N * torch.arange(1, r + 1, device=q.device)[:, None, None]  # real frame j's cells in `labels`
         soft = torch.empty(N, C, device=q.device)
-        step = max(1, (1 << 24) // (max(r, 1) * N))  # queries per chunk: scores stay under 64 MB
+        step = max(1, chunk_scores(q.device) // (max(r, 1) * N))  # queries per chunk
         for a in range(0, N, step):
             qa, bias = q[a:a + step], self.bias[a:a + step]
             s0 = qa @ self.key0.T
