@@ -1021,13 +1021,11 @@ CLS_TOO = ("dino", "ibot", "mocov3", "blip", "dinov2")  # their forward_no_adapt
 def tradeoff_videos(path):
     """--videos: cal_metric.py's --sample_csv_path (one frame folder per line, relative to the working directory,
     in order) or a folder of frame folders; those without exactly 40 frames are skipped, as there."""
-    if not Path(path).is_file():
-        folders = find_videos(path)
-    else:
-        try:
-            folders = [Path(s.strip()) for s in Path(path).read_text().splitlines() if s.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise BadInput(f"--videos {path}: cannot read the list of video folders ({e}).") from e
+    try:
+        folders = [Path(s.strip()) for s in Path(path).read_text().splitlines() if s.strip()] \
+            if Path(path).is_file() else find_videos(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"--videos {path}: cannot read the list of video folders ({e}).") from e
     n = {f: len(list_frames(f)) if f.is_dir() else None for f in folders}
     for f in (f for f in folders if n[f] != N_FRAMES):
         print(f"Skipping {f}: " + ("path does not exist" if n[f] is None else f"has {n[f]} frames, expected 40"))
@@ -1068,8 +1066,7 @@ def tradeoff_metrics(videos):
     intra, diam, cycle, mid = (torch.stack(v) for v in zip(*videos))  # [N], [N, 3], [N], [N, P, D]
     N, P, D = mid.shape
     m = {"cycle": float(np.mean([cycle[a:a + 32].mean().item() for a in range(0, N, 32)]))}
-    sv = torch.linalg.svdvals(mid.reshape(N * P, D))
-    q = sv / sv.sum() + 1e-12
+    q = F.normalize(torch.linalg.svdvals(mid.reshape(N * P, D)), p=1, dim=0) + 1e-12  # singular values / their sum
     m["rank"] = (torch.exp(-(q * q.log()).sum()) / min(N * P, D)).item()
     m["intra"] = [intra.mean().item()] + (intra[:, None] / (diam + 1e-8)).mean(0).tolist()
     x = mid[:, torch.randperm(P, generator=torch.Generator().manual_seed(42))[:8]] if P > 8 else mid
