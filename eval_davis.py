@@ -7,7 +7,7 @@ davis2017-evaluation's J&F. VIP: semantic parts, the official mIoU. JHMDB: 15 jo
     python eval_davis.py --weights W.pth [--ckpt C.pth] [--compare] --davis DAVIS/ --vip VIP_Fine/ --jhmdb JHMDB/
     python eval_davis.py --weights dino+ours/checkpoint-4.pth --compare --davis DAVIS/   # the authors' file
     python eval_davis.py --davis DAVIS/ --masks results/        # score an existing results folder
-    python eval_davis.py --tradeoff --videos DIR [--ckpt ...]   # label-free trade-off metrics (paper Table 4)
+    python eval_davis.py --tradeoff --videos LIST [--ckpt ...]  # label-free trade-off metrics (paper Table 4)
     python eval_davis.py --bench                                # s/frame of each pipeline, peak memory
 
 Two propagation algorithms: CRW's as CropMAE runs it (alexandre-eymael/CropMAE downstreams/propagation, the
@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from cosettle import (CLIP_GAP, FAMILIES, SIZE, TEMP, BadInput, build_vit, cycle_loss, load_encoder, load_projection,
-                      timeit)
+from cosettle import FAMILIES, BadInput, build_vit, load_encoder, load_projection, timeit
 from data import (IMAGENET_MEAN, IMAGENET_STD, at_least, atomic, check_out_dir, davis_palette, find_videos, list_frames,
                   is_frame, load_rgb, make_davis, numbered, positive, read_jhmdb, refuse_unused, synthetic_video)
 
@@ -1019,58 +1018,102 @@ def difference(a, b):
 
 
 # -----------------------------------------------------------------------------
-# Label-free trade-off metrics (paper Table 4)
+# Label-free trade-off metrics (paper Table 4): yafeng19/Co-Settle cal_metric.py as scripts/cal_metric_*.sh run it
+
+N_FRAMES, PERCENTILES = 40, (90, 95, 100)
+CYCLE_PAIRS = torch.tensor([[0.25, 0.4], [0.35, 0.5], [0.45, 0.6], [0.55, 0.7], [0.65, 0.8]])  # (t1, t2) / T
+CLS_TOO = ("dino", "ibot", "mocov3", "blip", "dinov2")  # their forward_no_adapter keeps the normed CLS token
 
 
-def diameter(x):
-    """Largest distance between two rows of L2-normalised x [M, D], in chunks: sqrt(2 - 2 min cos)."""
-    lo = min((x[a:a + 256] @ x.T).min().item() for a in range(0, len(x), 256))
-    return math.sqrt(max(2 - 2 * lo, 1e-12))
+def tradeoff_videos(path):
+    """--videos: cal_metric.py's --sample_csv_path (one frame folder per line, relative to the working directory,
+    in order) or a folder of frame folders; those without exactly 40 frames are skipped, as there."""
+    try:
+        folders = [Path(s.strip()) for s in Path(path).read_text().splitlines() if s.strip()] \
+            if Path(path).is_file() else find_videos(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"--videos {path}: cannot read the list of video folders ({e}).") from e
+    n = {f: len(list_frames(f)) if f.is_dir() else None for f in folders}
+    for f in (f for f in folders if n[f] != N_FRAMES):
+        print(f"Skipping {f}: " + ("path does not exist" if n[f] is None else f"has {n[f]} frames, expected 40"))
+    if N_FRAMES not in n.values():
+        raise BadInput(f"--videos {path}: no video with exactly {N_FRAMES} frames.")
+    print(f"Found {list(n.values()).count(N_FRAMES)} valid videos with exactly {N_FRAMES} frames")
+    return [f for f in folders if n[f] == N_FRAMES]
+
+
+def tradeoff_frame(path, mean, std):
+    """torchvision's Resize(256) + CenterCrop(224) on the PIL image: PIL bilinear (antialiased when shrinking)."""
+    img = load_rgb(path)
+    w, h = (256, int(256 * img.height / img.width)) if img.width <= img.height else \
+        (int(256 * img.width / img.height), 256)
+    left, top = int(round((w - 224) / 2.0)), int(round((h - 224) / 2.0))
+    img = img.resize((w, h), Image.BILINEAR).crop((left, top, left + 224, top + 224))
+    return normalise(torch.from_numpy(np.array(img)).permute(2, 0, 1).float(), (224, 224), mean, std)
+
+
+def video_metrics(f):
+    """One video's tokens [T, P, D] (P = S*S, or 1 + S*S, CLS first) -> (intra, diameters [3], cycle, middle)."""
+    T, P, D = f.shape
+    near = torch.cdist(f[3:T - 4], f[4:T - 3]).amin(-1)  # frames 3..T-4: each token's nearest in the next frame
+    intra = near.topk(int(P * 0.5), dim=-1, largest=False).values.mean(-1).mean()
+    r = (f.reshape(T * P, D) - f.reshape(T * P, D).mean(0)).norm(dim=-1)
+    diameters = torch.stack([2 * (r.max() if p == 100 else torch.quantile(r, p / 100.0)) for p in PERCENTILES])
+    s = math.isqrt(P)
+    g = F.avg_pool2d(f[:, P - s * s:].transpose(1, 2).reshape(T, D, s, s), 2).flatten(2).transpose(1, 2)  # no CLS
+    t1, t2 = (CYCLE_PAIRS * T).long().clamp(max=T - 1).T
+    walk = F.softmax(g[t1] @ g[t2].transpose(1, 2) / 0.03, -1) @ F.softmax(g[t2] @ g[t1].transpose(1, 2) / 0.03, -1)
+    cycle = (torch.log(walk + 1e-6).argmax(-1) == torch.arange(walk.shape[-1], device=f.device)).float().mean()
+    return intra, diameters, cycle, f[T // 2]
+
+
+def tradeoff_metrics(videos):
+    """cal_metric.py's numbers from video_metrics() of the videos, in list order. Cycle accuracy: the mean of the
+    means of batches of 32 videos; inter-video: 8 token positions drawn by randperm on a CPU generator seeded 42."""
+    intra, diam, cycle, mid = (torch.stack(v) for v in zip(*videos))  # [N], [N, 3], [N], [N, P, D]
+    N, P, D = mid.shape
+    m = {"cycle": float(np.mean([cycle[a:a + 32].mean().item() for a in range(0, N, 32)]))}
+    q = F.normalize(torch.linalg.svdvals(mid.reshape(N * P, D)), p=1, dim=0) + 1e-12  # singular values / their sum
+    m["rank"] = (torch.exp(-(q * q.log()).sum()) / min(N * P, D)).item()
+    m["intra"] = [intra.mean().item()] + (intra[:, None] / (diam + 1e-8)).mean(0).tolist()
+    x = mid[:, torch.randperm(P, generator=torch.Generator().manual_seed(42))[:8]] if P > 8 else mid
+    inter = torch.cat([(x[i + 1:] - x[i]).norm(dim=-1).mean(-1) for i in range(N)]).mean().item()  # NaN if N = 1
+    r = (x.reshape(-1, D) - x.reshape(-1, D).mean(0)).norm(dim=-1).sort().values
+    m["inter"] = [inter] + [inter / (2 * r[:int(len(r) * p / 100.0)].max().item() + 1e-8) for p in PERCENTILES]
+    return m
+
+
+def print_tradeoff(name, m):
+    """cal_metric.py's printout, and the cycle accuracy it writes to its CSV (its print is commented out)."""
+    print(f"\n{'=' * 40}\nGlobal Video Metric Results ({name}):\n- Cycle Accuracy: {m['cycle']:.4f}\n"
+          f"- Effective Rank: {m['rank']:.4f}")
+    labels = ["Original"] + [f"Normalized by {p}% diameter" for p in PERCENTILES]
+    for kind in ("Inter", "Intra"):
+        print(f"\n{kind}-video Distances:", *(f"- {k}: {v:.4f}" for k, v in zip(labels, m[kind.lower()])), sep="\n")
+    ratios = zip(["Original"] + [f"{p}% normalized" for p in PERCENTILES], m["inter"], m["intra"])
+    print("\nInter/Intra ratios:", *(f"- {k}: {a / b if b else math.nan:.4f}" for k, a, b in ratios), "=" * 40,
+          sep="\n")
 
 
 @torch.no_grad()
 def tradeoff(encoder, heads, videos, device="cpu", batch_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """{name: dict(cycle_acc, D_intra, D_inter, margin)} on every video folder under `videos`.
-
-    Frames are resized to the training size SIZE x SIZE (bilinear) and normalised with mean/std; tokens are
-    L2-normalised.
-    cycle_acc: for frame pairs (t, t + g), g = max(1, int(CLIP_GAP n)), the share of the 2x2-pooled tokens (49 for
-      patch 16) whose plain t -> t+g -> t walk, M = softmax(q1 q2^T / TEMP) softmax(q2 q1^T / TEMP), returns
-      to itself (argmax_j M_ij = i): cosettle.cycle_loss(p1, p2, p1)'s accuracy, i.e. without PEA; mean over
-      videos.
-    D_intra: per consecutive pair, each token's distance to its nearest token of the next frame, the closest
-      half averaged; over the pairs of a video, divided by the video's feature diameter; mean over videos.
-    D_inter: for every two videos, the mean distance between same-position tokens of their middle frames,
-      divided by the diameter of those two frames' tokens; mean over pairs (needs 2 videos, else NaN).
-    margin: D_inter - 0.3 D_intra.
-    """
-    folders = find_videos(videos)
-    acc = {k: [] for k in heads}
-    intra = {k: [] for k in heads}
-    middle = {k: [] for k in heads}
+    """{name: tradeoff_metrics(...)} of each head, one encoder pass per video. Head None: the frozen encoder's
+    patch tokens, with its CLS in front for CLS_TOO families as in cal_metric.py; else the projection's tokens."""
+    folders, kept, cls = tradeoff_videos(videos), {k: [] for k in heads}, []
+    hook = encoder.blocks[-1].register_forward_hook(lambda mod, inp, out: cls.append(encoder.norm(out[:, :1])))
     t0, every = time.perf_counter(), max(1, len(folders) // 20)
-    for i, folder in enumerate(folders):
-        if i % every == 0:  # about 20 progress lines however many videos
-            print(f"tradeoff: video {i + 1}/{len(folders)}, {time.perf_counter() - t0:.0f} s", flush=True)
-        frames = list_frames(folder)
-        x = torch.stack([load_frame(f, (SIZE, SIZE), mean, std) for f in frames])
-        base = torch.cat([encoder(x[a:a + batch_size].to(device)).float() for a in range(0, len(x), batch_size)])
-        g = max(1, int(CLIP_GAP * len(frames)))
-        for name, head in heads.items():
-            p = F.normalize(base if head is None else head(base), dim=-1)
-            acc[name].append(cycle_loss(p[:-g], p[g:], p[:-g], TEMP)[1].item())
-            near = torch.cdist(p[:-1], p[1:]).amin(-1).sort(-1).values[:, : p.shape[1] // 2]
-            intra[name].append(near.mean().item() / diameter(p.flatten(0, 1)))
-            middle[name].append(p[len(p) // 2])
-    out = {}
-    for name in heads:
-        mids = middle[name]
-        inter = [(mids[i] - mids[j]).norm(dim=-1).mean().item() / diameter(torch.cat([mids[i], mids[j]]))
-                 for i in range(len(mids)) for j in range(i + 1, len(mids))]
-        d_intra, d_inter = float(np.mean(intra[name])), float(np.mean(inter)) if inter else float("nan")
-        out[name] = dict(cycle_acc=float(np.mean(acc[name])), D_intra=d_intra, D_inter=d_inter,
-                         margin=d_inter - 0.3 * d_intra)
-    return out
+    try:
+        for i, folder in enumerate(folders):
+            if i % every == 0:  # about 20 progress lines however many videos
+                print(f"tradeoff: video {i + 1}/{len(folders)}, {time.perf_counter() - t0:.0f} s", flush=True)
+            x, cls[:] = torch.stack([tradeoff_frame(f, mean, std) for f in list_frames(folder)]), []
+            z = torch.cat([encoder(x[a:a + batch_size].to(device)).float() for a in range(0, len(x), batch_size)])
+            base = torch.cat([torch.cat(cls).float(), z], 1) if encoder.family in CLS_TOO else z
+            for name, head in heads.items():
+                kept[name].append(video_metrics(base if head is None else head(z)))
+    finally:
+        hook.remove()
+    return {name: tradeoff_metrics(v) for name, v in kept.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -1238,7 +1281,8 @@ def main(argv=None):
     parser.add_argument("--overlay", action="store_true", help="also write a few blended frames per sequence")
     parser.add_argument("--batch-size", type=positive(), default=8, help="frames per encoder forward")
     parser.add_argument("--tradeoff", action="store_true", help="label-free trade-off metrics on --videos")
-    parser.add_argument("--videos", help="folder of frame folders for --tradeoff")
+    parser.add_argument("--videos", help="for --tradeoff: a list of frame folders, one a line (cal_metric.py's "
+                        "--sample_csv_path), or a folder of frame folders")
     parser.add_argument("--bench", action="store_true", help="s/frame of each pipeline vs the encoder alone and "
                         "DINO's per-frame loop, peak memory (--weights, or a random ViT-S/16)")
     args = parser.parse_args(argv)
@@ -1266,7 +1310,7 @@ def main(argv=None):
             write_json(Path(args.masks) / "summary.json", {next(iter(tasks)): m})
             return 0
         if args.tradeoff and not args.videos:
-            raise BadInput("--tradeoff needs --videos DIR (a folder of frame folders)")
+            raise BadInput("--tradeoff needs --videos (a list of frame folders, or a folder of them)")
         if not (args.tradeoff or args.bench):
             check_out_dir(args.out)  # before the encoder loads, not after its first batch
         if args.weights:
@@ -1286,12 +1330,8 @@ def main(argv=None):
         if args.tradeoff:
             heads = {"baseline": None} if projection is None else {"baseline": None, "cosettle": projection}
             stats = encoder.native_stats if args.native_stats else (IMAGENET_MEAN, IMAGENET_STD)
-            res = tradeoff(encoder, heads, args.videos, device, args.batch_size, *stats)
-            print(f"{'':10s} {'cycle_acc':>10s} {'D_intra':>8s} {'D_inter':>8s} {'margin':>8s}")
-            if len(res) > 1:
-                res["difference"] = {k: res["cosettle"][k] - res["baseline"][k] for k in res["baseline"]}
-            for name, r in res.items():
-                print(f"{name:10s} {r['cycle_acc']:10.4f} {r['D_intra']:8.4f} {r['D_inter']:8.4f} {r['margin']:8.4f}")
+            for name, m in tradeoff(encoder, heads, args.videos, device, args.batch_size, *stats).items():
+                print_tradeoff(name, m)
             return 0
         kw = dict(device=device, batch_size=args.batch_size, overlay=args.overlay, vip_size=args.vip_size,
                   jhmdb_split=args.jhmdb_split or 1, topk=args.topk,

@@ -2451,15 +2451,125 @@ def test_compare_odd_sizes_and_overlays(tmp_path):
     assert one == m["baseline"]  # the same frames, the same numbers
 
 
-def test_tradeoff_metrics_and_progress(tmp_path, capsys):
-    write_synthetic_videos(tmp_path / "v", n_videos=2, n_frames=4, height=32, width=32)
-    enc = build_vit("vit_tiny", patch_size=16, seed=0).eval()
-    res = ed.tradeoff(enc, {"baseline": None, "cosettle": Projection(enc.embed_dim).eval()}, tmp_path / "v")
-    for r in res.values():
-        assert 0 <= r["cycle_acc"] <= 1 and 0 < r["D_intra"] <= 1 and 0 < r["D_inter"] <= 1
-        assert r["margin"] == pytest.approx(r["D_inter"] - 0.3 * r["D_intra"])
-    out = capsys.readouterr().out  # issue 11 item 10: --tradeoff prints progress lines
+def cal_metric_reference(feats, bs=32):
+    """yafeng19/Co-Settle cal_metric.py's compute_intra_video_metric, compute_inter_video_metric,
+    compute_effective_rank and compute_cycle_accuracy transcribed on given tokens [V, T, P, D]: the model calls
+    become slices, batches of `bs` videos as its DataLoader, randperm on the CPU generator (device='cpu')."""
+    batches = feats.split(bs)
+    intra, normed = [], {90: [], 95: [], 100: []}
+    for f in batches:
+        B, T, P, D = f.shape
+        valid = f[:, 3:T - 3]
+        curr = valid[:, :-1].reshape(B * (T - 7), P, D)
+        nxt = valid[:, 1:].reshape(B * (T - 7), P, D)
+        mins, _ = torch.min(torch.cdist(curr, nxt, p=2).view(B, T - 7, P, P), dim=-1)
+        selected, _ = torch.topk(mins, int(P * 0.5), largest=False, dim=-1)
+        video = selected.mean(dim=-1).mean(dim=1)
+        intra.append(video)
+        patches = f.reshape(B, T * P, D)
+        to_center = torch.norm(patches - patches.mean(dim=1).unsqueeze(1), p=2, dim=-1)
+        for p in normed:
+            radii = to_center.max(dim=1)[0] if p == 100 else torch.quantile(to_center, p / 100.0, dim=1)
+            normed[p].append(video / (radii * 2 + 1e-8))
+    out = dict(intra=[torch.cat(intra).mean().item()] + [torch.cat(normed[p]).mean().item() for p in normed])
+    mid = torch.cat([f[:, f.shape[1] // 2] for f in batches])
+    N, P, D = mid.shape
+    torch.manual_seed(42)
+    sampled = mid[:, torch.randperm(P, device="cpu")[:8]] if P > 8 else mid
+    pair = torch.norm(sampled.unsqueeze(1) - sampled.unsqueeze(0), p=2, dim=-1).mean(dim=-1)
+    original = pair[torch.triu(torch.ones(N, N, dtype=torch.bool), diagonal=1)].mean().item()
+    flat = sampled.reshape(-1, D)
+    to_center = torch.norm(flat - flat.mean(dim=0).unsqueeze(0), p=2, dim=-1)
+    out["inter"] = [original]
+    for p in (90, 95, 100):
+        radius = to_center.max().item() if p == 100 else \
+            torch.sort(to_center)[0][:int(len(to_center) * p / 100.0)].max().item()
+        out["inter"].append(original / (radius * 2 + 1e-8))
+    s = torch.linalg.svdvals(mid.reshape(-1, D))
+    q = s / s.sum() + 1e-12
+    out["rank"] = (torch.exp(-torch.sum(q * torch.log(q))) / min(N * P, D)).item()
+    pairs = torch.tensor([[0.25, 0.4], [0.35, 0.5], [0.45, 0.6], [0.55, 0.7], [0.65, 0.8]], dtype=torch.float32)
+    accs = []
+    for f in batches:
+        B, T, P, D = f.shape
+        t = (pairs * T).long().clamp(max=T - 1)
+        g = f[:, torch.stack([t[:, 0], t[:, 1], t[:, 0]], dim=1).view(-1)].reshape(B, 5, 3, P, D)
+        if P == int(P ** 0.5) ** 2 + 1:
+            g = g[:, :, :, 1:]  # remove CLS
+        S = int(g.shape[3] ** 0.5)
+        g = g.reshape(B, 5, 3, S, S, D).permute(0, 1, 2, 5, 3, 4)
+        g = F.avg_pool2d(g.flatten(0, 2), kernel_size=2, stride=2).flatten(2).transpose(1, 2).view(B, 5, 3, -1, D)
+        A = torch.einsum('bndti,bndtj->bntij', g[:, :, :-1].permute(0, 1, 4, 2, 3), g[:, :, 1:].permute(0, 1, 4, 2, 3))
+        walk = F.softmax(A[:, :, 0] / 0.03, dim=-1) @ F.softmax(A[:, :, 1] / 0.03, dim=-1)
+        logit = torch.log(walk + 1e-6).view(-1, walk.shape[-1])
+        accs.append((logit.argmax(dim=-1) == torch.arange(walk.shape[-1]).repeat(B * 5)).float().mean().item())
+    out["cycle"] = float(np.mean(accs))
+    return out
+
+
+@pytest.mark.parametrize("P", [196, 197])  # patch tokens only (MAE, CLIP, + Co-Settle); CLS first (DINO baseline)
+def test_tradeoff_metrics_match_cal_metric(P):
+    """35 videos: two DataLoader batches, the second partial, so the batch mean of means is exercised."""
+    g = torch.Generator().manual_seed(P)
+    base = torch.randn(35, 1, P, 16, generator=g)
+    feats = base + torch.rand(35, 1, 1, 1, generator=g) * torch.randn(35, 12, P, 16, generator=g)
+    feats = feats * torch.logspace(-2, 0, 16)  # anisotropic, so the effective rank is well below 1
+    ours = ed.tradeoff_metrics([ed.video_metrics(f) for f in feats])
+    ref = cal_metric_reference(feats)
+    assert 0.1 < ref["cycle"] < 0.9  # neither all nor none of the walks return
+    for k in ("cycle", "rank", "intra", "inter"):
+        assert ours[k] == pytest.approx(ref[k], rel=1e-5), k
+
+
+def test_tradeoff_diameters_and_ratios_by_hand(capsys):
+    # one video, T = 8, P = 4 (2x2), D = 1: the tokens are +-0 .. +-15 (centre 0); frames 3 and 4 (the only pair)
+    # are [0, 0, 1, -1] and [2, -2, 3, -3]: nearest distances 2, 2, 1, 1, the closest half 1, 1 -> intra 1.
+    # 32 sorted distances 0, 0, 1, 1, ..., 15, 15: quantile 0.9 at 27.9 -> 13.9, 0.95 at 29.45 -> 14.45, max 15.
+    rest = [s * v for v in range(4, 16) for s in (1, -1)]  # frames 0-2 and 5-7
+    f = torch.tensor(rest[:12] + [0, 0, 1, -1, 2, -2, 3, -3] + rest[12:], dtype=torch.float).view(8, 4, 1)
+    intra, diameters, cycle, mid = ed.video_metrics(f)
+    assert intra.item() == 1 and diameters.tolist() == pytest.approx([27.8, 28.9, 30.0])
+    assert cycle.item() == 1 and mid.flatten().tolist() == [2, -2, 3, -3]  # one pooled token always returns
+    # two videos: intra 1 and 3 over diameters [2, 4, 8] and [6, 6, 6] -> 2.0; 0.5, 0.375, 0.3125. Middle frames
+    # [0, 0, 0, 0] and [1, 2, 3, 10]: inter 16 / 4 = 4; centre 2, sorted distances 0, 1, 1, 2, 2, 2, 2, 8:
+    # 90% and 95% keep int(7.2) = int(7.6) = 7 -> radius 2 (a quantile would give 3.8), 100% -> 8.
+    videos = [(torch.tensor(1.0), torch.tensor([2.0, 4, 8]), torch.tensor(0.25), torch.zeros(4, 1)),
+              (torch.tensor(3.0), torch.tensor([6.0, 6, 6]), torch.tensor(0.75), torch.tensor([[1.0], [2], [3], [10]]))]
+    m = ed.tradeoff_metrics(videos)
+    assert m["intra"] == pytest.approx([2.0, 0.5, 0.375, 0.3125])
+    assert m["inter"] == pytest.approx([4.0, 1.0, 1.0, 0.25]) and m["cycle"] == 0.5
+    assert m["rank"] == pytest.approx(1.0)  # one column: one singular value
+    ed.print_tradeoff("hand", m)
+    out = capsys.readouterr().out
+    for line in ("- Cycle Accuracy: 0.5000", "- Normalized by 95% diameter: 0.3750", "- Original: 2.0000",
+                 "- 95% normalized: 2.6667", "- 100% normalized: 0.8000"):
+        assert line in out
+    # cycle accuracy is the mean of the means of batches of 32 videos: 32 videos at 1 and one at 0 -> 0.5, not 32/33
+    videos = [(torch.tensor(1.0), torch.ones(3), torch.tensor(float(i < 32)), torch.randn(4, 1)) for i in range(33)]
+    assert ed.tradeoff_metrics(videos)["cycle"] == 0.5
+
+
+def test_tradeoff_cli_skips_and_prints(tiny_weights, tmp_path, capsys):
+    good = data.write_synthetic_videos(tmp_path / "v", n_videos=2, n_frames=40, height=36, width=48)
+    short = data.write_synthetic_videos(tmp_path / "s", n_videos=1, n_frames=39, height=36, width=48)[0]
+    listed = tmp_path / "sample.csv"  # cal_metric.py's --sample_csv_path: one folder a line, in that order
+    listed.write_text(f"{good[1]}\n{short}\n{tmp_path / 'gone'}\n\n{good[0]}\n")
+    ckpt = save_to(tmp_path / "p.pth", {"projection": Projection(TINY_DIM).state_dict(),
+                                        "encoder": {"fingerprint": cosettle.fingerprint(small_vit(0))}})
+    code, out, err = run(ed.main, ["--tradeoff", "--videos", listed, "--weights", tiny_weights, "--ckpt", ckpt],
+                         capsys)
+    assert code == 0, err
+    assert f"Skipping {short}: has 39 frames, expected 40" in out and f"Skipping {tmp_path / 'gone'}: path does " \
+        "not exist" in out and "Found 2 valid videos with exactly 40 frames" in out
     assert "tradeoff: video 1/2" in out and "tradeoff: video 2/2" in out
+    for name in ("baseline", "cosettle"):
+        block = out.split(f"Global Video Metric Results ({name}):")[1]
+        assert re.search(r"- Effective Rank: \d\.\d{4}\n\nInter-video Distances:\n- Original: \d+\.\d{4}\n"
+                         r"- Normalized by 90% diameter: \d\.\d{4}\n", block)
+        assert re.search(r"\nInter/Intra ratios:\n- Original: \d+\.\d{4}\n- 90% normalized: ", block)
+    listed.write_text(f"{short}\n")
+    code, _, err = run(ed.main, ["--tradeoff", "--videos", listed, "--weights", tiny_weights], capsys)
+    check_error(code, err, "no video with exactly 40 frames")
 
 
 def test_first_frame_annotations_only_propagate_without_scoring(tmp_path, capsys):
