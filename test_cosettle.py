@@ -2066,16 +2066,18 @@ def test_projection_checked_against_its_encoder(trained_run, tiny_weights):
         cosettle.load_projection(str(ckpt), small_vit(7))
 
 
-def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weights, small_videos, tmp_path, capsys):
-    """Step 3 starts from the good weights (finite loss) and its update with lr = inf ruins them: the error names
-    step 3 (if the weights are checked after the update) or step 4 (the first non-finite loss); step 3 is
-    mid-epoch, so nothing is saved in between."""
+def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weights, small_videos, tmp_path, capsys,
+                                                          monkeypatch):
+    """Step 3 starts from the good weights (finite loss) and its update with lr = inf (no flag gives one: patched
+    in) ruins them: the error names step 3 (if the weights are checked after the update) or step 4 (the first
+    non-finite loss); step 3 is mid-epoch, so nothing is saved in between."""
     out_dir = copy_run(trained_run, tmp_path)
     ckpt_path = out_dir / "cosettle.pth"
     good = torch.load(ckpt_path, weights_only=True)
     assert good["step"] == 2
-    code, _, err = train_cli(tiny_weights, small_videos, out_dir, "--batch-size", "4", "--epochs", "2", "--blr", "inf",
-                             "--resume", capsys=capsys)
+    monkeypatch.setattr(train, "lr_at", lambda *args: math.inf)
+    code, _, err = train_cli(tiny_weights, small_videos, out_dir, "--batch-size", "4", "--epochs", "2", "--resume",
+                             capsys=capsys)
     check_error(code, err, ckpt_path, "last good state", re.compile(r"step [34]\b"),
                 re.compile(r"\b(nan|inf|non-finite)\b"))
     kept = torch.load(ckpt_path, weights_only=True)
@@ -2085,14 +2087,15 @@ def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weig
     assert not list(out_dir.glob("*.tmp"))
 
 
-def test_nan_update_on_epoch_boundary_is_not_checkpointed(tiny_weights, small_videos, tmp_path, capsys):
+def test_nan_update_on_epoch_boundary_is_not_checkpointed(tiny_weights, small_videos, tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / "out"
     common = [tiny_weights, small_videos, out_dir, "--batch-size", "8"]  # 8 videos: every step ends an epoch
     code, _, err = train_cli(*common, "--epochs", "1", capsys=capsys)
     assert code == 0, err
     ckpt_path = out_dir / "cosettle.pth"
     good = torch.load(ckpt_path, weights_only=True)
-    code, _, err = train_cli(*common, "--epochs", "3", "--blr", "inf", "--resume", capsys=capsys)
+    monkeypatch.setattr(train, "lr_at", lambda *args: math.inf)  # --blr refuses inf
+    code, _, err = train_cli(*common, "--epochs", "3", "--resume", capsys=capsys)
     check_error(code, err, ckpt_path, re.compile(r"step [23]\b"))  # step 2's update (lr inf) ruins the weights
     kept = torch.load(ckpt_path, weights_only=True)
     assert all(torch.isfinite(v).all() for v in kept["projection"].values()), "non-finite weights were saved"
