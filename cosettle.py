@@ -102,7 +102,8 @@ def cycle_loss(p1, p2, p1b, temp=TEMP):
     as the official code computes it. Accuracy is argmax_j M_ij == i; sim_identity is the cosine between M and the
     identity (both what the official code logs), read off M without autograd state.
     (-mean log(M_ii + 1e-6) + log(1 + n 1e-6) is the same loss without the n^3 product, but compiled it was no
-    faster: Eq. 4 forward+backward, B 64, 3 x 196 x 768, 2-core CPU, 638-672 ms vs 541-675 ms CPU time this way.)
+    faster: Eq. 4 fused, forward+backward, B 64, 3 x 196 x 768, 2-core CPU: 638-672 ms CPU time that way,
+    541-675 ms this way.)
     """
     q1, q2, q1b = pool_tokens(p1), pool_tokens(p2), pool_tokens(p1b)
     B, n, _ = q1.shape
@@ -141,10 +142,11 @@ def objective(h, z, temp=TEMP, lambda_reg=LAMBDA_REG):
 def fuse(fn, shape=(1, 3 * 16, 8), device="cpu", *args):
     """The fused kernel: torch.compile over fn (inductor: Triton on GPU, C++/OpenMP on CPU). The elementwise and
     reduction work around the matmuls (normalisation, pooling, both softmaxes, the log, the separability KL, and
-    their backward) is fused into a few generated kernels instead of a dozen full-size eager passes; the batched
-    matmuls themselves stay library calls (cuBLAS, oneDNN/MKL). Compiled here, forward and backward, on an input of
-    the shape and with the extra `args` (temp, lambda: constants to the compiler) it will see, in fp32 (CoSettle
-    hands it fp32), so that a missing compiler fails now, with its reason, and the run never recompiles."""
+    their backward) is fused into a few generated kernels (Eq. 4 forward and backward on a CPU: 8, as
+    TORCH_LOGS=output_code shows) instead of a dozen full-size eager passes; the batched matmuls stay library calls
+    (extern bmm: cuBLAS, MKL). Compiled here, forward and backward, on an input of the shape and with the extra
+    `args` (temp, lambda: constants to the compiler) it will see, in fp32 (CoSettle hands it fp32), so that a
+    missing compiler fails now, with its reason, and the run never recompiles."""
     fused = torch.compile(fn, dynamic=False)
     probe = torch.randn(shape, device=device, requires_grad=True)
     with quiet_compile():
