@@ -1,12 +1,13 @@
 """Co-Settle in one file: the method first (PEA, the projection, the cycle loss of Eq. 2, the separability loss of
-Eq. 3, their sum of Eq. 4, the fused kernel, the model), then the frozen ViT, then the checkpoint loader.
+Eq. 3, their sum of Eq. 4, the fused kernel, the model), then the frozen ViT, then the checkpoint loader. It imports
+nothing from this project: copied alone, it loads a checkpoint, builds the model and computes the loss.
 
 Liu et al., "From Static to Dynamic: Exploring Self-supervised Image-to-Video Representation Transfer
 Learning", CVPR 2026 (arXiv 2603.26597). Equation and table numbers are the paper's. Where the paper's text and
 the official code (github.com/yafeng19/Co-Settle) differ we follow the code, which produced the published
 numbers, and say so.
 
-    python cosettle.py --bench      # eager official loss vs the fused (compiled) one, forward + backward
+    python cosettle.py --bench      # the loss head, eager and fused (compiled), forward + backward
 """
 import argparse
 import contextlib
@@ -24,14 +25,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import IMAGENET_MEAN, IMAGENET_STD, BadInput, positive
+# The recipe of the published runs: the flags yafeng19/Co-Settle scripts/train.sh passes to main_pretrain.py (whose
+# own argparse defaults differ where noted); every default below is one of these.
+TEMP = 0.03         # tau, --temp 0.03 (main_pretrain.py's default 0.1): temperature of both softmaxes of Eq. 2
+LAMBDA_REG = 3.0    # lambda, --lambda_reg 3 (default 1): weight of the separability regulariser (Eq. 4)
+PEA_RATIO = 10.0    # alpha, --asy_pos_ratio 10 (default 0.5): PEA upsamples the positional table (1 + alpha) times
+CLIP_GAP = 0.15     # --clip_gap 0.15 (also the default): the two training frames are int(0.15 n) apart in n frames
+SIZE = 224          # main_pretrain.py --input_size 224 (train.sh leaves it): training crops
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# The recipe (the official code's defaults, yafeng19/Co-Settle main_pretrain.py); every default below is one of these.
-TEMP = 0.03         # tau: temperature of the two softmaxes of the cycle (Eq. 2)
-LAMBDA_REG = 3.0    # lambda: weight of the separability regulariser (Eq. 4)
-PEA_RATIO = 10.0    # alpha: PEA upsamples the positional table (1 + alpha) times before cutting a window
-CLIP_GAP = 0.15     # the two training frames are int(0.15 n) apart in an n-frame clip
-SIZE = 224          # training crops
+
+class BadInput(Exception):
+    """Input the program cannot use; the message is one sentence naming the file (or setting) and the problem.
+    Scripts catch it, print the message and exit 2."""
 
 # -----------------------------------------------------------------------------
 # The method: PEA, the projection g, the cycle loss (Eq. 2), the separability loss (Eq. 3), Eq. 4, the fused kernel
@@ -43,6 +50,9 @@ def shifted_pos_embed(pos_embed, ratio=PEA_RATIO, generator=None):
 
     With the official ratio 10 the window spans ~1.2 original cells, so the PEA copy carries almost no absolute
     position and the cycle cannot be closed by matching positions (the shortcut that collapses J&F).
+    To use PEA (and CoSettle) with another encoder (timm's, DINO's), it must offer two things, as ViT below does:
+    `patch_pos_embed()` returning the patch rows [1, rows*cols, D] of its positional table (CLS row excluded), and
+    a `patch_pos_embed=` argument of its forward that replaces those rows for the call.
     """
     _, n, D = pos_embed.shape
     side = math.isqrt(n)
@@ -87,21 +97,24 @@ def cycle_loss(p1, p2, p1b, temp=TEMP):
     p1, p2, p1b: L2-normalised projected tokens [B, N, D] of frame t1, frame t2 and frame t1 encoded with PEA,
     patch tokens only, N = side x side with side even (the 2x2 pooling; anything else is a ValueError). The
     inputs are not normalised here: unnormalised tokens give a loss, but not this one.
-    A = softmax(p1 p2^T / temp), A~ = softmax(p2 p1b^T / temp) on 2x2-pooled tokens, M = A A~, and the official
-    loss is cross_entropy(log(M + 1e-6), identity). Rows of M sum to 1, so that equals
-        -mean_i log(M_ii + 1e-6) + log(1 + N 1e-6),   M_ii = sum_j A_ij A~_ji,
-    which needs no N x N x N product. Accuracy and sim_identity (what the official code logs) are read off the
-    full M without autograd state.
+    On 2x2-pooled tokens q: A = softmax(q1 q2^T / temp) (t1 -> t2), A~ = softmax(q2 q1b^T / temp) (t2 -> t1 under
+    PEA), M = A A~, and the loss is the cross-entropy of log(M + 1e-6) against the identity, mean over the B n rows,
+    as the official code computes it. Accuracy is argmax_j M_ij == i; sim_identity is the cosine between M and the
+    identity (both what the official code logs), read off M without autograd state.
+    (-mean log(M_ii + 1e-6) + log(1 + n 1e-6) is the same loss without the n^3 product, but compiled it was no
+    faster: Eq. 4 fused, forward+backward, B 64, 3 x 196 x 768, 2-core CPU: 638-672 ms CPU time that way,
+    541-675 ms this way.)
     """
     q1, q2, q1b = pool_tokens(p1), pool_tokens(p2), pool_tokens(p1b)
-    n = q1.shape[1]
+    B, n, _ = q1.shape
     A = torch.softmax(q1 @ q2.transpose(1, 2) / temp, dim=-1)
     A_back = torch.softmax(q2 @ q1b.transpose(1, 2) / temp, dim=-1)
-    M_diag = (A * A_back.transpose(1, 2)).sum(-1)
-    loss = -torch.log(M_diag + 1e-6).mean() + math.log1p(n * 1e-6)
-    M = A.detach() @ A_back.detach()
-    accuracy = (M.argmax(-1) == torch.arange(n, device=M.device)).float().mean()
-    sim_identity = M.diagonal(dim1=1, dim2=2).sum() / (M.norm() * math.sqrt(M.shape[0] * n))
+    M = A @ A_back
+    identity = torch.arange(n, device=M.device)
+    loss = F.cross_entropy(torch.log(M + 1e-6).flatten(0, 1), identity.repeat(B))
+    M = M.detach()
+    accuracy = (M.argmax(-1) == identity).float().mean()
+    sim_identity = M.diagonal(dim1=1, dim2=2).sum() / (M.norm() * math.sqrt(B * n))
     return loss, accuracy, sim_identity
 
 
@@ -127,39 +140,21 @@ def objective(h, z, temp=TEMP, lambda_reg=LAMBDA_REG):
 
 
 def fuse(fn, shape=(1, 3 * 16, 8), device="cpu", *args):
-    """The fused kernel: torch.compile over fn (inductor: Triton on GPU, C++/OpenMP on CPU). Normalisation,
-    pooling, both softmaxes, the cycle diagonal and the separability KL become a handful of loops that read the
-    tokens once, instead of a dozen full-size eager passes. Compiled here, forward and backward, on an input of
-    the shape and with the extra `args` (temp, lambda: constants to the compiler) it will see, in fp32, so that a
-    missing compiler fails now, with its reason, and the run does not recompile. CoSettle hands it h and z as g and f
-    made them: fp32, except h under CPU bf16 autocast (which leaves g's LayerNorm in bf16; CUDA's runs it in fp32),
-    where the first step compiles once more, for that dtype."""
+    """The fused kernel: torch.compile over fn (inductor: Triton on GPU, C++/OpenMP on CPU). The elementwise and
+    reduction work around the matmuls (normalisation, pooling, both softmaxes, the log, the separability KL, and
+    their backward) is fused into a few generated kernels (Eq. 4 forward and backward on a CPU: 8, as
+    TORCH_LOGS=output_code shows) instead of a dozen full-size eager passes; the batched matmuls stay library calls
+    (extern bmm: cuBLAS, MKL). Compiled here, forward and backward, on an input of the shape and with the extra
+    `args` (temp, lambda: constants to the compiler) it will see, in fp32, so that a missing compiler fails now,
+    with its reason, and the run does not recompile. CoSettle hands it h and z as g and f made them: fp32, except h
+    under CPU bf16 autocast (which leaves g's LayerNorm in bf16; CUDA's runs it in fp32), where the first step
+    compiles once more, for that dtype."""
     fused = torch.compile(fn, dynamic=False)
     probe = torch.randn(shape, device=device, requires_grad=True)
     with quiet_compile():
         out = fused(probe, probe.detach(), *args)
         (out[0] if isinstance(out, tuple) else out).backward()
     return fused
-
-
-@contextlib.contextmanager
-def quiet_compile():
-    """Silence, while fuse() compiles, two messages from inside torch that no user can act on: inductor calling a
-    helper torch itself deprecates (a FutureWarning), and on a CUDA build of torch without a GPU,
-    torch.utils.cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." as inductor imports it to
-    compile for the CPU. Nothing else is filtered, and nothing outside the compile."""
-    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
-
-    def keep(record):
-        return not record.getMessage().startswith("No CUDA runtime is found")
-    cpp_extension_log.addFilter(keep)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"`torch\._prims_common\.check` is deprecated",
-                                    category=FutureWarning)
-            yield
-    finally:
-        cpp_extension_log.removeFilter(keep)
 
 
 class CoSettle(nn.Module):
@@ -351,13 +346,12 @@ def _init_weights(m):
 ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
 
 
-def build_vit(arch="vit_small", patch_size=16, seed=0, img_size=SIZE):
-    """A randomly initialised ViT (seeded), for demos, benchmarks and tests."""
+def build_vit(arch="vit_small", patch_size=16, seed=0):
+    """A randomly initialised ViT (seeded) with a 224-px positional table, for demos, benchmarks and tests."""
     dim, depth, heads = ARCHS[arch]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        grid = (img_size // patch_size,) * 2
-        return ViT(patch_size, dim, depth, heads, grid=grid)
+        return ViT(patch_size, dim, depth, heads, grid=(SIZE // patch_size,) * 2)
 
 
 def freeze(module):
@@ -666,24 +660,27 @@ def load_projection(path, encoder=None):
 
 
 # -----------------------------------------------------------------------------
-# Yardsticks: the official formulations, eager, as the official code computes them. The tests check the method
-# against them and --bench (here and in train.py) times the method against them; nothing else uses them.
+# Utilities the scripts share: compiling quietly, timing, argparse checks
 
 
-def official_cycle_loss(p1, p2, p1b, temp=TEMP):
-    """Eq. 2 as the official code computes it: M = A Ã built in full, then its cross-entropy with the identity."""
-    q1, q2, q1b = pool_tokens(p1), pool_tokens(p2), pool_tokens(p1b)
-    B, n, _ = q1.shape
-    M = torch.softmax(q1 @ q2.transpose(1, 2) / temp, -1) @ torch.softmax(q2 @ q1b.transpose(1, 2) / temp, -1)
-    target = torch.arange(n, device=M.device).repeat(B)
-    return F.cross_entropy(torch.log(M + 1e-6).flatten(0, 1), target)
+@contextlib.contextmanager
+def quiet_compile():
+    """Silence, while fuse() compiles, two messages from inside torch that no user can act on: inductor calling a
+    helper torch itself deprecates (a FutureWarning), and on a CUDA build of torch without a GPU,
+    torch.utils.cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." as inductor imports it to
+    compile for the CPU. Nothing else is filtered, and nothing outside the compile."""
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
 
-
-def official_objective(h, z, temp=TEMP, lambda_reg=LAMBDA_REG):
-    """Eq. 4 as the official code computes it: the cycle loss above plus its KL."""
-    p, z = F.normalize(h, dim=-1), F.normalize(z, dim=-1)
-    reg = F.kl_div(torch.log_softmax(p, -1), torch.softmax(z, -1), reduction="batchmean")
-    return official_cycle_loss(*p.chunk(3, dim=1), temp) + lambda_reg * reg
+    def keep(record):
+        return not record.getMessage().startswith("No CUDA runtime is found")
+    cpp_extension_log.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\._prims_common\.check` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        cpp_extension_log.removeFilter(keep)
 
 
 def timeit(fn, warmup=3, iters=10, device="cpu"):
@@ -701,44 +698,78 @@ def timeit(fn, warmup=3, iters=10, device="cpu"):
     return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters, out
 
 
+def _number(text, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):  # float("inf") and float("nan") parse; no flag of ours means either
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def at_least(lo, kind=int, below=None):
+    """An argparse `type`: a finite `kind` (int or float) >= lo, and < below when given. Anything else is
+    argparse's one-line error, "argument --flag: ...", exit 2."""
+    def parse(text):
+        value = _number(text, kind)
+        if not value >= lo or (below is not None and not value < below):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}{'' if below is None else f' and < {below}'}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+def positive(kind=int):
+    """An argparse `type`: a finite `kind` > 0."""
+    def parse(text):
+        value = _number(text, kind)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def refuse_unused(parser, args, mode, used):
+    """No silently ignored flags: a flag set away from its default that `mode` does not read is argparse's error."""
+    unused = [k for k, v in vars(args).items() if k not in used and v != parser.get_default(k)]
+    if unused:
+        parser.error(f"{mode} does not use {', '.join('--' + k.replace('_', '-') for k in unused)}")
+
+
 # -----------------------------------------------------------------------------
 # python cosettle.py --bench
 
 
 def bench(batch=64, tokens=196, dim=768, iters=10):
-    """Forward+backward of the loss head on projected tokens [B, 3N, D]: the cycle loss alone, then Eq. 4."""
+    """Forward+backward of the loss head on projected tokens [B, 3N, D], eager and fused: the cycle loss alone,
+    then Eq. 4. (`python test_cosettle.py --bench-loss` times the official eager formulation against it.)"""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     g = torch.Generator().manual_seed(0)
     h = torch.randn(batch, 3 * tokens, dim, generator=g).to(device).requires_grad_()
     z = torch.randn(batch, 3 * tokens, dim, generator=g).to(device)
 
-    def cycle_only(loss):
-        return lambda h, z: loss(*F.normalize(h, dim=-1).chunk(3, dim=1))
-
     def step(fn):
         def run():
             h.grad = None
-            out = fn(h, z)
-            (out[0] if isinstance(out, tuple) else out).backward()
+            fn(h, z)[0].backward()
         return run
 
     print(f"loss head forward+backward, B={batch}, h and z of 3x{tokens}x{dim}, {name}, torch {torch.__version__}")
-    for title, official, ours in [("cycle loss (Eq. 2)", cycle_only(official_cycle_loss), cycle_only(cycle_loss)),
-                                  ("total loss (Eq. 4)", official_objective, objective)]:
+    for title, fn in [("cycle loss (Eq. 2)", lambda h, z: cycle_loss(*F.normalize(h, dim=-1).chunk(3, dim=1))),
+                      ("total loss (Eq. 4)", objective)]:
         t0 = time.perf_counter()
-        fused = fuse(ours, h.shape, device)
+        fused = fuse(fn, h.shape, device)
         compile_s = time.perf_counter() - t0
-        rows = [("official, eager", official), ("diagonal identity, eager", ours), ("fused (torch.compile)", fused)]
-        times = [timeit(step(fn), iters=iters, device=device)[0] for _, fn in rows]
-        print(f"{title}   (compile {compile_s:.0f} s, once)")
-        for (label, _), t in zip(rows, times):
-            print(f"  {label:28s} {t * 1e3:8.1f} ms   x{times[0] / t:4.1f}")
+        eager_t, fused_t = (timeit(step(f), iters=iters, device=device)[0] for f in (fn, fused))
+        print(f"{title}: eager {eager_t * 1e3:.1f} ms, fused {fused_t * 1e3:.1f} ms (x{eager_t / fused_t:.1f}; "
+              f"compile {compile_s:.0f} s, once)")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", action="store_true", help="time the cycle loss: official eager vs fused")
+    parser.add_argument("--bench", action="store_true", help="time the loss head, eager and fused")
     parser.add_argument("--batch-size", type=positive(), default=64)
     args = parser.parse_args()
     if not args.bench:

@@ -5,13 +5,11 @@ random-resized crop and the same horizontal flip, as uint8 (the training step no
 Where the official code (github.com/yafeng19/Co-Settle, util/video_datasets.py, util/video/*.py) and the paper
 text differ we follow the code, and say so where it happens.
 
-Also here: synthetic videos with ground-truth object masks (for the demo, the tests and the evaluator), writers
-of DAVIS-2017, VIP and JHMDB folders in their real layouts, the JHMDB reader with a small MATLAB v5 reader, and
-a CLI:
+Also here: synthetic videos with ground-truth object masks (for the demo and the evaluator's no-data run), a
+writer of DAVIS-2017 folders in the real layout, the JHMDB reader with a small MATLAB v5 reader, and a CLI:
     python data.py --make-davis DIR [--seqs N --frames N --height H --width W --seed S]
-    python data.py --make-vip DIR [--videos N --frames N --height H --width W --seed S]
     python data.py --make-videos DIR [--videos N --frames N --height H --width W --seed S]
-    python data.py --make-jhmdb DIR [--videos N-per-action --frames N --seed S]
+(Synthetic VIP and JHMDB sets: `python test_cosettle.py --make-vip DIR` / `--make-jhmdb DIR`.)
 """
 
 import argparse
@@ -27,57 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cosettle import IMAGENET_MEAN, IMAGENET_STD, BadInput, at_least, positive, refuse_unused
+
 FRAME_SUFFIXES = ('.jpg', '.jpeg', '.png')  # matched case-insensitively
 VIDEO_SUFFIXES = ('.mp4', '.avi', '.mkv', '.webm', '.mov')  # video files, which need their frames extracted first
 EXTRACT = "ffmpeg -nostdin -i CLASS/VIDEO.mp4 -q:v 2 FRAMES/CLASS/VIDEO/%05d.jpg"  # README, "Kinetics as downloaded"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class BadInput(Exception):
-    """Input the program cannot use; the message is one sentence naming the file (or setting) and the problem.
-
-    Scripts catch it, print the message and exit non-zero. cosettle.py re-exports it (`from data import BadInput`).
-    """
-
-
-# -----------------------------------------------------------------------------
-# checks every script shares: numeric flags at parse time, the output folder before any work
-
-def _number(text, kind):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-
-
-def at_least(lo, kind=int, below=None):
-    """An argparse `type`: a `kind` (int or float) >= lo, and < below when given. Anything else (NaN included)
-    is argparse's one-line error, "argument --flag: ...", exit 2."""
-    def parse(text):
-        value = _number(text, kind)
-        if not value >= lo or (below is not None and not value < below):
-            raise argparse.ArgumentTypeError(f"must be >= {lo}{'' if below is None else f' and < {below}'}, "
-                                             f"got {text}")
-        return value
-    return parse
-
-
-def positive(kind=int):
-    """An argparse `type`: a `kind` > 0 (for floats inf passes, NaN does not)."""
-    def parse(text):
-        value = _number(text, kind)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def refuse_unused(parser, args, mode, used):
-    """No silently ignored flags: a flag set away from its default that `mode` does not read is argparse's error."""
-    unused = [k for k, v in vars(args).items() if k not in used and v != parser.get_default(k)]
-    if unused:
-        parser.error(f"{mode} does not use {', '.join('--' + k.replace('_', '-') for k in unused)}")
 
 
 def check_out_dir(path, flag="--out"):
@@ -557,37 +509,6 @@ def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
     return root
 
 
-def make_vip(root, n_videos=2, n_frames=6, height=72, width=128, stride=5, seed=0):
-    """Write a synthetic VIP_Fine folder and return it: root/lists/val_videos.txt, root/Images/videos<N>/<frame>.jpg
-    and root/Annotations/Category_ids/videos<N>/<frame>.png (greyscale part ids 0..19), frames named by their
-    12-digit number. Like VIP's annotated key frames, only every `stride`-th frame of the synthetic video is kept,
-    so objects move a lot between two of them. Each object is a "person" of three parts (top, middle and bottom
-    third of its visible extent: hair / upper-clothes / pants, or hat / coat / skirt)."""
-    root = prepare_root(root)
-    if n_videos < 1 or n_frames < 1 or stride < 1:
-        raise BadInput(f"synthetic VIP: need videos, frames and stride >= 1, got {n_videos}, {n_frames}, {stride}.")
-    parts = [(2, 4, 8), (1, 6, 11)]
-    names = [f"videos{v + 1}" for v in range(n_videos)]
-    for v, name in enumerate(names):
-        video = synthetic_frames((seed, 2, v), (n_frames - 1) * stride + 1, height, width, n_objects=2)
-        for t, (frame, mask) in enumerate(video):  # rendered one at a time: memory independent of the length
-            if t % stride:
-                continue
-            ids = np.zeros((height, width), np.uint8)
-            for k, classes in enumerate(parts):
-                ys = np.nonzero(mask == k + 1)[0]
-                if len(ys):
-                    third = (np.arange(height)[:, None] - ys.min()) * 3 // (ys.max() - ys.min() + 1)
-                    ids = np.where(mask == k + 1, np.take(classes, np.clip(third, 0, 2)), ids)
-            stem = f"{t + 1:012d}"
-            atomic(root / "Images" / name / f"{stem}.jpg",
-                   lambda tmp: Image.fromarray(frame).save(tmp, "JPEG", quality=95))
-            atomic(root / "Annotations" / "Category_ids" / name / f"{stem}.png",
-                   lambda tmp: Image.fromarray(ids.astype(np.uint8)).save(tmp, "PNG"))
-    atomic(root / "lists" / "val_videos.txt", lambda tmp: tmp.write_text("".join(n + "\n" for n in names)))
-    return root
-
-
 # -----------------------------------------------------------------------------
 # JHMDB: MATLAB v5 MAT-files and the dataset layout
 #
@@ -597,7 +518,6 @@ def make_vip(root, n_videos=2, n_frames=6, height=72, width=128, stride=5, seed=
 MI_MATRIX, MI_COMPRESSED = 14, 15
 MI_DTYPES = {1: 'i1', 2: 'u1', 3: 'i2', 4: 'u2', 5: 'i4', 6: 'u4', 7: 'f4', 9: 'f8', 12: 'i8', 13: 'u8'}
 MX_DTYPES = {6: 'f8', 7: 'f4', 8: 'i1', 9: 'u1', 10: 'i2', 11: 'u2', 12: 'i4', 13: 'u4', 14: 'i8', 15: 'u8'}
-MX_CELL, MX_STRUCT, MX_CHAR = 1, 2, 4
 MAT_LOGICAL, MAT_COMPLEX = 0x200, 0x800  # array-flag bits (class in the low byte)
 
 
@@ -675,152 +595,6 @@ def read_mat(path):
     except (ValueError, KeyError, struct.error, zlib.error) as e:
         raise BadInput(f"{path}: truncated or damaged MAT-file (element at byte {p}: {e}).") from e
     return arrays
-
-
-def mat_sub(kind, data):
-    """One data sub-element (little-endian): the small format for 1..4 bytes, else tag + data + padding."""
-    if 0 < len(data) <= 4:
-        return struct.pack('<I', len(data) << 16 | kind) + data.ljust(4, b'\0')
-    return struct.pack('<II', kind, len(data)) + data + b'\0' * (-len(data) % 8)
-
-
-def mat_matrix_bytes(name, value):
-    """A whole miMATRIX element for a numeric/bool array, a str (char), a list (cell) or a dict (struct)."""
-    if isinstance(value, str):
-        codes = np.frombuffer(value.encode('utf-16-le'), '<u2')
-        cls, dims, parts = MX_CHAR, (1, len(codes)), [mat_sub(4, codes.tobytes())]
-    elif isinstance(value, (list, tuple)):
-        cls, dims, parts = MX_CELL, (1, len(value)), [mat_matrix_bytes('', v) for v in value]
-    elif isinstance(value, dict):
-        fields = b''.join(k.encode('ascii')[:31].ljust(32, b'\0') for k in value)
-        cls, dims = MX_STRUCT, (1, 1)
-        parts = [mat_sub(5, struct.pack('<i', 32)), mat_sub(1, fields)]
-        parts += [mat_matrix_bytes('', v) for v in value.values()]
-    else:
-        value = np.asarray(value)
-        logical = value.dtype == np.bool_
-        data = value.astype(np.uint8) if logical else value
-        cls = {v: k for k, v in MX_DTYPES.items()}[data.dtype.str[1:]]
-        kind = {v: k for k, v in MI_DTYPES.items()}[data.dtype.str[1:]]
-        dims = value.shape if value.ndim >= 2 else (1, value.size)  # MATLAB arrays have at least 2 dims
-        parts = [mat_sub(kind, data.astype(data.dtype.newbyteorder('<')).tobytes(order='F'))]
-        cls |= MAT_LOGICAL if logical else 0
-    head = [mat_sub(6, struct.pack('<II', cls, 0)), mat_sub(5, np.asarray(dims, '<i4').tobytes()),
-            mat_sub(1, name.encode('ascii'))]
-    return mat_sub(MI_MATRIX, b''.join(head + parts))
-
-
-def write_mat(path, arrays, compress=True):
-    """Write {name: value} as a little-endian MATLAB v5 MAT-file, atomically.
-
-    Values: numeric or bool numpy arrays (kept in their dtype; 1-D becomes 1×n), str (char array), list (cell),
-    dict (1×1 struct). compress=True puts each variable in a zlib miCOMPRESSED element, as MATLAB does by default.
-    """
-    text = b'MATLAB 5.0 MAT-file, Platform: Co-Settle-ref data.py, Created by write_mat'
-    parts = [text.ljust(116, b' ') + b'\0' * 8 + struct.pack('<H', 0x0100) + b'IM']
-    for name, value in arrays.items():
-        element = mat_matrix_bytes(name, value)
-        if compress:
-            packed = zlib.compress(element)
-            element = struct.pack('<II', MI_COMPRESSED, len(packed)) + packed
-        parts.append(element)
-    atomic(path, lambda tmp: tmp.write_bytes(b''.join(parts)))
-
-
-# JHMDB's 15 joints (0 neck, 1 belly, 2 face, 3/4 right/left shoulder, 5/6 hip, 7/8 elbow, 9/10 knee, 11/12 wrist,
-# 13/14 ankle) in a standing rest pose, body coordinates in pixels (y down, origin at the belly).
-JHMDB_REST = np.array([[0, -52], [0, 0], [0, -78], [-24, -46], [24, -46], [-14, 10], [14, 10], [-34, -10], [34, -10],
-                       [-17, 56], [17, 56], [-40, 26], [40, 26], [-19, 102], [19, 102]], dtype=np.float64)
-# Limbs drawn as textured capsules (joint a, joint b, half-thickness): torso, head, legs, arms. Each limb's texture
-# is fixed in its own frame, so a joint (a capsule end) moves exactly with the texture around it.
-JHMDB_LIMBS = [(0, 1, 20), (3, 4, 9), (5, 6, 9), (2, 0, 13), (5, 9, 8), (6, 10, 8), (9, 13, 7), (10, 14, 7),
-               (3, 7, 7), (4, 8, 7), (7, 11, 6), (8, 12, 6)]
-# (parent, child) chains swung about the parent by an angle: upper limbs, then lower limbs (which add the angle of
-# their upper limb).
-JHMDB_SWINGS = [(3, 7), (4, 8), (5, 9), (6, 10), (7, 11), (8, 12), (9, 13), (10, 14)]
-
-
-def jhmdb_pose(rng, n_frames, width, height):
-    """Joint positions [T, 15, 2] (x, y, 0-based pixels) of a swinging, walking, slightly rotating person."""
-    t = np.arange(n_frames, dtype=np.float64)
-    amp = rng.uniform(0.15, 0.45, len(JHMDB_SWINGS)) * [1, 1, 0.5, 0.5, 1, 1, 0.5, 0.5]  # legs swing less
-    period, phase = rng.uniform(10, 20), rng.uniform(0, 2 * np.pi)
-    angles = amp[:, None] * np.sin(2 * np.pi * t / period + phase + np.pi * np.arange(len(JHMDB_SWINGS))[:, None])
-    joints = np.repeat(JHMDB_REST[None], n_frames, axis=0)  # [T, 15, 2]
-    for s, (parent, child) in enumerate(JHMDB_SWINGS):
-        turn = angles[s] + (angles[s - 4] if s >= 4 else 0.0)  # a lower limb also turns with its upper limb
-        offset = JHMDB_REST[child] - JHMDB_REST[parent]
-        c, s_ = np.cos(turn), np.sin(turn)
-        rotated = np.stack([c * offset[0] - s_ * offset[1], s_ * offset[0] + c * offset[1]], axis=-1)
-        joints[:, child] = joints[:, parent] + rotated  # upper limbs come first: a lower limb hangs off the moved one
-    theta = rng.uniform(-0.06, 0.06) + rng.uniform(-0.01, 0.01) * t
-    scale = 1.0 - 0.03 * rng.uniform() * (1 + np.sin(2 * np.pi * t / rng.uniform(15, 30)))
-    centre = np.stack([width / 2 + rng.uniform(-20, 20) + rng.uniform(-20, 20) * np.sin(2 * np.pi * t / 25),
-                       height / 2 - 7 + rng.uniform(-2, 2) + 3 * np.sin(2 * np.pi * t / period)], axis=-1)
-    c, s_ = np.cos(theta)[:, None], np.sin(theta)[:, None]
-    x, y = joints[..., 0], joints[..., 1]
-    return centre[:, None] + scale[:, None, None] * np.stack([c * x - s_ * y, s_ * x + c * y], axis=-1)
-
-
-def draw_person(frame, joints, rng_state):
-    """Paint the limbs of one frame's pose onto frame (float [H,W,3]) in place; textures from rng_state."""
-    rng = np.random.default_rng(rng_state)  # the same draws every frame: each limb keeps its look
-    height, width = frame.shape[:2]
-    for a, b, half in JHMDB_LIMBS:
-        colour = saturated_colour(rng.uniform())
-        wavelength, beta, shade = rng.uniform(5, 9), rng.uniform(0, np.pi), rng.uniform(0.4, 0.8)
-        pa, pb = joints[a], joints[b]
-        # only the capsule's bounding box is computed (cheap); `window` is a view into the frame
-        x0, y0 = (np.floor(np.minimum(pa, pb) - half).astype(int)).clip(0)
-        x1, y1 = np.ceil(np.maximum(pa, pb) + half + 1).astype(int)
-        window = frame[y0:min(y1, height), x0:min(x1, width)]
-        y, x = np.mgrid[y0:y0 + window.shape[0], x0:x0 + window.shape[1]].astype(np.float64)
-        length = max(np.hypot(*(pb - pa)), 1e-6)
-        along_x, along_y = (pb - pa) / length
-        u = (x - pa[0]) * along_x + (y - pa[1]) * along_y  # limb frame: u along a -> b, v across
-        v = -(x - pa[0]) * along_y + (y - pa[1]) * along_x
-        inside = np.hypot(u - np.clip(u, 0, length), v) <= half
-        texture = np.sin(2 * np.pi * (np.cos(beta) * u + np.sin(beta) * v) / wavelength)
-        ramp = shade + (1 - shade) * np.clip(u / length, 0, 1)  # darker at joint a: the two ends differ
-        window[inside] = colour * (ramp * (0.75 + 0.25 * texture))[inside][:, None]
-
-
-def make_jhmdb(root, actions=('catch', 'pour', 'walk'), n_videos=3, n_frames=12, seed=0):
-    """Write a synthetic JHMDB folder in the real layout and return it.
-
-    root/Rename_Images/<action>/<video>/00001.png … (320x240 RGB PNG), root/joint_positions/<action>/<video>/
-    joint_positions.mat (pos_img (2, 15, T) 1-based x, y; pos_world (2, 15, T); scale (1, T); viewpoint, a char
-    array), root/splits/<action>_test_split{1,2,3}.txt ("<video>.avi 1|2", 2 = test; in split s, video s-1 is the
-    training one). A textured person (capsule limbs carrying the joints at their ends) walks and swings its limbs
-    over the panning background and moving objects of synthetic_video; its joints' bounding box has a diagonal of
-    about 180 px, so PCK@0.1 allows ~11 px.
-    """
-    root = prepare_root(root)
-    if n_videos < 1 or n_frames < 2 or not actions:
-        raise BadInput(f"synthetic JHMDB: need actions, at least 1 video and 2 frames, got {list(actions)}, "
-                       f"{n_videos}, {n_frames}.")
-    width, height = 320, 240
-    for a, action in enumerate(actions):
-        names = [f"synth_{action}_{v:02d}" for v in range(n_videos)]
-        for v, name in enumerate(names):
-            rng = np.random.default_rng((seed, 3, a, v))
-            joints = jhmdb_pose(rng, n_frames, width, height)
-            look = rng.integers(2 ** 32)
-            folder = root / 'Rename_Images' / action / name
-            for t, (scene, _) in enumerate(synthetic_frames((seed, 2, a, v), n_frames, height, width, n_objects=2)):
-                frame = scene.astype(np.float64)
-                draw_person(frame, joints[t], look)
-                image = Image.fromarray(np.clip(frame + 0.5, 0, 255).astype(np.uint8))
-                atomic(folder / f"{t + 1:05d}.png", lambda tmp: image.save(tmp, "PNG"))
-            pos_img = joints.transpose(2, 1, 0) + 1.0  # (2, 15, T), MATLAB's 1-based pixels
-            write_mat(root / 'joint_positions' / action / name / 'joint_positions.mat',
-                      {'pos_img': pos_img, 'pos_world': (pos_img - pos_img[:, 1:2]) / 100.0,
-                       'scale': np.ones((1, n_frames)), 'viewpoint': 'E'})
-        for split in (1, 2, 3):
-            lines = ''.join(f"{name}.avi {1 if v == (split - 1) % n_videos and n_videos > 1 else 2}\n"
-                            for v, name in enumerate(names))
-            atomic(root / 'splits' / f"{action}_test_split{split}.txt", lambda tmp: tmp.write_text(lines))
-    return root
 
 
 def numbered(paths, folder):
@@ -922,44 +696,33 @@ def read_jhmdb(path, split=1, list_order=None):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write synthetic data for Co-Settle: training videos, DAVIS, VIP "
-                                     "and JHMDB sets.")
+    parser = argparse.ArgumentParser(description="Write synthetic data for Co-Settle: training videos or a DAVIS "
+                                     "set (VIP and JHMDB sets: python test_cosettle.py --make-vip/--make-jhmdb).")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument('--make-davis', metavar='DIR', help='write a synthetic DAVIS-2017 folder')
     target.add_argument('--make-videos', metavar='DIR', help='write synthetic training videos (frame folders)')
-    target.add_argument('--make-vip', metavar='DIR', help='write a synthetic VIP_Fine folder')
-    target.add_argument('--make-jhmdb', metavar='DIR', help='write a synthetic JHMDB folder (320x240, .mat, splits)')
     parser.add_argument('--seqs', type=positive(), default=3, help='DAVIS sequences')
-    parser.add_argument('--videos', type=positive(), default=None, help='training videos (default 8), VIP videos '
-                        '(default 2), or JHMDB videos per action (default 3)')
-    parser.add_argument('--frames', type=positive(), default=None, help='frames per video (default 12 DAVIS and '
-                        'JHMDB, 6 VIP, 16 videos)')
+    parser.add_argument('--videos', type=positive(), default=8, help='training videos')
+    parser.add_argument('--frames', type=positive(), default=None, help='frames per video (default 12 DAVIS, '
+                        '16 videos)')
     parser.add_argument('--height', type=at_least(16), default=96)
     parser.add_argument('--width', type=at_least(16), default=128)
     parser.add_argument('--seed', type=at_least(0), default=0)
     args = parser.parse_args(argv)
+    shared = {'make_davis', 'make_videos', 'frames', 'height', 'width', 'seed'}
+    if args.make_davis:
+        refuse_unused(parser, args, '--make-davis', shared | {'seqs'})
+    else:
+        refuse_unused(parser, args, '--make-videos', shared | {'videos'})
     try:
         if args.make_davis:
             n_frames = 12 if args.frames is None else args.frames
             root = make_davis(args.make_davis, args.seqs, n_frames, args.height, args.width, args.seed)
             print(f"wrote {args.seqs} synthetic DAVIS-2017 sequences ({n_frames} frames, "
                   f"{args.height}x{args.width}) to {root}")
-        elif args.make_vip:
-            n_frames = 6 if args.frames is None else args.frames
-            n_videos = 2 if args.videos is None else args.videos
-            root = make_vip(args.make_vip, n_videos, n_frames, args.height, args.width, seed=args.seed)
-            print(f"wrote {n_videos} synthetic VIP videos ({n_frames} key frames, {args.height}x{args.width}) "
-                  f"to {root}")
-        elif args.make_jhmdb:
-            n_frames = 12 if args.frames is None else args.frames
-            n_videos = 3 if args.videos is None else args.videos
-            root = make_jhmdb(args.make_jhmdb, n_videos=n_videos, n_frames=n_frames, seed=args.seed)
-            print(f"wrote a synthetic JHMDB set (3 actions x {n_videos} videos, {n_frames} frames, 320x240) "
-                  f"to {root}")
         else:
             n_frames = 16 if args.frames is None else args.frames
-            n_videos = 8 if args.videos is None else args.videos
-            folders = write_synthetic_videos(args.make_videos, n_videos, n_frames, args.height, args.width,
+            folders = write_synthetic_videos(args.make_videos, args.videos, n_frames, args.height, args.width,
                                              args.seed)
             print(f"wrote {len(folders)} synthetic videos ({n_frames} frames, {args.height}x{args.width}) "
                   f"to {args.make_videos}")

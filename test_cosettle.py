@@ -4,7 +4,7 @@ Every claim the code makes about the paper and the official code is checked agai
 written here, never against the code under test:
 - data: the official pair-sampling rule exhaustively, crop statistics, every PIL mode, shifted textures, PNG/MAT
   files built by hand;
-- method: the official cycle-loss formulation (Eq. 2, cosettle.official_cycle_loss, kept there as the yardstick)
+- method: the official cycle-loss formulation (Eq. 2, official_cycle_loss here, also the --bench-loss yardstick)
   with 2x2 pooling by avg_pool2d, KL by hand and by F.kl_div (Eq. 3), the fused kernel against the eager one;
 - ViT + loader: one explicit float64 ViT forward (`explicit_forward`) read from each family's native tensors
   (`timm_params`, `clip_params`), OpenAI CLIP's own modules, the authors' '+ Ours' files with ST_adapter's block;
@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import warnings
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -46,10 +47,10 @@ import data
 import eval_davis as ed
 import train
 from cosettle import BadInput, Projection, build_vit, infer_arch, load_encoder
-from data import davis_palette, make_davis, synthetic_video, write_synthetic_videos
+from data import davis_palette, make_davis, synthetic_video
 
 REPO = Path(__file__).resolve().parent
-MEAN, STD = np.array(data.IMAGENET_MEAN), np.array(data.IMAGENET_STD)
+MEAN, STD = np.array(cosettle.IMAGENET_MEAN), np.array(cosettle.IMAGENET_STD)
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 TOL = 1e-4
@@ -649,6 +650,22 @@ def grid_pool(p):
     return F.avg_pool2d(p.transpose(1, 2).reshape(B, D, s, s), 2).flatten(2).transpose(1, 2)
 
 
+def official_cycle_loss(p1, p2, p1b, temp=0.03):
+    """Eq. 2 as the official code computes it (yafeng19/Co-Settle engine_pretrain.py): M = A A~ on 2x2-pooled
+    tokens, then the cross-entropy of log(M + 1e-6) with the identity over the B n rows; eager, the yardstick."""
+    q1, q2, q1b = grid_pool(p1), grid_pool(p2), grid_pool(p1b)
+    B, n, _ = q1.shape
+    M = torch.softmax(q1 @ q2.transpose(1, 2) / temp, -1) @ torch.softmax(q2 @ q1b.transpose(1, 2) / temp, -1)
+    return F.cross_entropy(torch.log(M + 1e-6).reshape(B * n, n), torch.arange(n, device=M.device).repeat(B))
+
+
+def official_objective(h, z, temp=0.03, lambda_reg=3.0):
+    """Eq. 4 as the official code computes it: the cycle loss above plus F.kl_div(..., 'batchmean')."""
+    p, z = F.normalize(h, dim=-1), F.normalize(z, dim=-1)
+    reg = F.kl_div(torch.log_softmax(p, -1), torch.softmax(z, -1), reduction="batchmean")
+    return official_cycle_loss(*p.chunk(3, dim=1), temp) + lambda_reg * reg
+
+
 def orthonormal_tokens(B, D, seed):
     """[B, 196, D] tokens whose 2x2-pooled 7x7 grid is 49 orthonormal vectors (each repeated over its 2x2 cell)."""
     g = torch.Generator().manual_seed(seed)
@@ -686,7 +703,7 @@ def test_cycle_loss_equals_the_official_formulation(case):
     loss, acc, sim = cosettle.cycle_loss(*leaves)
     loss.backward()
     ref_leaves = [p.detach().clone().requires_grad_() for p in (p1, p2, p1b)]
-    ref = cosettle.official_cycle_loss(*ref_leaves)
+    ref = official_cycle_loss(*ref_leaves)
     ref.backward()
     assert_rel_close(loss.detach(), ref.detach(), rel)
     for a, b in zip(leaves, ref_leaves):
@@ -694,14 +711,10 @@ def test_cycle_loss_equals_the_official_formulation(case):
             assert a.grad.abs().max() < grad_atol and b.grad.abs().max() < grad_atol
         else:
             assert_rel_close(a.grad, b.grad, rel)
-    # the official loss is cross_entropy(log(M + 1e-6), identity) of M = softmax(q1 q2^T/t) softmax(q2 q1b^T/t),
-    # t = 0.03, on avg_pool2d-pooled tokens
+    # accuracy and sim_identity read off the full M
     q1, q2, q1b = grid_pool(p1), grid_pool(p2), grid_pool(p1b)
     M = torch.softmax(q1 @ q2.transpose(1, 2) / 0.03, -1) @ torch.softmax(q2 @ q1b.transpose(1, 2) / 0.03, -1)
     B, n, _ = M.shape
-    explicit = F.cross_entropy(torch.log(M + 1e-6).reshape(B * n, n), torch.arange(n).repeat(B))
-    assert_rel_close(ref.detach(), explicit, 1e-9)
-    # accuracy and sim_identity read off the full M
     assert acc.item() == pytest.approx(np.mean([int(torch.argmax(M[b, i])) == i for b in range(B) for i in range(n)]),
                                        abs=1e-6)
     eye = torch.eye(n, dtype=M.dtype).expand(B, n, n)
@@ -713,7 +726,7 @@ def test_cycle_loss_float32_accuracy_one_and_pooling():
     p1, p2, p1b = (unit(4, 196, 32, seed=s) for s in (3, 4, 5))
     p2 = F.normalize(p1 + 0.5 * p2, dim=-1)
     loss32, _, _ = cosettle.cycle_loss(p1.float(), p2.float(), p1b.float())
-    assert_rel_close(loss32.double(), cosettle.official_cycle_loss(p1, p2, p1b), 1e-5)
+    assert_rel_close(loss32.double(), official_cycle_loss(p1, p2, p1b), 1e-5)
     t = orthonormal_tokens(2, 64, seed=1).float()  # distinct orthonormal pooled tokens: accuracy 1
     assert cosettle.cycle_loss(t, t, t)[1].item() == 1.0
     p = unit(3, 196, 8, seed=9)
@@ -756,7 +769,7 @@ def test_objective_is_cycle_plus_lambda_kl():
     h, z = (torch.randn(2, 3 * 196, 16, generator=g, dtype=torch.float64) for _ in range(2))
     loss, cyc, reg, acc, sim = cosettle.objective(h, z, temp=0.05, lambda_reg=2.5)
     p, zn = F.normalize(h, dim=-1), F.normalize(z, dim=-1)
-    ref_cyc = cosettle.official_cycle_loss(*p.chunk(3, dim=1), temp=0.05)
+    ref_cyc = official_cycle_loss(*p.chunk(3, dim=1), temp=0.05)
     ref_reg = F.kl_div(torch.log_softmax(p, -1), torch.softmax(zn, -1), reduction="batchmean")
     assert cyc.item() == pytest.approx(ref_cyc.item(), rel=1e-6)
     assert reg.item() == pytest.approx(ref_reg.item(), rel=1e-6)  # objective computes in float32
@@ -764,7 +777,7 @@ def test_objective_is_cycle_plus_lambda_kl():
 
 
 def test_fused_objective_equals_eager():
-    fused = cosettle.fuse(cosettle.objective)
+    fused = cosettle.fuse(cosettle.objective, (2, 3 * 16, 32))  # the shape it sees: compiled once, quietly
     g = torch.Generator().manual_seed(0)
     h0 = torch.randn(2, 3 * 16, 32, generator=g)  # 4x4 grid per stream
     z = torch.randn(2, 3 * 16, 32, generator=g)
@@ -2134,16 +2147,18 @@ def test_projection_checked_against_its_encoder(trained_run, tiny_weights):
         cosettle.load_projection(str(ckpt), small_vit(7))
 
 
-def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weights, small_videos, tmp_path, capsys):
-    """Step 3 starts from the good weights (finite loss) and its update with lr = inf ruins them: the error names
-    step 3 (if the weights are checked after the update) or step 4 (the first non-finite loss); step 3 is
-    mid-epoch, so nothing is saved in between."""
+def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weights, small_videos, tmp_path, capsys,
+                                                          monkeypatch):
+    """Step 3 starts from the good weights (finite loss) and its update with lr = inf (no flag gives one: patched
+    in) ruins them: the error names step 3 (if the weights are checked after the update) or step 4 (the first
+    non-finite loss); step 3 is mid-epoch, so nothing is saved in between."""
     out_dir = copy_run(trained_run, tmp_path)
     ckpt_path = out_dir / "cosettle.pth"
     good = read_ckpt(ckpt_path)
     assert good["step"] == 2
-    code, _, err = train_cli(tiny_weights, small_videos, out_dir, "--batch-size", "4", "--epochs", "2", "--blr", "inf",
-                             "--resume", capsys=capsys)
+    monkeypatch.setattr(train, "lr_at", lambda *args: math.inf)
+    code, _, err = train_cli(tiny_weights, small_videos, out_dir, "--batch-size", "4", "--epochs", "2", "--resume",
+                             capsys=capsys)
     check_error(code, err, ckpt_path, "last good state", re.compile(r"step [34]\b"),
                 re.compile(r"\b(nan|inf|non-finite)\b"))
     kept = read_ckpt(ckpt_path)
@@ -2153,14 +2168,15 @@ def test_nan_loss_after_resume_keeps_last_good_checkpoint(trained_run, tiny_weig
     assert not list(out_dir.glob("*.tmp"))
 
 
-def test_nan_update_on_epoch_boundary_is_not_checkpointed(tiny_weights, small_videos, tmp_path, capsys):
+def test_nan_update_on_epoch_boundary_is_not_checkpointed(tiny_weights, small_videos, tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / "out"
     common = [tiny_weights, small_videos, out_dir, "--batch-size", "8"]  # 8 videos: every step ends an epoch
     code, _, err = train_cli(*common, "--epochs", "1", capsys=capsys)
     assert code == 0, err
     ckpt_path = out_dir / "cosettle.pth"
     good = read_ckpt(ckpt_path)
-    code, _, err = train_cli(*common, "--epochs", "3", "--blr", "inf", "--resume", capsys=capsys)
+    monkeypatch.setattr(train, "lr_at", lambda *args: math.inf)  # --blr refuses inf
+    code, _, err = train_cli(*common, "--epochs", "3", "--resume", capsys=capsys)
     check_error(code, err, ckpt_path, re.compile(r"step [23]\b"))  # step 2's update (lr inf) ruins the weights
     kept = read_ckpt(ckpt_path)
     assert all(torch.isfinite(v).all() for v in kept["projection"].values()), "non-finite weights were saved"
@@ -2393,6 +2409,69 @@ def tiny_vit():
     return build_vit("vit_tiny", patch_size=8, seed=0).eval()
 
 
+def evaluate(encoder, projection, davis_root, out_dir, protocol="paper", **overrides):
+    """J&F of one variant on DAVIS through run(): the 7 global metrics (None when only first-frame annotations)."""
+    name = "baseline" if projection is None else "cosettle"
+    return ed.run(encoder, {name: projection}, {"davis": davis_root}, out_dir, protocol, **overrides)[name]["davis"]
+
+
+def dino_window(h, w, radius, device):
+    """DINO's restrict_neighborhood, its loops as written: [N, N] 1 where |di|, |dj| <= radius, else 0."""
+    mask = torch.zeros(h, w, h, w, device=device)
+    for i in range(h):
+        for j in range(w):
+            mask[i, j, max(0, i - radius):min(h, i + radius + 1), max(0, j - radius):min(w, j + radius + 1)] = 1
+    return mask.reshape(h * w, h * w)
+
+
+@torch.no_grad()
+def dino_loop(x, labels0, embed, patch, params):
+    """DINO eval_video_segmentation.py's per-frame loop as written (facebookresearch/dino): one forward per frame,
+    dense [context, N, N] affinity exp(cos / T) times the window mask, top-k along the key axis, normalise, label
+    transfer, queue of soft predictions, per-channel min-max, argmax -> uint8 labels of frames 1..T-1."""
+    f0 = embed(x[:1])[0]
+    h, w, _ = f0.shape
+    N, K = h * w, labels0.shape[0]
+    mask = dino_window(h, w, params["radius"], x.device) if params["radius"] > 0 else 1.0
+    queue, out = [], []
+    for t in range(1, len(x)):
+        ft = embed(x[t:t + 1])[0].reshape(N, -1)
+        feats = F.normalize(torch.stack([f0.reshape(N, -1)] + [f for f, _ in queue]), dim=2)  # [m, N, D]
+        segs = torch.stack([labels0] + [s for _, s in queue])  # [m, K, h, w]
+        m = len(feats)
+        aff = torch.exp(torch.bmm(F.normalize(ft, dim=1).expand(m, N, -1), feats.transpose(1, 2))
+                        / params["temperature"]) * mask
+        aff = aff.transpose(2, 1).reshape(-1, N)  # [m*N keys, N queries]
+        kth = torch.topk(aff, dim=0, k=params["topk"]).values.min(dim=0).values
+        aff[aff < kth] = 0
+        aff = aff / aff.sum(0, keepdim=True)
+        seg = (segs.reshape(m, K, N).transpose(2, 1).reshape(-1, K).T @ aff).reshape(K, h, w)
+        if len(queue) == params["context"]:
+            queue.pop(0)
+        queue.append((ft, seg))
+        up = F.interpolate(seg[None], scale_factor=patch, mode="bilinear", align_corners=False,
+                           recompute_scale_factor=False)[0]
+        for c in range(K):
+            if up[c].max() > 0:
+                up[c] = (up[c] - up[c].min()) / (up[c] - up[c].min()).max()
+        out.append(torch.max(up, dim=0).indices.to(torch.uint8).cpu())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def fast_loop(x, labels0, embed, patch, params, batch_size=8):
+    """Our path on in-memory frames (frames 1..T-1 -> uint8 labels): eval_davis's batched forward, the protocol's
+    core, its read-out, one host transfer per batch."""
+    out, prop = [], None
+    for a in range(0, len(x), batch_size):
+        feats = embed(x[a:a + batch_size])
+        prop = prop if prop is not None else ed.CORES[params["algorithm"]](feats[0], labels0, params)
+        soft = [prop(f) for f in feats[1 if a == 0 else 0:]]
+        if soft:
+            out.append(ed.read_out(torch.stack(soft), params, patch, x.shape[-2:]).to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
 @pytest.mark.parametrize("repeat", [False, True])
 def test_propagation_equals_dino_loop(repeat):
     """Batched ring-buffer propagation == DINO's per-frame dense loop, also with exact ties (repeated frames)."""
@@ -2404,8 +2483,8 @@ def test_propagation_equals_dino_loop(repeat):
                      for f in frames])
     embed = ed.encoder_embed(tiny_vit())
     labels0 = ed.first_labels(masks[0], 6, 8)
-    ours = ed.fast_loop(x, labels0, embed, 8, params, batch_size=3)
-    ref = ed.dino_loop(x, labels0, embed, 8, params)
+    ours = fast_loop(x, labels0, embed, 8, params, batch_size=3)
+    ref = dino_loop(x, labels0, embed, 8, params)
     assert ours.shape == (6, 48, 64)
     assert (ours == ref).float().mean() >= 0.999
 
@@ -2447,7 +2526,7 @@ def test_compare_odd_sizes_and_overlays(tmp_path):
     assert out.mode == "P" and out.size == (70, 50)  # back to the original size
     overlay = Image.open(tmp_path / "out" / "baseline" / "overlays" / "synth-000" / "00003.png")
     assert overlay.mode == "RGB" and overlay.size == (70, 50)
-    one = ed.evaluate(enc, None, davis, tmp_path / "one", protocol="dino", size=64, verbose=False)
+    one = evaluate(enc, None, davis, tmp_path / "one", protocol="dino", size=64, verbose=False)
     assert one == m["baseline"]  # the same frames, the same numbers
 
 
@@ -2579,7 +2658,7 @@ def test_first_frame_annotations_only_propagate_without_scoring(tmp_path, capsys
         ann.unlink()
     encoder = build_vit("vit_tiny", 16, seed=0).eval()
     out = tmp_path / "out"
-    assert ed.evaluate(encoder, None, davis, out, "dino", size=(32, 48)) is None
+    assert evaluate(encoder, None, davis, out, "dino", size=(32, 48)) is None
     assert "not scored" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "synth-000").glob("*.png")) == [f"{t:05d}.png" for t in range(5)]
     assert not (out / "global_results-val.csv").exists()
@@ -2591,7 +2670,7 @@ def test_patch_14_encoders_propagate_on_the_floored_grid(tmp_path):
     """480 is not a multiple of 14: the input is floored to the patch grid, masks still come back full size."""
     davis = make_davis(tmp_path / "davis", n_seqs=1, n_frames=3, height=30, width=44, seed=5)
     encoder = cosettle.ViT(14, 64, 1, 1, grid=(4, 4)).eval()
-    metrics = ed.evaluate(encoder, None, davis, tmp_path / "out", "paper", size=(30, 44), verbose=False)
+    metrics = evaluate(encoder, None, davis, tmp_path / "out", "paper", size=(30, 44), verbose=False)
     assert 0 <= metrics["J&F-Mean"] <= 1
     with Image.open(tmp_path / "out" / "synth-000" / "00002.png") as img:
         assert img.size == (44, 30)
@@ -2758,6 +2837,37 @@ def test_paper_protocol_reproduces_cropmae_masks_end_to_end(tmp_path):
 # =============================================================================
 # eval_davis.py, VIP: the metric by hand, the pipeline end to end
 
+def make_vip(root, n_videos=2, n_frames=6, height=72, width=128, stride=5, seed=0):
+    """Write a synthetic VIP_Fine folder and return it: root/lists/val_videos.txt, root/Images/videos<N>/<frame>.jpg
+    and root/Annotations/Category_ids/videos<N>/<frame>.png (greyscale part ids 0..19), frames named by their
+    12-digit number. Like VIP's annotated key frames, only every `stride`-th frame of the synthetic video is kept,
+    so objects move a lot between two of them. Each object is a "person" of three parts (top, middle and bottom
+    third of its visible extent: hair / upper-clothes / pants, or hat / coat / skirt)."""
+    root = data.prepare_root(root)
+    if n_videos < 1 or n_frames < 1 or stride < 1:
+        raise BadInput(f"synthetic VIP: need videos, frames and stride >= 1, got {n_videos}, {n_frames}, {stride}.")
+    parts = [(2, 4, 8), (1, 6, 11)]
+    names = [f"videos{v + 1}" for v in range(n_videos)]
+    for v, name in enumerate(names):
+        video = data.synthetic_frames((seed, 2, v), (n_frames - 1) * stride + 1, height, width, n_objects=2)
+        for t, (frame, mask) in enumerate(video):  # rendered one at a time: memory independent of the length
+            if t % stride:
+                continue
+            ids = np.zeros((height, width), np.uint8)
+            for k, classes in enumerate(parts):
+                ys = np.nonzero(mask == k + 1)[0]
+                if len(ys):
+                    third = (np.arange(height)[:, None] - ys.min()) * 3 // (ys.max() - ys.min() + 1)
+                    ids = np.where(mask == k + 1, np.take(classes, np.clip(third, 0, 2)), ids)
+            stem = f"{t + 1:012d}"
+            data.atomic(root / "Images" / name / f"{stem}.jpg",
+                   lambda tmp: Image.fromarray(frame).save(tmp, "JPEG", quality=95))
+            data.atomic(root / "Annotations" / "Category_ids" / name / f"{stem}.png",
+                   lambda tmp: Image.fromarray(ids.astype(np.uint8)).save(tmp, "PNG"))
+    data.atomic(root / "lists" / "val_videos.txt", lambda tmp: tmp.write_text("".join(n + "\n" for n in names)))
+    return root
+
+
 def write_vip_pair(root, video, stem, frame, ids):
     (root / "Images" / video).mkdir(parents=True, exist_ok=True)
     (root / "Annotations" / "Category_ids" / video).mkdir(parents=True, exist_ok=True)
@@ -2791,7 +2901,7 @@ def test_vip_metric_by_hand(tmp_path):
 
 
 def test_vip_end_to_end_oracle_compare_and_summary(tmp_path):
-    vip = data.make_vip(tmp_path / "vip", n_videos=2, n_frames=4, height=48, width=64)
+    vip = make_vip(tmp_path / "vip", n_videos=2, n_frames=4, height=48, width=64)
     plan = ed.read_vip(vip)
     assert [p[0] for p in plan] == ["videos1", "videos2"] and [f.name for f in plan[0][1]][:2] == \
         ["000000000001.jpg", "000000000006.jpg"]
@@ -2907,6 +3017,143 @@ def test_jhmdb_pck_hand_cases():
     assert math.isnan(r['per_joint']['PCK@0.1'][4]) and r['PCK@0.1'] == 1.0 and r['count'][4] == 0
 
 
+def mat_sub(kind, raw):
+    """One data sub-element (little-endian): the small format for 1..4 bytes, else tag + data + padding."""
+    if 0 < len(raw) <= 4:
+        return struct.pack('<I', len(raw) << 16 | kind) + raw.ljust(4, b'\0')
+    return struct.pack('<II', kind, len(raw)) + raw + b'\0' * (-len(raw) % 8)
+
+
+def mat_matrix_bytes(name, value):
+    """A whole miMATRIX element for a numeric/bool array or a str (char class, 4)."""
+    if isinstance(value, str):
+        codes = np.frombuffer(value.encode('utf-16-le'), '<u2')
+        cls, dims, parts = 4, (1, len(codes)), [mat_sub(4, codes.tobytes())]
+    else:
+        value = np.asarray(value)
+        logical = value.dtype == np.bool_
+        stored = value.astype(np.uint8) if logical else value
+        cls = {v: k for k, v in data.MX_DTYPES.items()}[stored.dtype.str[1:]]
+        kind = {v: k for k, v in data.MI_DTYPES.items()}[stored.dtype.str[1:]]
+        dims = value.shape if value.ndim >= 2 else (1, value.size)  # MATLAB arrays have at least 2 dims
+        parts = [mat_sub(kind, stored.astype(stored.dtype.newbyteorder('<')).tobytes(order='F'))]
+        cls |= data.MAT_LOGICAL if logical else 0
+    head = [mat_sub(6, struct.pack('<II', cls, 0)), mat_sub(5, np.asarray(dims, '<i4').tobytes()),
+            mat_sub(1, name.encode('ascii'))]
+    return mat_sub(data.MI_MATRIX, b''.join(head + parts))
+
+
+def write_mat(path, arrays, compress=True):
+    """Write {name: value} as a little-endian MATLAB v5 MAT-file, atomically: numeric or bool arrays (kept in their
+    dtype; 1-D becomes 1×n) or str (char); compress=True zlib-packs each variable, as MATLAB does by default."""
+    text = b'MATLAB 5.0 MAT-file, Platform: Co-Settle-ref tests, Created by write_mat'
+    parts = [text.ljust(116, b' ') + b'\0' * 8 + struct.pack('<H', 0x0100) + b'IM']
+    for name, value in arrays.items():
+        element = mat_matrix_bytes(name, value)
+        if compress:
+            packed = zlib.compress(element)
+            element = struct.pack('<II', data.MI_COMPRESSED, len(packed)) + packed
+        parts.append(element)
+    data.atomic(path, lambda tmp: tmp.write_bytes(b''.join(parts)))
+
+
+# JHMDB's 15 joints (0 neck, 1 belly, 2 face, 3/4 right/left shoulder, 5/6 hip, 7/8 elbow, 9/10 knee, 11/12 wrist,
+# 13/14 ankle) in a standing rest pose, body coordinates in pixels (y down, origin at the belly).
+JHMDB_REST = np.array([[0, -52], [0, 0], [0, -78], [-24, -46], [24, -46], [-14, 10], [14, 10], [-34, -10], [34, -10],
+                       [-17, 56], [17, 56], [-40, 26], [40, 26], [-19, 102], [19, 102]], dtype=np.float64)
+# Limbs drawn as textured capsules (joint a, joint b, half-thickness): torso, head, legs, arms. Each limb's texture
+# is fixed in its own frame, so a joint (a capsule end) moves exactly with the texture around it.
+JHMDB_LIMBS = [(0, 1, 20), (3, 4, 9), (5, 6, 9), (2, 0, 13), (5, 9, 8), (6, 10, 8), (9, 13, 7), (10, 14, 7),
+               (3, 7, 7), (4, 8, 7), (7, 11, 6), (8, 12, 6)]
+# (parent, child) chains swung about the parent by an angle: upper limbs, then lower limbs (which add the angle of
+# their upper limb).
+JHMDB_SWINGS = [(3, 7), (4, 8), (5, 9), (6, 10), (7, 11), (8, 12), (9, 13), (10, 14)]
+
+
+def jhmdb_pose(rng, n_frames, width, height):
+    """Joint positions [T, 15, 2] (x, y, 0-based pixels) of a swinging, walking, slightly rotating person."""
+    t = np.arange(n_frames, dtype=np.float64)
+    amp = rng.uniform(0.15, 0.45, len(JHMDB_SWINGS)) * [1, 1, 0.5, 0.5, 1, 1, 0.5, 0.5]  # legs swing less
+    period, phase = rng.uniform(10, 20), rng.uniform(0, 2 * np.pi)
+    angles = amp[:, None] * np.sin(2 * np.pi * t / period + phase + np.pi * np.arange(len(JHMDB_SWINGS))[:, None])
+    joints = np.repeat(JHMDB_REST[None], n_frames, axis=0)  # [T, 15, 2]
+    for s, (parent, child) in enumerate(JHMDB_SWINGS):
+        turn = angles[s] + (angles[s - 4] if s >= 4 else 0.0)  # a lower limb also turns with its upper limb
+        offset = JHMDB_REST[child] - JHMDB_REST[parent]
+        c, s_ = np.cos(turn), np.sin(turn)
+        rotated = np.stack([c * offset[0] - s_ * offset[1], s_ * offset[0] + c * offset[1]], axis=-1)
+        joints[:, child] = joints[:, parent] + rotated  # upper limbs come first: a lower limb hangs off the moved one
+    theta = rng.uniform(-0.06, 0.06) + rng.uniform(-0.01, 0.01) * t
+    scale = 1.0 - 0.03 * rng.uniform() * (1 + np.sin(2 * np.pi * t / rng.uniform(15, 30)))
+    centre = np.stack([width / 2 + rng.uniform(-20, 20) + rng.uniform(-20, 20) * np.sin(2 * np.pi * t / 25),
+                       height / 2 - 7 + rng.uniform(-2, 2) + 3 * np.sin(2 * np.pi * t / period)], axis=-1)
+    c, s_ = np.cos(theta)[:, None], np.sin(theta)[:, None]
+    x, y = joints[..., 0], joints[..., 1]
+    return centre[:, None] + scale[:, None, None] * np.stack([c * x - s_ * y, s_ * x + c * y], axis=-1)
+
+
+def draw_person(frame, joints, rng_state):
+    """Paint the limbs of one frame's pose onto frame (float [H,W,3]) in place; textures from rng_state."""
+    rng = np.random.default_rng(rng_state)  # the same draws every frame: each limb keeps its look
+    height, width = frame.shape[:2]
+    for a, b, half in JHMDB_LIMBS:
+        colour = data.saturated_colour(rng.uniform())
+        wavelength, beta, shade = rng.uniform(5, 9), rng.uniform(0, np.pi), rng.uniform(0.4, 0.8)
+        pa, pb = joints[a], joints[b]
+        # only the capsule's bounding box is computed (cheap); `window` is a view into the frame
+        x0, y0 = (np.floor(np.minimum(pa, pb) - half).astype(int)).clip(0)
+        x1, y1 = np.ceil(np.maximum(pa, pb) + half + 1).astype(int)
+        window = frame[y0:min(y1, height), x0:min(x1, width)]
+        y, x = np.mgrid[y0:y0 + window.shape[0], x0:x0 + window.shape[1]].astype(np.float64)
+        length = max(np.hypot(*(pb - pa)), 1e-6)
+        along_x, along_y = (pb - pa) / length
+        u = (x - pa[0]) * along_x + (y - pa[1]) * along_y  # limb frame: u along a -> b, v across
+        v = -(x - pa[0]) * along_y + (y - pa[1]) * along_x
+        inside = np.hypot(u - np.clip(u, 0, length), v) <= half
+        texture = np.sin(2 * np.pi * (np.cos(beta) * u + np.sin(beta) * v) / wavelength)
+        ramp = shade + (1 - shade) * np.clip(u / length, 0, 1)  # darker at joint a: the two ends differ
+        window[inside] = colour * (ramp * (0.75 + 0.25 * texture))[inside][:, None]
+
+
+def make_jhmdb(root, actions=('catch', 'pour', 'walk'), n_videos=3, n_frames=12, seed=0):
+    """Write a synthetic JHMDB folder in the real layout and return it.
+
+    root/Rename_Images/<action>/<video>/00001.png … (320x240 RGB PNG), root/joint_positions/<action>/<video>/
+    joint_positions.mat (pos_img (2, 15, T) 1-based x, y; pos_world (2, 15, T); scale (1, T); viewpoint, a char
+    array), root/splits/<action>_test_split{1,2,3}.txt ("<video>.avi 1|2", 2 = test; in split s, video s-1 is the
+    training one). A textured person (capsule limbs carrying the joints at their ends) walks and swings its limbs
+    over the panning background and moving objects of synthetic_video; its joints' bounding box has a diagonal of
+    about 180 px, so PCK@0.1 allows ~11 px.
+    """
+    root = data.prepare_root(root)
+    if n_videos < 1 or n_frames < 2 or not actions:
+        raise BadInput(f"synthetic JHMDB: need actions, at least 1 video and 2 frames, got {list(actions)}, "
+                       f"{n_videos}, {n_frames}.")
+    width, height = 320, 240
+    for a, action in enumerate(actions):
+        names = [f"synth_{action}_{v:02d}" for v in range(n_videos)]
+        for v, name in enumerate(names):
+            rng = np.random.default_rng((seed, 3, a, v))
+            joints = jhmdb_pose(rng, n_frames, width, height)
+            look = rng.integers(2 ** 32)
+            folder = root / 'Rename_Images' / action / name
+            scenes = data.synthetic_frames((seed, 2, a, v), n_frames, height, width, n_objects=2)
+            for t, (scene, _) in enumerate(scenes):
+                frame = scene.astype(np.float64)
+                draw_person(frame, joints[t], look)
+                image = Image.fromarray(np.clip(frame + 0.5, 0, 255).astype(np.uint8))
+                data.atomic(folder / f"{t + 1:05d}.png", lambda tmp: image.save(tmp, "PNG"))
+            pos_img = joints.transpose(2, 1, 0) + 1.0  # (2, 15, T), MATLAB's 1-based pixels
+            write_mat(root / 'joint_positions' / action / name / 'joint_positions.mat',
+                      {'pos_img': pos_img, 'pos_world': (pos_img - pos_img[:, 1:2]) / 100.0,
+                       'scale': np.ones((1, n_frames)), 'viewpoint': 'E'})
+        for split in (1, 2, 3):
+            lines = ''.join(f"{name}.avi {1 if v == (split - 1) % n_videos and n_videos > 1 else 2}\n"
+                            for v, name in enumerate(names))
+            data.atomic(root / 'splits' / f"{action}_test_split{split}.txt", lambda tmp: tmp.write_text(lines))
+    return root
+
+
 def mat_header(order):
     text = b'MATLAB 5.0 MAT-file, hand-built'.ljust(116, b' ') + b'\0' * 8
     return text + struct.pack(order + 'H', 0x0100) + (b'IM' if order == '<' else b'MI')
@@ -2937,10 +3184,10 @@ def test_mat_round_trip(tmp_path, compress):
     pos = np.random.default_rng(0).uniform(1, 320, (2, 15, 7))
     arrays = {'pos_img': pos, 'scale': np.float32([[1.5, 2.5]]), 'i': np.arange(-3, 3, dtype=np.int16).reshape(3, 2),
               'u': np.arange(4, dtype=np.uint64).reshape(1, 2, 2), 'b': np.array([[True, False]]),
-              'viewpoint': 'E', 'cell': ['ab', np.ones(3)], 'st': {'f': 1.0, 'g': 'x'}}
-    data.write_mat(tmp_path / 'r.mat', arrays, compress=compress)
+              'viewpoint': 'E'}
+    write_mat(tmp_path / 'r.mat', arrays, compress=compress)
     back = data.read_mat(tmp_path / 'r.mat')
-    assert set(back) == {'pos_img', 'scale', 'i', 'u', 'b'}  # char, cell, struct skipped
+    assert set(back) == {'pos_img', 'scale', 'i', 'u', 'b'}  # char skipped
     for name in back:
         assert back[name].dtype == arrays[name].dtype and back[name].shape == arrays[name].shape
         assert np.array_equal(back[name], arrays[name])
@@ -2948,7 +3195,7 @@ def test_mat_round_trip(tmp_path, compress):
 
 def test_mat_bad_files(tmp_path):
     good = tmp_path / 'good.mat'
-    data.write_mat(good, {'pos_img': np.ones((2, 15, 40))})
+    write_mat(good, {'pos_img': np.ones((2, 15, 40))})
     cases = {'trunc.mat': good.read_bytes()[:-20], 'text.mat': b'hello, not a mat file\n' * 10,
              'v73.mat': (b'MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .'.ljust(512, b' ')
                          + b'\x89HDF\r\n\x1a\n' + b'\0' * 64),
@@ -2959,7 +3206,7 @@ def test_mat_bad_files(tmp_path):
         with pytest.raises(BadInput, match=expect[name]) as e:
             data.read_mat(tmp_path / name)
         assert name in str(e.value)
-    data.write_mat(good, {'pos_img': np.ones((2, 15, 40))}, compress=False)
+    write_mat(good, {'pos_img': np.ones((2, 15, 40))}, compress=False)
     (tmp_path / 'cut.mat').write_bytes(good.read_bytes()[:300])
     with pytest.raises(BadInput, match="cut.mat: truncated"):
         data.read_mat(tmp_path / 'cut.mat')
@@ -2967,7 +3214,7 @@ def test_mat_bad_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def jhmdb_root(tmp_path_factory):
-    return data.make_jhmdb(tmp_path_factory.mktemp("jhmdb") / "JHMDB", actions=('catch', 'walk'), n_videos=2,
+    return make_jhmdb(tmp_path_factory.mktemp("jhmdb") / "JHMDB", actions=('catch', 'walk'), n_videos=2,
                            n_frames=4, seed=1)
 
 
@@ -2992,7 +3239,7 @@ def test_make_jhmdb_layout_and_read(jhmdb_root, tmp_path):
         for forced in (None, order):
             got = data.read_jhmdb(lst, list_order=forced)
             assert [g[0] for g in got] == [v[0] for v in videos] and np.array_equal(got[1][2], videos[1][2])
-    assert data.main(['--make-jhmdb', str(tmp_path / 'cli'), '--videos', '1', '--frames', '2']) == 0
+    assert cli(['--make-jhmdb', str(tmp_path / 'cli'), '--videos', '1', '--frames', '2']) == 0
     assert len(data.read_jhmdb(tmp_path / 'cli')) == 3
 
 
@@ -3030,7 +3277,7 @@ def test_jhmdb_draw_skeleton():
 def test_jhmdb_pipeline_oracle_compare_and_outputs(tmp_path, capsys):
     """Features that identify positions only (static keypoints): every frame's keypoints are frame 0's read-out,
     within the 320x320 -> 20x20 grid round trip of the ground truth (<= 8 px in x, 6 px in y at 320x240)."""
-    root = data.make_jhmdb(tmp_path / "jhmdb", n_videos=2, n_frames=5)
+    root = make_jhmdb(tmp_path / "jhmdb", n_videos=2, n_frames=5)
     plan = data.read_jhmdb(root)
     position = lambda x: torch.eye(400)[None].expand(x.shape[0], -1, -1).reshape(x.shape[0], 20, 20, 400)
     outs = {"pos": tmp_path / "pos"}
@@ -3154,7 +3401,13 @@ TRAIN_BAD = [  # (flags after the defaults, what the error line must hold); defa
     (["--batch-size", "-4"], ["argument --batch-size: must be > 0"]),
     (["--workers", "-1"], ["argument --workers: must be >= 0"]),
     (["--blr", "0"], ["argument --blr: must be > 0"]),
-    (["--blr", "nan"], ["argument --blr: must be > 0"]),
+    (["--blr", "nan"], ["argument --blr: must be a finite number, got nan"]),
+    (["--blr", "inf"], ["argument --blr: must be a finite number, got inf"]),
+    (["--warmup-epochs", "inf"], ["argument --warmup-epochs: must be a finite number, got inf"]),
+    (["--temp", "inf"], ["argument --temp: must be a finite number"]),
+    (["--lambda-reg", "nan"], ["argument --lambda-reg: must be a finite number"]),
+    (["--pea-ratio", "inf"], ["argument --pea-ratio: must be a finite number"]),
+    (["--clip-gap", "nan"], ["--clip-gap nan: must be between 0 and 1"]),
     (["--lambda-reg", "-1"], ["argument --lambda-reg: must be >= 0"]),
     (["--pea-ratio", "-0.5"], ["argument --pea-ratio: must be >= 0"]),
     (["--warmup-epochs", "-1"], ["argument --warmup-epochs: must be >= 0"]),
@@ -3282,6 +3535,7 @@ EVAL_BAD = [  # (setup(tmp, jhmdb_root) or None, flags after --out OUT, what the
     (None, ["--context", "-1"], ["argument --context: must be >= 0"]),
     (None, ["--radius", "-2"], ["argument --radius: must be >= 0"]),
     (None, ["--temperature", "0"], ["argument --temperature: must be > 0"]),
+    (None, ["--temperature", "inf"], ["argument --temperature: must be a finite number, got inf"]),
     (None, ["--weights", "MISSING", "--out", "FILE"], ["--out"]),
     (None, ["--weights", "MISSING", "--out", "FILE/results"], ["cannot be created"]),
     (None, ["--davis", "HOLE"], ["1 of 6 annotations after the first frames are missing "
@@ -3329,7 +3583,7 @@ EVAL_BAD = [  # (setup(tmp, jhmdb_root) or None, flags after --out OUT, what the
     (_jhmdb_list("{tmp}/none.mat {frames}\n"), ["--jhmdb", "LIST"], ["none.mat is missing"]),
     (_jhmdb_list("{mat} {frames}\n", lambda r, m, f: (f / '00004.png').unlink()), ["--jhmdb", "LIST"],
      [re.compile("annotates 4 frames but .* holds only 3")]),
-    (_jhmdb_list("{mat} {frames}\n", lambda r, m, f: data.write_mat(m, {'pos_world': np.ones((2, 15, 3)),
+    (_jhmdb_list("{mat} {frames}\n", lambda r, m, f: write_mat(m, {'pos_world': np.ones((2, 15, 3)),
                                                                          'viewpoint': 'E'})),
      ["--jhmdb", "LIST"], ["joint_positions.mat: has no numeric pos_img"]),
 ]
@@ -3357,6 +3611,8 @@ DATA_BAD = [
     (["--make-davis", "d", "--height", "15"], "argument --height: must be >= 16"),
     (["--make-davis", "d", "--width", "8"], "argument --width: must be >= 16"),
     (["--make-davis", "d", "--seed", "-1"], "argument --seed: must be >= 0"),
+    (["--make-videos", "v", "--seqs", "4"], "--make-videos does not use --seqs"),  # no flag silently ignored
+    (["--make-davis", "d", "--videos", "2"], "--make-davis does not use --videos"),
 ]
 
 
@@ -3424,3 +3680,131 @@ def test_published_table_and_paper_row():
     line = ed.paper_row("dino", "davis", (0.6304, 0.6412))
     assert "measured 63.0 -> 64.1" in line and "paper (dino, ViT-B/16) 63.2 -> 64.2" in line
     assert "no published numbers" in ed.paper_row("vit", "davis", (0.1, 0.2))
+
+
+def test_cosettle_py_alone_loads_builds_and_trains(tmp_path):
+    """cosettle.py copied alone into an empty folder, the repository off sys.path: it reads a DINO-format checkpoint,
+    builds CoSettle and computes the loss, forward and backward."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(REPO / "cosettle.py", alone)
+    sd = build_vit("vit_tiny", 16, seed=0).state_dict()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in sd.items()}}, alone / "dino.pth")  # DINO's layout
+    script = ("import importlib.util, sys, torch, cosettle\n"
+              "assert all(importlib.util.find_spec(m) is None for m in ('data', 'train', 'eval_davis'))\n"
+              "model = cosettle.CoSettle(cosettle.load_encoder('dino.pth'))\n"
+              "x = torch.randn(2, 3, 224, 224)\n"
+              "out = model(x, x + 0.1 * torch.randn_like(x))\n"
+              "out['loss'].backward()\n"
+              "assert model.encoder.family == 'dino' and model.projection.linear.weight.grad.abs().sum() > 0\n"
+              "print(round(out['loss'].item(), 4))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=alone, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert math.isfinite(float(done.stdout.split()[-1]))
+
+
+# =============================================================================
+# python test_cosettle.py --bench-loss | --bench-step | --bench-dino | --make-vip DIR | --make-jhmdb DIR: the README's
+# comparisons of the project with the references above, timed with cosettle.timeit, and the synthetic VIP/JHMDB sets
+
+def bench_loss(batch):
+    """Loss head forward+backward on [B, 3 x 196, 768]: the official eager formulation vs ours fused."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(batch, 3 * 196, 768, generator=g).to(device).requires_grad_()
+    z = torch.randn(batch, 3 * 196, 768, generator=g).to(device)
+
+    def step(fn):
+        def one():
+            h.grad = None
+            out = fn(h, z)
+            (out[0] if isinstance(out, tuple) else out).backward()
+        return one
+    cycle = lambda loss: lambda h, z: loss(*F.normalize(h, dim=-1).chunk(3, dim=1))
+    for title, official, ours in [("cycle loss (Eq. 2)", cycle(official_cycle_loss), cycle(cosettle.cycle_loss)),
+                                  ("total loss (Eq. 4)", official_objective, cosettle.objective)]:
+        fused = cosettle.fuse(ours, h.shape, device)
+        t = [cosettle.timeit(step(fn), device=device)[0] for fn in (official, fused)]
+        print(f"{title}, B={batch}, {device}: official eager {t[0] * 1e3:.1f} ms, ours fused {t[1] * 1e3:.1f} ms "
+              f"(x{t[0] / t[1]:.1f})")
+
+
+def bench_step(weights, batch):
+    """A whole training step: train.py --bench's, then the official one (three separate fp32 forwards, SDPA's math
+    backend, i.e. softmax(q k^T) v spelled out, the eager official loss) on the same encoder and clips."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    args = train.parse_args(["--bench", "--batch-size", str(batch)] + (["--weights", weights] if weights else []))
+    ours = train.bench(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = cosettle.CoSettle(train.encoder_from_args(args, rank=1)[0]).to(device).train()  # rank 1: loads quietly
+    optimizer = train.make_optimizer(model.projection, 1e-4)
+    x1, x2 = (torch.randn(batch, 3, 224, 224, device=device) for _ in range(2))
+
+    def official_step():
+        with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+            pea = cosettle.shifted_pos_embed(model.encoder.patch_pos_embed())
+            z = torch.cat([model.encoder(x1), model.encoder(x2), model.encoder(x1, pea)], dim=1)
+        loss = official_objective(model.projection(z), z)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    t = cosettle.timeit(official_step, warmup=2, iters=5, device=device.type)[0]
+    print(f"official step: {batch / t:.1f} clips/s; ours x{ours * t / batch:.2f}")
+
+
+def bench_dino(weights, n_frames=10):
+    """DAVIS, dino protocol, 854x480 synthetic frames: DINO's per-frame loop vs our batched path, s/frame."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = (load_encoder(weights) if weights else build_vit("vit_small", 16, seed=0)).to(device)
+    embed, patch, params = ed.encoder_embed(encoder), encoder.patch_size, ed.PROTOCOLS["dino"]
+    th, tw = ed.grid_size(480, 854, params, patch, "bench")
+    video, masks = synthetic_video(0, n_frames, th, tw, n_objects=2)
+    x = torch.stack([ed.normalise(torch.from_numpy(f).permute(2, 0, 1).float(), (th, tw), params["mean"],
+                                  params["std"]) for f in video]).to(device)
+    labels0 = ed.first_labels(masks[0], th // patch, tw // patch).to(device)
+    embed(x[:2])  # warm-up
+    (ours_t, _, ours), (ref_t, _, ref) = (cosettle.timeit(lambda: loop(x, labels0, embed, patch, params), 0, 1,
+                                                          device.type) for loop in (fast_loop, dino_loop))
+    print(f"DAVIS dino protocol, {tw}x{th}, {n_frames} frames, {device}: ours {ours_t / (n_frames - 1):.3f} s/frame, "
+          f"DINO's loop {ref_t / (n_frames - 1):.3f} (x{ref_t / ours_t:.2f}), the same label on "
+          f"{100 * (ours == ref).float().mean().item():.3f}% of pixels")
+
+
+def cli(argv=None):
+    p = argparse.ArgumentParser(description="The README's comparisons with the references in this file, and "
+                                "synthetic VIP / JHMDB sets. (The tests: python -m pytest test_cosettle.py.)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bench-loss", action="store_true", help="the official eager loss vs ours fused")
+    what.add_argument("--bench-step", action="store_true", help="the official training step vs ours")
+    what.add_argument("--bench-dino", action="store_true", help="DINO's per-frame propagation loop vs ours")
+    what.add_argument("--make-vip", metavar="DIR", help="write a synthetic VIP_Fine folder")
+    what.add_argument("--make-jhmdb", metavar="DIR", help="write a synthetic JHMDB folder (320x240, .mat, splits)")
+    p.add_argument("--weights", help="encoder checkpoint for --bench-step / --bench-dino (default a random ViT-S/16)")
+    p.add_argument("--batch-size", type=cosettle.positive(), help="--bench-step clips (default 8), --bench-loss B (64)")
+    p.add_argument("--videos", type=cosettle.positive(), help="VIP videos (default 2), JHMDB videos per action (3)")
+    p.add_argument("--frames", type=cosettle.positive(), help="frames per video (default 6 VIP, 12 JHMDB)")
+    args = p.parse_args(argv)
+    mode = next(k for k in ("bench_loss", "bench_step", "bench_dino", "make_vip", "make_jhmdb") if getattr(args, k))
+    used = {"bench_loss": {"batch_size"}, "bench_step": {"weights", "batch_size"}, "bench_dino": {"weights"},
+            "make_vip": {"videos", "frames"}, "make_jhmdb": {"videos", "frames"}}[mode]
+    cosettle.refuse_unused(p, args, "--" + mode.replace("_", "-"), used | {mode})
+    sizes = {k: v for k, v in (("n_videos", args.videos), ("n_frames", args.frames)) if v is not None}
+    try:
+        if mode == "bench_loss":
+            bench_loss(args.batch_size or 64)
+        elif mode == "bench_step":
+            bench_step(args.weights, args.batch_size or 8)
+        elif mode == "bench_dino":
+            bench_dino(args.weights)
+        else:
+            print(f"wrote {(make_vip if args.make_vip else make_jhmdb)(args.make_vip or args.make_jhmdb, **sizes)}")
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
