@@ -1177,10 +1177,10 @@ def bench(encoder, device, n_frames=10):
                 soft = torch.stack([prop(feats[t % n_frames]) for t in range(warm, warm + 4)])
                 return read_out(soft, params, patch, (th, tw)).cpu()
             _, core_t = timed(steady, 4)
-            share = [100 * c / (e + c) for e, c in zip(enc, core_t)]
+            adds = [100 * c / e for e, c in zip(enc, core_t)]
             print(f"  {task:12s} {tw}x{th}: {1 / (enc[0] + core_t[0]):6.2f} frames/s; encoder {enc[0]:6.3f} s/frame, "
-                  f"propagation + read-out {core_t[0]:6.3f} s/frame, {share[0]:.0f}% of the wall time "
-                  f"({share[1]:.0f}% of CPU)")
+                  f"propagation + read-out {core_t[0]:6.3f} s/frame: it adds {adds[0]:.0f}% to the encoder's wall "
+                  f"time ({adds[1]:.0f}% of its CPU time)")
             results[task] = dict(encoder=enc[0], propagation=core_t[0])
     return results
 
