@@ -547,7 +547,7 @@ def test_synthetic_video_deterministic_moving_textured_objects():
 
 
 def test_synthetic_data_is_written_frame_by_frame(tmp_path):
-    """Item 8: make_davis's peak memory does not grow with the frame count (it did, ~40 MB per 480p frame), and
+    """make_davis's peak memory does not grow with the frame count (it did, ~40 MB per 480p frame), and
     the frames are bit for bit those of before the change (checksums taken from the whole-video version)."""
     import hashlib
     import tracemalloc
@@ -735,7 +735,7 @@ def test_cycle_loss_float32_accuracy_one_and_pooling():
 
 @pytest.mark.parametrize("tokens", [197, 225, 224])
 def test_cycle_loss_names_what_it_expects(tokens):
-    """Issue 11 item 7: 197 (CLS kept), 15x15 (odd side), 14x16 (not square): a sentence, not a view error."""
+    """197 (CLS kept), 15x15 (odd side), 14x16 (not square): a sentence, not a view error."""
     p = unit(1, tokens, 8, seed=0, dtype=torch.float32)
     with pytest.raises(ValueError, match=f"{tokens} tokens per frame are not an even square grid"):
         cosettle.cycle_loss(p, p, p)
@@ -795,7 +795,7 @@ def test_fused_objective_equals_eager():
 
 
 def test_quiet_compile_is_local_and_precise():
-    """Item 10: importing cosettle installs no warnings filter; while fuse() compiles, only cpp_extension's
+    """Importing cosettle installs no warnings filter; while fuse() compiles, only cpp_extension's
     "No CUDA runtime is found" record is dropped, and after it the logger is as before."""
     assert not any("_prims_common" in str(f[1] and f[1].pattern) for f in warnings.filters)
     log, seen = logging.getLogger("torch.utils.cpp_extension"), []
@@ -1694,7 +1694,7 @@ def _incomplete(container):
 LOADER_BAD = [  # (id, file name, built -> its bytes, an object to torch.save or None, words of the BadInput)
     *[(f"truncated {n}", f"cut_{n}.pth", lambda b, n=n: _first_half(b(n).path), ["not a readable PyTorch checkpoint"])
       for n in ("dino_bare", "dino_full", "mae", "clip")],
-    # issue 11 item 10: a text file is 'not a readable PyTorch checkpoint', with no unpickler noise
+    # a text file is 'not a readable PyTorch checkpoint', with no unpickler noise
     ("text file", "notes.pth", lambda b: b"these are not weights\n",
      ["not a readable", "neither a zip archive nor a pickle"]),
     ("missing", "missing.pth", lambda b: None, ["no such file"]),
@@ -2121,7 +2121,7 @@ def test_ddp_two_processes_equal_one_and_bad_videos_stop_every_rank(tiny_weights
 
 
 def test_shared_run_hint_handlers_and_overwrite(trained_run, tmp_path, capsys):
-    """Issue 11 items 1 and 11: at the official --blr a run this short prints a one-line hint (with a larger rate
+    """At the official --blr a run this short prints a one-line hint (with a larger rate
     it does not); train() puts back the signal handlers it found; a second run into the same --out is refused and
     changes nothing (the table below), --overwrite replaces it."""
     out_dir, stdout, restored = trained_run
@@ -2210,7 +2210,7 @@ def test_train_on_official_ours_file(official, small_videos, tmp_path, capsys):
 
 
 def test_demo_says_its_learning_rate_first(tmp_path, monkeypatch, capsys):
-    """Item 11: the demo's first line names its --blr and why; the README says the same."""
+    """The demo's first line names its --blr and why; the README says the same."""
     monkeypatch.chdir(tmp_path)
 
     def stop(*a, **k):
@@ -3424,7 +3424,7 @@ TRAIN_BAD = [  # (flags after the defaults, what the error line must hold); defa
     (["--weights", "CLASSIFIER.pth"], ["CLASSIFIER.pth", "ViT", "fc.bias", "fc.weight"]),
     (["--weights", "STATE.pth"], ["STATE.pth", "ViT", "epoch", "best_acc"]),
     (["--weights", "INCOMPLETE.pth"], ["INCOMPLETE.pth", "missing", "blocks.1.mlp.fc2.weight"]),
-    # issue 11 item 3: a run that stops at step 1 leaves no --out folder and no empty log
+    # a run that stops at step 1 leaves no --out folder and no empty log
     (["--weights", "NAN", "--batch-size", "2"], ["loss is nan at step 1", "OUT/cosettle.pth", "none was saved yet"]),
     # the videos
     (["--weights", "W", "--videos", "EMPTY"], ["EMPTY", "holds no folders with frames"]),
@@ -3441,7 +3441,7 @@ TRAIN_BAD = [  # (flags after the defaults, what the error line must hold); defa
     (["--weights", "OURS", "--out", "OURSRUN", "--resume"],
      ["OURSRUN/cosettle.pth", "official Co-Settle '+ Ours'", "no optimiser state"]),
     (["--weights", "W", "--out", "RUN", "--epochs", "2"], ["RUN/cosettle.pth", "--resume", "--overwrite"]),
-    # issue 10: no flag is silently ignored
+    # no flag is silently ignored
     (["--bench"], ["--bench does not use --videos, --out, --workers"]),
     (["--bench-data"], ["--bench-data does not use --weights, --out, --batch-size, --no-compile"]),
 ]
@@ -3542,7 +3542,7 @@ EVAL_BAD = [  # (setup(tmp, jhmdb_root) or None, flags after --out OUT, what the
                                  "(Annotations/480p/synth-001/00002.png)"]),
     (None, ["--davis", "HOLE", "--masks", "FILE"], ["Annotations/480p/synth-001/00002.png"]),
     (None, ["--compare"], ["--ckpt"]),
-    # issue 10: no flag is silently ignored
+    # no flag is silently ignored
     (None, ["--davis", "HOLE", "--masks", "FILE", "--out", "OUT"], ["--masks does not use --out"]),
     (None, ["--bench", "--davis", "HOLE"], ["--bench does not use --davis"]),
     (None, ["--tradeoff", "--videos", "FILE", "--protocol", "dino"], ["--tradeoff does not use --protocol"]),
@@ -3559,7 +3559,7 @@ EVAL_BAD = [  # (setup(tmp, jhmdb_root) or None, flags after --out OUT, what the
      [("40x32", "48x32")]),
     (lambda tmp, j: _davis(tmp, lambda d: shutil.rmtree(d / "ImageSets")), ["--davis", "D"], ["val.txt"]),
     (lambda tmp, j: _davis(tmp), ["--davis", "D", "--ckpt", "P64"], ["width 64"]),
-    # issue 11 item 4: one missing annotation, even the last one, is refused before anything is written
+    # one missing annotation, even the last one, is refused before anything is written
     (lambda tmp, j: _davis(tmp, lambda d: _ann("00003.png")(d).unlink(), n_frames=4),
      ["--davis", "D", "--weights", "W", "--protocol", "dino", "--batch-size", "4"],
      ["Annotations/480p/synth-000/00003.png"]),
@@ -3640,7 +3640,7 @@ def test_scripts_exit_2_with_one_line_as_processes(script, argv, needles, fx, tm
 
 
 def test_davis_annotation_rules(tiny_weights, tmp_path, capsys):
-    """Issue 11 item 4: a complete set is scored; first-frame-only sets are propagated and say why they are not
+    """A complete set is scored; first-frame-only sets are propagated and say why they are not
     scored (exit 0). (One missing annotation is refused: the table above.)"""
     davis = make_davis(tmp_path / "davis", n_seqs=1, n_frames=4, height=32, width=48)
     anns = sorted((davis / "Annotations" / "480p" / "synth-000").glob("*.png"))
