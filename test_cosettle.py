@@ -1,16 +1,18 @@
-"""Tests for Co-Settle-ref: data.py, cosettle.py, train.py, eval_davis.py (CPU only, tiny models, under a minute).
+"""Tests for Co-Settle-ref: data.py, cosettle.py, train.py, eval_davis.py (tiny models; on whatever device the code
+picks, CPU or CUDA; ~2 minutes on 2 CPUs).
 
 Every claim the code makes about the paper and the official code is checked against an independent computation
 written here, never against the code under test:
 - data: the official pair-sampling rule exhaustively, crop statistics, every PIL mode, shifted textures, PNG/MAT
-  files built by hand;
+  files built by hand, the device-side resize against Pillow's own Image.resize;
 - method: the official cycle-loss formulation (Eq. 2, official_cycle_loss here, also the --bench-loss yardstick)
   with 2x2 pooling by avg_pool2d, KL by hand and by F.kl_div (Eq. 3), the fused kernel against the eager one;
 - ViT + loader: one explicit float64 ViT forward (`explicit_forward`) read from each family's native tensors
   (`timm_params`, `clip_params`), OpenAI CLIP's own modules, the authors' '+ Ours' files with ST_adapter's block;
 - training: an uninterrupted run (resume is bit-equal), one process (DDP is equal), an untrained projection;
 - evaluation: slow per-pixel loops of davis2017-evaluation, DINO's dense loop, CropMAE's padded CRW propagation
-  and its DAVIS path end to end, VIP and JHMDB metrics worked by hand;
+  and its DAVIS path end to end, VIP and JHMDB metrics worked by hand, the trade-off metrics against a
+  transcription of the official cal_metric.py;
 - CLIs: one table of bad inputs per script: exit 2, one sentence naming the flag or file, nothing written.
 """
 import argparse
