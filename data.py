@@ -849,6 +849,127 @@ def read_jhmdb(path, split=1, list_order=None):
 
 
 # -----------------------------------------------------------------------------
+# DAVIS-2017 and VIP: the evaluation sets, checked before anything is written
+
+
+VIP_CLASSES = ["background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat", "socks", "pants",
+               "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm", "left-arm", "right-leg", "left-leg",
+               "right-shoe", "left-shoe"]  # HCPLab-SYSU/ATEN evaluate/test_parsing.py: ids 0..19
+
+
+def read_ids(path, what="annotation"):
+    """Object ids of a palette (or greyscale) PNG as uint8 [H, W]."""
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: {what} missing")
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise BadInput(f"{path}: {what} is a {img.mode} image, expected a palette or greyscale PNG of ids")
+            return np.array(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadInput(f"{path}: cannot read the {what} ({e})") from e
+
+
+def image_size(path):
+    try:
+        with Image.open(path) as img:
+            return img.size[::-1]  # (H, W)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadInput(f"{path}: cannot read the frame ({e})") from e
+
+
+def read_davis(davis, scoring=True):
+    """Check a DAVIS-2017 folder before anything is written: [(seq, frames, annotations, first annotation)].
+
+    Propagation needs every frame of equal size and a first-frame annotation of that size (DINO's path:
+    Annotations/480p/<seq>/<first frame>.png); scoring needs an annotation for every frame, which is what
+    davis2017-evaluation reads (the sorted PNGs of Annotations/480p/<seq>). So a set is either fully annotated
+    (scored), or annotated on first frames only, like test-dev (propagated, not scored: refused when `scoring`);
+    anything in between is refused before any work, naming the missing files."""
+    davis = Path(davis)
+    listing = davis / "ImageSets" / "2017" / "val.txt"
+    if not listing.is_file():
+        raise BadInput(f"{listing}: missing, so {davis} is not a DAVIS-2017 folder")
+    names = [s.strip() for s in listing.read_text().splitlines() if s.strip()]
+    if not names:
+        raise BadInput(f"{listing}: lists no sequences")
+    out, missing, later = [], [], 0
+    for seq in names:
+        frames = sorted((davis / "JPEGImages" / "480p" / seq).glob("*.jpg"))
+        if not frames:
+            raise BadInput(f"{davis / 'JPEGImages' / '480p' / seq}: no .jpg frames for sequence {seq} of {listing}")
+        anns = sorted((davis / "Annotations" / "480p" / seq).glob("*.png"))
+        first = davis / "Annotations" / "480p" / seq / (frames[0].stem + ".png")
+        size = read_ids(first, "first-frame annotation").shape
+        for f in frames:
+            if image_size(f) != size:
+                raise BadInput(f"{f}: frame is {image_size(f)[1]}x{image_size(f)[0]}, its annotation {first.name} "
+                               f"is {size[1]}x{size[0]}")
+        missing += [first.parent / (f.stem + ".png") for f in frames[1:]
+                    if not (first.parent / (f.stem + ".png")).is_file()]
+        later += len(frames) - 1
+        out.append((seq, frames, anns, first))
+    if missing and len(missing) < later:
+        shown = ", ".join(str(m.relative_to(davis)) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise BadInput(f"{davis}: {len(missing)} of {later} annotations after the first frames are missing ({shown}); "
+                       f"give every frame its annotation to score, or only the first frames' to propagate unscored")
+    if scoring and missing:
+        raise BadInput(f"{davis}: ground truth for the first frames only, cannot score")
+    return out
+
+
+def read_vip(path):
+    """Check a VIP set before anything is written: [(video, frames, labels, first label)].
+
+    path: the VIP_Fine folder as distributed (Images/videos<N>/*.jpg, Annotations/Category_ids/videos<N>/*.png,
+    the videos of lists/val_videos.txt), or a CropMAE-style list file (downstreams/propagation/vip_vallist.txt:
+    `<images dir> <labels dir>` per line, relative paths taken from the current folder as CropMAE does). Every
+    frame needs the label of the same name and size; labels hold part ids 0..19, and 255 (void) after frame 0."""
+    path, listing = Path(path), Path(path) / "lists" / "val_videos.txt"
+    if path.is_file():
+        pairs = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                if len(line.split()) != 2:
+                    raise BadInput(f"{path}: line {i} is not '<images dir> <labels dir>'")
+                pairs.append(tuple(map(Path, line.split())))
+    else:
+        if not listing.is_file():
+            raise BadInput(f"{listing}: missing, so {path} is neither a VIP_Fine folder nor a list file")
+        pairs = [(path / "Images" / v, path / "Annotations" / "Category_ids" / v)
+                 for v in (line.split()[0] for line in listing.read_text().splitlines() if line.strip())]
+    if not pairs:
+        raise BadInput(f"{path}: lists no videos")
+    out = []
+    for images, labels in pairs:
+        for folder, what in ((images, "frames"), (labels, "labels")):
+            if not folder.is_dir():
+                where = f"{path} (paths relative to the current folder)" if path.is_file() else listing
+                raise BadInput(f"{folder}: no such folder, so no {what} for {images.name} of {where}")
+        frames = numbered([f for f in images.iterdir() if is_frame(f.name)], images)
+        anns = numbered(list(labels.glob("*.png")), labels)
+        if not frames or not anns:
+            raise BadInput(f"{images if not frames else labels}: no {'frames' if not frames else 'labels'}")
+        if [f.stem for f in frames] != [a.stem for a in anns]:
+            odd = sorted({f.stem for f in frames} ^ {a.stem for a in anns})
+            raise BadInput(f"{labels}: {len(anns)} labels for {len(frames)} frames of {images}, unpaired: "
+                           f"{', '.join(odd[:5])}")
+        for t, (f, a) in enumerate(zip(frames, anns)):
+            ids = read_ids(a, "label")
+            if image_size(f) != ids.shape:
+                raise BadInput(f"{a}: label is {ids.shape[1]}x{ids.shape[0]}, its frame {f.name} is "
+                               f"{image_size(f)[1]}x{image_size(f)[0]}")
+            # the metric ignores pixels outside 0..19 (255: void); frame 0's labels are propagated, so they must
+            # all be parts there (CropMAE would propagate 255 as a class, then abort scoring it)
+            bad = ids[(ids >= len(VIP_CLASSES)) & ((ids != 255) | (t == 0))]
+            if bad.size:
+                raise BadInput(f"{a}: part id {bad.max()}, VIP has ids 0..{len(VIP_CLASSES) - 1}"
+                               f"{' (255, void, is ignored after the first frame)' if t == 0 else ''}")
+        out.append((images.name, frames, anns, anns[0]))
+    return out
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write synthetic data for Co-Settle: training videos, DAVIS, VIP "
