@@ -15,6 +15,7 @@ a CLI:
 """
 
 import argparse
+import hashlib
 import math
 import os
 import random
@@ -966,6 +967,58 @@ def read_vip(path):
                 raise BadInput(f"{a}: part id {bad.max()}, VIP has ids 0..{len(VIP_CLASSES) - 1}"
                                f"{' (255, void, is ignored after the first frame)' if t == 0 else ''}")
         out.append((images.name, frames, anns, anns[0]))
+    return out
+
+
+# The sets behind the paper's Table 1: the lists of T-CoRe, the authors' previous paper, whose pipeline the paper
+# runs (yafeng19/T-CORE downstreams/propagation/davis_vallist_480_880.txt, vip_vallist.txt, jhmdb_vallist.txt).
+# JHMDB's 268 "<action>/<video>" names are too long to keep: their count and the sha1 of the sorted names, one a line.
+PAPER_SETS = {
+    "davis": ("30 DAVIS-2017 val sequences", (
+        "bike-packing blackswan bmx-trees breakdance camel car-roundabout car-shadow cows dance-twirl dog dogs-jump "
+        "drift-chicane drift-straight goat gold-fish horsejump-high india judo kite-surf lab-coat libby loading "
+        "mbike-trick motocross-jump paragliding-launch parkour pigs scooter-black shooting soapbox").split()),
+    "vip": ("50 VIP validation videos", [f"videos{n}" for n in (
+        "338 311 233 361 37 208 344 333 350 400 113 84 297 359 368 190 189 247 268 133 175 117 380 329 168 198 285 "
+        "151 174 370 136 404 91 154 40 226 270 299 129 294 234 95 376 182 8 12 75 184 102 141").split()]),
+    "jhmdb": ("268 JHMDB split-1 test videos", (268, "5609283fa467523ffb7bb462dc41dd1c1bf0b837"))}
+
+
+def describe(task, plan):
+    """What a plan (read_davis, read_vip, read_jhmdb) holds, for summary.json: video, frame and object (DAVIS),
+    part (VIP) or joint (JHMDB) counts, the frame sizes read, a fingerprint (sha1 of the sorted video names with
+    their annotations' byte sizes, JHMDB: joint positions), and whether it is the paper's set (`note`: how not)."""
+    names = sorted(p[0] for p in plan)
+    firsts = [read_ids(p[3], "first-frame annotation") for p in plan] if task != "jhmdb" else []
+    sizes = {}
+    for p in plan:
+        H, W = image_size(p[1][0])
+        sizes[f"{W}x{H}"] = sizes.get(f"{W}x{H}", 0) + 1
+    items = sorted(f"{p[0]} " + (hashlib.sha1(p[2].tobytes()).hexdigest() if task == "jhmdb" else
+                                 " ".join(str(a.stat().st_size) for a in p[2])) for p in plan)
+    out = {"videos": len(plan), "frames": sum(len(p[1]) for p in plan), "resolution": sizes,
+           "fingerprint": hashlib.sha1("\n".join(items).encode()).hexdigest()[:12]}
+    if task == "davis":
+        out["objects"] = sum(int(np.where(a == 255, 0, a).max()) for a in firsts)
+    elif task == "vip":
+        out["parts"] = len(set(np.unique(np.concatenate([a.ravel() for a in firsts])).tolist()) - {0})
+    else:
+        out["joints"] = 15
+    what, ref = PAPER_SETS[task]
+    if task == "jhmdb":
+        same = (len(names), hashlib.sha1("\n".join(names).encode()).hexdigest()) == ref
+        note = f"{len(names)} JHMDB videos, not the paper's {what} (not the same names)"
+    else:
+        missing, extra = sorted(set(ref) - set(names)), sorted(set(names) - set(ref))
+        same = not missing and not extra
+        shown = lambda v: ", ".join(v[:5]) + (", ..." if len(v) > 5 else "")
+        note = f"none of the paper's {what} ({len(extra)} others: {shown(extra)})" if len(missing) == len(ref) else \
+            f"{len(ref) - len(missing)} of the paper's {what}" + (f"; missing: {shown(missing)}" if missing else "") \
+            + (f"; {len(extra)} not among them: {shown(extra)}" if extra else "")
+    out["paper_set"], out["note"] = same, None if same else note
+    if task == "davis" and set(sizes) == {"880x480"}:  # CropMAE's DAVIS_480_880 copy, resized with PIL NEAREST
+        out["note"] = "; ".join(filter(None, [out["note"], "a copy pre-resized to 880x480: read and scored at 880x480, "
+                                              "not at DAVIS's 480p"]))
     return out
 
 
