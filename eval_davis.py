@@ -36,7 +36,7 @@ from cosettle import (CLIP_GAP, FAMILIES, SIZE, TEMP, BadInput, build_vit, cycle
                       timeit)
 from data import (IMAGENET_MEAN, IMAGENET_STD, at_least, atomic, check_out_dir, davis_palette, find_videos, list_frames,
                   load_rgb, make_davis, positive, read_jhmdb, refuse_unused, synthetic_video)
-from data import VIP_CLASSES, image_size, read_davis, read_ids, read_vip
+from data import VIP_CLASSES, describe, image_size, read_davis, read_ids, read_vip
 
 # Two protocols for DAVIS, one propagation loop. Sizes: a (height, width) pair is fixed; one number is a rule.
 # paper: the pipeline behind the paper's Table 1 (it follows SiamMAE/CropMAE/RSP's protocol): CropMAE's
@@ -78,11 +78,14 @@ HEADLINE = {"davis": ("DAVIS J&F", "J&F-Mean"), "vip": ("VIP mIoU", "mIoU"),  # 
             "jhmdb": ("JHMDB PCK@0.1", "PCK@0.1")}
 
 
-def paper_row(family, task, measured):
+def paper_row(family, task, measured, unlike=None):
     """One line, frozen -> + Co-Settle in %: what we measured (a pair of fractions) beside the paper's pair for
-    `family`, e.g. 'DAVIS J&F   measured 63.0 -> 64.1   paper (dino, ViT-B/16) 63.2 -> 64.2'."""
+    `family`, e.g. 'DAVIS J&F   measured 63.0 -> 64.1   paper (dino, ViT-B/16) 63.2 -> 64.2', unless `unlike`
+    says why the measurement is not like for like."""
     ours = f"{HEADLINE[task][0]:14s} measured {100 * measured[0]:.1f} -> {100 * measured[1]:.1f} " \
            f"({100 * (measured[1] - measured[0]):+.1f})"
+    if unlike:
+        return f"  {ours}   not beside the paper's: {unlike}"
     if family not in PUBLISHED:
         return f"  {ours}   paper: no published numbers for a {family!r} encoder"
     base, cosettle = PUBLISHED[family]["baseline"][task], PUBLISHED[family]["cosettle"][task]
@@ -798,52 +801,80 @@ def encoder_embed(encoder):
     return lambda x: encoder(x).float().reshape(x.shape[0], x.shape[2] // p, x.shape[3] // p, -1)
 
 
-def run(encoder, heads, tasks, out_dir, protocol="paper", device=None, batch_size=8, overlay=False, verbose=True,
-        vip_size=None, jhmdb_split=1, jhmdb_order=None, **overrides):
-    """Propagate with each head on each task and score it: {name: {task: metrics or None}}.
+def checked(fn, what, stride=None):
+    """fn, its output checked: floats [B, h, w, D] for a [B, 3, H, W] batch, h, w = H / stride, W / stride (the
+    feature function), or for [B, h, w, D] features (a head); anything else is one sentence naming what came."""
+    def call(x):
+        y = fn(x)
+        B, h, w = (x.shape[0], x.shape[2] // stride, x.shape[3] // stride) if stride else tuple(x.shape[:3])
+        if not (torch.is_tensor(y) and y.dim() == 4 and tuple(y.shape[:3]) == (B, h, w) and y.is_floating_point()):
+            got = f"a {type(y).__name__}" if not torch.is_tensor(y) else str(list(y.shape)) + \
+                ("" if y.is_floating_point() else f" of {y.dtype}")
+            raise BadInput(f"{what} returned {got} for a {list(x.shape)} {'batch' if stride else 'input'}; expected "
+                           f"[{B}, {h}, {w}, D] floats" + (f" at stride {stride}" if stride else ""))
+        return y.float()
+    return call
 
-    tasks: {"davis": DAVIS-2017 folder, "vip": VIP_Fine folder or list file, "jhmdb": JHMDB folder (split
-    `jhmdb_split`'s test videos) or list file (data.read_jhmdb)}; {"davis": None} runs on a synthetic DAVIS set
-    in a temporary folder. `protocol` is DAVIS's (VIP and JHMDB always run CropMAE's pipeline); overrides
-    (topk, context, radius, temperature, size, mean, std) apply to every task. Outputs go to out_dir, with a
-    <name>/ level when there are several heads and a <task>/ level when there are several tasks; each head's
-    folder gets summary.json ({task: metrics}). DAVIS metrics are None when the set has only first-frame
-    annotations (test-dev): the masks are written, nothing is scored."""
-    device = device or next(encoder.parameters()).device
+
+def run(features, stride, tasks, out_dir, heads=None, protocol="paper", device=None, batch_size=8, overlay=False,
+        verbose=True, vip_size=None, jhmdb_split=1, jhmdb_order=None, **overrides):
+    """Propagate with any encoder on each task and score it: {name: {task: metrics or None, "data": {task: what
+    it was computed on (data.describe) and the settings}}}, also each head's summary.json.
+
+    features: normalised frames [B, 3, H, W] on `device` (H, W multiples of `stride`) -> float features
+    [B, H / stride, W / stride, D] on the same device. heads: {name: None (the features as they are) or a function
+    of them}, all fed by one forward; default {"model": None}. tasks: {"davis": DAVIS-2017 folder, "vip": VIP_Fine
+    folder or list file, "jhmdb": JHMDB folder (split `jhmdb_split`'s test videos) or list file (data.read_jhmdb)};
+    {"davis": None} runs on a synthetic DAVIS set in a temporary folder. `protocol` is DAVIS's (VIP and JHMDB
+    always run CropMAE's pipeline); overrides (topk, context, radius, temperature, size, mean, std) apply to every
+    task. Outputs go to out_dir, with a <name>/ level when there are several heads and a <task>/ level when there
+    are several tasks.
+    DAVIS metrics are None when the set has only first-frame annotations (test-dev): masks written, not scored.
+    device: default CUDA when there is one."""
+    heads = {"model": None} if heads is None else heads
+    if not callable(features) or not (isinstance(stride, int) and stride > 0):
+        raise BadInput(f"run() needs a callable feature function and a positive whole stride, got "
+                       f"{type(features).__name__} and {stride!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if tasks.get("davis", "") is None:
         with tempfile.TemporaryDirectory() as tmp:
             if verbose:
                 print(f"no --davis: evaluating on a synthetic DAVIS set made in {tmp} (data.make_davis)")
-            return run(encoder, heads, {**tasks, "davis": make_davis(tmp)}, out_dir, protocol, device, batch_size,
-                       overlay, verbose, vip_size, jhmdb_split, jhmdb_order, **overrides)
+            return run(features, stride, {**tasks, "davis": make_davis(tmp)}, out_dir, heads, protocol, device,
+                       batch_size, overlay, verbose, vip_size, jhmdb_split, jhmdb_order, **overrides)
     params = {"davis": protocol_params(protocol, **overrides),
               "vip": protocol_params(VIP, **{"size": vip_size, **overrides}),
               "jhmdb": protocol_params(JHMDB, **overrides)}
     plans = {"davis": lambda p: read_davis(p, scoring=False), "vip": read_vip,
              "jhmdb": lambda p: read_jhmdb(p, jhmdb_split, jhmdb_order)}
     plans = {task: plans[task](path) for task, path in tasks.items()}  # every check before the first file
+    paper = {"davis": PROTOCOLS["paper"], "vip": VIP, "jhmdb": JHMDB}
+    sets = {task: dict(describe(task, plan), settings=params[task], settings_differ=[
+        k for k in paper[task] if params[task][k] != paper[task][k]]) for task, plan in plans.items()}
     root = {name: Path(out_dir) / name if len(heads) > 1 else Path(out_dir) for name in heads}
     results = {name: {} for name in heads}
-    embed = encoder_embed(encoder)
+    embed = checked(features, "the feature function", stride)
+    heads = {name: head if head is None else checked(head, f"head {name!r}") for name, head in heads.items()}
     for task, plan in plans.items():
         outs = {name: root[name] / task if len(tasks) > 1 else root[name] for name in heads}
         if verbose:
             print(f"{task}: propagating {len(plan)} videos, {params[task]}, device {device}")
+            if sets[task]["note"]:
+                print(f"{task}: {sets[task]['note']}")
         t0 = time.perf_counter()
         if task == "jhmdb":
-            preds, n = track(plan, embed, heads, outs, params[task], encoder.patch_size, device, batch_size, overlay,
-                             verbose)
+            preds, n = track(plan, embed, heads, outs, params[task], stride, device, batch_size, overlay, verbose)
         else:
-            n = segment(plan, embed, heads, outs, params[task], encoder.patch_size, device, batch_size, overlay,
-                        verbose, vip=task == "vip")
+            n = segment(plan, embed, heads, outs, params[task], stride, device, batch_size, overlay, verbose,
+                        vip=task == "vip")
         dt = time.perf_counter() - t0
         if verbose:
             print(f"{task}: {n} frames in {dt:.1f} s: {n / dt:.2f} frames/s ({len(heads)} head(s) per forward)")
         for name in heads:
             if task == "jhmdb":
-                size = grid_size(*params[task]["size"], params[task], encoder.patch_size, "JHMDB")  # fixed: 320x320
-                grid = (size[0] // encoder.patch_size, size[1] // encoder.patch_size)
-                results[name][task] = score_jhmdb(plan, preds[name], grid, outs[name], verbose)
+                size = grid_size(*params[task]["size"], params[task], stride, "JHMDB")  # fixed: 320x320
+                results[name][task] = score_jhmdb(plan, preds[name], (size[0] // stride, size[1] // stride),
+                                                  outs[name], verbose)
             elif task == "vip":
                 results[name][task] = score_vip(plan, outs[name], verbose)
             elif any(len(anns) < len(frames) for _, frames, anns, _ in plan):  # e.g. test-dev: first frames only
@@ -854,6 +885,7 @@ def run(encoder, heads, tasks, out_dir, protocol="paper", device=None, batch_siz
             else:
                 results[name][task] = score(tasks[task], outs[name], device, verbose)[0]
     for name in heads:
+        results[name]["data"] = sets
         write_json(root[name] / "summary.json", results[name])
     return results
 
@@ -869,7 +901,9 @@ def evaluate(encoder, projection, davis_root, out_dir, protocol="paper", **overr
     """J&F of one variant on DAVIS: the frozen encoder (projection None) or + Co-Settle -> the 7 global metrics
     (None when only first-frame annotations exist). overrides: run()'s. davis_root None: a synthetic set."""
     name = "baseline" if projection is None else "cosettle"
-    return run(encoder, {name: projection}, {"davis": davis_root}, out_dir, protocol, **overrides)[name]["davis"]
+    overrides["device"] = overrides.get("device") or next(encoder.parameters()).device
+    return run(encoder_embed(encoder), encoder.patch_size, {"davis": davis_root}, out_dir, {name: projection},
+               protocol, **overrides)[name]["davis"]
 
 
 def compare(encoder, projection, tasks, out_dir, protocol="paper", **overrides):
@@ -877,16 +911,26 @@ def compare(encoder, projection, tasks, out_dir, protocol="paper", **overrides):
     metrics}, 'cosettle': {...}, 'difference': {task: cosettle - baseline}}, also written to out_dir/summary.json.
     tasks: as run()'s, or a DAVIS folder (None: synthetic)."""
     tasks = tasks if isinstance(tasks, dict) else {"davis": tasks}
-    m = run(encoder, {"baseline": None, "cosettle": projection}, tasks, out_dir, protocol, **overrides)
-    m["difference"] = {task: difference(m["baseline"][task], m["cosettle"][task]) for task in m["baseline"]}
+    overrides["device"] = overrides.get("device") or next(encoder.parameters()).device
+    m = run(encoder_embed(encoder), encoder.patch_size, tasks, out_dir, {"baseline": None, "cosettle": projection},
+            protocol, **overrides)
+    m["difference"] = {task: difference(m["baseline"][task], m["cosettle"][task]) for task in tasks}
     write_json(Path(out_dir) / "summary.json", m)
     if overrides.get("verbose", True):
         print("frozen -> + Co-Settle, measured and as published (the paper's Table 1)")
-        for task, metrics in m["baseline"].items():
-            if metrics is not None:
+        for task in tasks:
+            if m["baseline"][task] is not None:
                 key = HEADLINE[task][1]
-                print(paper_row(encoder.family, task, (metrics[key], m["cosettle"][task][key])))
+                print(paper_row(encoder.family, task, (m["baseline"][task][key], m["cosettle"][task][key]),
+                                unlike(m["baseline"]["data"][task])))
     return m
+
+
+def unlike(d):
+    """Why results on a set (run()'s "data" entry for a task) are not like for like with Table 1, or None."""
+    why = ([] if d["paper_set"] else [d["note"]]) + \
+        ([f"settings other than the paper's ({', '.join(d['settings_differ'])})"] if d["settings_differ"] else [])
+    return "; ".join(why) or None
 
 
 def difference(a, b):
@@ -1181,7 +1225,7 @@ def main(argv=None):
             compare(encoder, projection, tasks, args.out, args.protocol, **kw)
         else:
             name = "baseline" if projection is None else "cosettle"
-            run(encoder, {name: projection}, tasks, args.out, args.protocol, **kw)
+            run(encoder_embed(encoder), encoder.patch_size, tasks, args.out, {name: projection}, args.protocol, **kw)
         return 0
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2621,7 +2621,9 @@ def test_vip_end_to_end_oracle_compare_and_summary(tmp_path):
     m = ed.compare(enc, Projection(enc.embed_dim).eval(), {"davis": None, "vip": str(list_file)}, tmp_path / "out",
                    size=(48, 64), verbose=False)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert set(summary) == {"baseline", "cosettle", "difference"} and set(summary["baseline"]) == {"davis", "vip"}
+    assert set(summary) == {"baseline", "cosettle", "difference"} and set(summary["baseline"]) == {"davis", "vip",
+                                                                                                    "data"}
+    assert summary["baseline"]["data"]["vip"]["videos"] == 2 and summary["baseline"]["data"]["vip"]["frames"] == 8
     assert summary["difference"]["vip"]["mIoU"] == pytest.approx(m["cosettle"]["vip"]["mIoU"] -
                                                                  m["baseline"]["vip"]["mIoU"])
     assert 0 <= summary["cosettle"]["davis"]["J&F-Mean"] <= 1
@@ -3207,21 +3209,48 @@ def test_davis_annotation_rules(tiny_weights, tmp_path, capsys):
     assert not (tmp_path / "out3" / "global_results-val.csv").exists()
 
 
+def paper_named(davis, names):
+    """A synthetic DAVIS folder (make_davis) whose sequences carry `names` (the real DAVIS-2017 val names)."""
+    for kind in ("JPEGImages", "Annotations"):
+        for s, name in enumerate(names):
+            (davis / kind / "480p" / f"synth-{s:03d}").rename(davis / kind / "480p" / name)
+    (davis / "ImageSets" / "2017" / "val.txt").write_text("".join(n + "\n" for n in names))
+    return davis
+
+
 def test_official_ours_compare_prints_the_paper_row(official, tmp_path, capsys):
-    """--weights <+ Ours file> --compare: the frozen encoder and encoder + its adapter, beside the paper's pair."""
-    davis = make_davis(tmp_path / "davis", n_seqs=1, n_frames=3, height=32, width=48)
-    for family in ("dino", "clip"):
-        path, case, _ = official(family)
-        assert ed.main(["--weights", str(path), "--compare", "--davis", str(davis), "--protocol", "dino",
-                        "--out", str(tmp_path / family)]) == 0
-        out, err = capsys.readouterr()
-        assert "error" not in err and "warning" not in err, err
-        base, ours = ed.PUBLISHED[family]["baseline"]["davis"], ed.PUBLISHED[family]["cosettle"]["davis"]
-        assert f"paper ({family}, ViT-B/16) {base:.1f} -> {ours:.1f}" in out
-        assert (tmp_path / family / "cosettle" / "global_results-val.csv").is_file()
-    baseline_only = ed.main(["--weights", str(path), "--davis", str(davis), "--protocol", "dino",
+    """--weights <+ Ours file> --compare: the frozen encoder and encoder + its adapter, beside the paper's pair
+    when measured on the paper's 30 sequences with its pipeline; otherwise measured, and said why not beside it."""
+    names = data.PAPER_SETS["davis"][1]
+    davis = paper_named(make_davis(tmp_path / "davis", n_seqs=30, n_frames=3, height=32, width=48), names)
+    path = official("dino")[0]
+    assert ed.main(["--weights", str(path), "--compare", "--davis", str(davis), "--out", str(tmp_path / "dino")]) \
+        == 0
+    out, err = capsys.readouterr()
+    assert "error" not in err and "warning" not in err, err
+    base, ours = ed.PUBLISHED["dino"]["baseline"]["davis"], ed.PUBLISHED["dino"]["cosettle"]["davis"]
+    assert f"paper (dino, ViT-B/16) {base:.1f} -> {ours:.1f}" in out and "not beside" not in out
+    assert "of the paper's 30" not in out  # no line about the set
+    assert (tmp_path / "dino" / "cosettle" / "global_results-val.csv").is_file()
+    d = json.loads((tmp_path / "dino" / "summary.json").read_text())["cosettle"]["data"]["davis"]
+    assert (d["videos"], d["frames"], d["paper_set"], d["note"], d["resolution"]) == (30, 90, True, None, {"48x32": 30})
+    assert d["objects"] == sum(1 + s % 3 for s in range(30)) and d["settings_differ"] == []
+    # two of the 30 sequences, DINO's protocol: measured, and said why not beside the paper's numbers
+    part = paper_named(make_davis(tmp_path / "part", n_seqs=2, n_frames=3, height=32, width=48), names[5:7])
+    path = official("clip")[0]
+    assert ed.main(["--weights", str(path), "--compare", "--davis", str(part), "--protocol", "dino", "--out",
+                    str(tmp_path / "clip")]) == 0
+    out = capsys.readouterr().out
+    missing = "2 of the paper's 30 DAVIS-2017 val sequences; missing: bike-packing, blackswan, bmx-trees, " \
+        "breakdance, camel, ..."
+    assert f"davis: {missing}\n" in out and "paper (clip" not in out
+    assert f"not beside the paper's: {missing}; settings other than the paper's (algorithm, size, std, topk, " \
+        "context, radius, temperature)" in out
+    assert json.loads((tmp_path / "clip" / "summary.json").read_text())["baseline"]["data"]["davis"]["note"] == missing
+    baseline_only = ed.main(["--weights", str(path), "--davis", str(part), "--protocol", "dino",
                              "--out", str(tmp_path / "frozen")])
     assert baseline_only == 0 and (tmp_path / "frozen" / "global_results-val.csv").is_file()
+    assert f"davis: {missing}\n" in capsys.readouterr().out
 
 
 def test_published_table_and_paper_row():
