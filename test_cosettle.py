@@ -2928,6 +2928,29 @@ def test_run_with_the_vits_feature_function_gives_the_builtin_results(tmp_path):
                 assert a.read_bytes() == (tmp_path / "fn" / name / "davis" / seq / a.name).read_bytes()
 
 
+def test_describe_names_the_set_against_the_papers(tmp_path):
+    """summary.json's account of a set: counts, sizes, a fingerprint that follows the annotations, and how it
+    differs from the paper's (a partial VIP set named like the real one; a DAVIS copy pre-resized to 880x480)."""
+    vip = data.make_vip(tmp_path / "vip", n_videos=3, n_frames=2, height=24, width=32)
+    for old, new in (("videos1", "videos338"), ("videos2", "videos311"), ("videos3", "videos999")):
+        for kind in ("Images", "Annotations/Category_ids"):
+            (vip / kind / old).rename(vip / kind / new)
+    (vip / "lists" / "val_videos.txt").write_text("videos338\nvideos311\nvideos999\n")
+    d = data.describe("vip", ed.read_vip(vip))
+    assert (d["videos"], d["frames"], d["resolution"], d["paper_set"]) == (3, 6, {"32x24": 3}, False)
+    assert d["note"] == "2 of the paper's 50 VIP validation videos; missing: videos102, videos113, videos117, " \
+        "videos12, videos129, ...; 1 not among them: videos999"
+    shutil.copytree(vip, tmp_path / "copy")
+    assert data.describe("vip", ed.read_vip(tmp_path / "copy"))["fingerprint"] == d["fingerprint"]
+    label = next((tmp_path / "copy" / "Annotations" / "Category_ids" / "videos311").glob("*.png"))
+    Image.fromarray(np.full((24, 32), 3, np.uint8)).save(label)  # another annotation: another size on disk
+    assert data.describe("vip", ed.read_vip(tmp_path / "copy"))["fingerprint"] != d["fingerprint"]
+    davis = paper_named(make_davis(tmp_path / "davis", n_seqs=2, n_frames=1, height=480, width=880), ["dog", "cows"])
+    d = data.describe("davis", ed.read_davis(davis, scoring=False))
+    assert d["resolution"] == {"880x480": 2} and d["note"].startswith("2 of the paper's 30 DAVIS-2017 val sequences")
+    assert d["note"].endswith("; a copy pre-resized to 880x480: read and scored at 880x480, not at DAVIS's 480p")
+
+
 def test_oracle_features_give_near_perfect_scores_on_all_three_tasks(tmp_path):
     """Features that know the labels score near the top on every task (what is lost is the 8-px grid's: thin VIP
     parts); measured J&F 0.918, mIoU 0.802 (pixel accuracy 0.976), PCK@0.1 0.930."""
