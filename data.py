@@ -1012,7 +1012,7 @@ def describe(task, plan):
         missing, extra = sorted(set(ref) - set(names)), sorted(set(names) - set(ref))
         same = not missing and not extra
         shown = lambda v: ", ".join(v[:5]) + (", ..." if len(v) > 5 else "")
-        note = f"none of the paper's {what} ({len(extra)} others: {shown(extra)})" if len(missing) == len(ref) else \
+        note = f"none of the paper's {what}; instead {shown(extra)}" if len(missing) == len(ref) else \
             f"{len(ref) - len(missing)} of the paper's {what}" + (f"; missing: {shown(missing)}" if missing else "") \
             + (f"; {len(extra)} not among them: {shown(extra)}" if extra else "")
     out["paper_set"], out["note"] = same, None if same else note

@@ -9,6 +9,7 @@ davis2017-evaluation's J&F. VIP: semantic parts, the official mIoU. JHMDB: 15 jo
     python eval_davis.py --davis DAVIS/ --masks results/        # score an existing results folder
     python eval_davis.py --tradeoff --videos DIR [--ckpt ...]   # label-free trade-off metrics (paper Table 4)
     python eval_davis.py --bench                                # s/frame of each pipeline, peak memory
+    python eval_davis.py --table ckpts/ --davis DAVIS/ --vip VIP_Fine/ --jhmdb JHMDB/   # all of Table 1
 
 Two propagation algorithms: CRW's as CropMAE runs it (alexandre-eymael/CropMAE downstreams/propagation, the
 code the authors' T-CoRe evaluates with, and the settings the paper states), and DINO's
@@ -933,6 +934,62 @@ def unlike(d):
     return "; ".join(why) or None
 
 
+def table_1(root, tasks, out_dir, protocol="paper", native_stats=False, device=None, **overrides):
+    """The paper's Table 1 from a folder of the authors' files as downloaded: each <family>+ours/checkpoint*.pth
+    under `root` (one '+ Ours' file holds the frozen encoder and its adapter: the base files are not needed) is
+    run frozen and + Co-Settle on `tasks` into out_dir/<family> by compare(), unless its summary.json is there
+    already. Prints the table, measured beside published, in markdown; writes out_dir/table.json."""
+    found = {}
+    for folder in sorted(p for p in Path(root).rglob("*+ours") if p.is_dir()):
+        family, files = folder.name[:-len("+ours")], sorted(folder.glob("checkpoint*.pth"))
+        if family not in PUBLISHED or len(files) != 1 or family in found:
+            raise BadInput(f"--table {folder}: " + ("not one of the eight families' folders" if family not in
+                           PUBLISHED else f"{len(files)} checkpoint*.pth files, expected one" if len(files) != 1
+                           else f"a second {family}+ours folder (the first: {found[family].parent})"))
+        found[family] = files[0]
+    if not found:
+        raise BadInput(f"--table {root}: no <family>+ours/checkpoint*.pth of the authors' files under it")
+    missing = [f for f in PUBLISHED if f not in found]
+    print(f"--table: {', '.join(found)} found" + (f"; not found: {', '.join(missing)}" if missing else ""))
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = {}
+    for family, path in found.items():
+        out = Path(out_dir) / family
+        if (out / "summary.json").is_file():
+            runs[family] = json.loads((out / "summary.json").read_text())
+            absent = [t for t in tasks if t not in runs[family].get("baseline", {})]
+            if absent:
+                raise BadInput(f"{out / 'summary.json'}: no {', '.join(absent)} results in it; remove it, or give "
+                               f"another --out")
+            print(f"{family}: results already in {out}, not rerun")
+            continue
+        encoder = load_encoder(path, verbose=True).to(device)
+        if encoder.family != family or not encoder.official:
+            raise BadInput(f"{path}: " + (f"a {encoder.family} encoder in the {family}+ours folder" if
+                                          encoder.official else "not an official '+ Ours' checkpoint (no adapter)"))
+        stats = dict(zip(("mean", "std"), encoder.native_stats)) if native_stats else {}
+        runs[family] = compare(encoder, load_projection(path, encoder).to(device), tasks, out, protocol,
+                               device=device, **overrides, **stats)
+    order, rows, cells = ("vip", "davis", "jhmdb"), [], {}
+    for family in PUBLISHED:
+        m = runs.get(family, {})
+        cells[family] = {v: {t: m[v][t][HEADLINE[t][1]] if t in m.get(v, {}) and m[v][t] else None for t in order}
+                         for v in ("baseline", "cosettle")}
+        cells[family]["unlike"] = {t: unlike(m["baseline"]["data"][t]) for t in order if t in m.get("baseline", {})}
+        measured = lambda v, t: "–" if cells[family][v][t] is None else \
+            f"{100 * cells[family][v][t]:.1f}" + ("*" if cells[family]["unlike"][t] else "")
+        for v, label in (("baseline", family), ("cosettle", f"{family} + Co-Settle")):
+            rows.append(f"| {label} | " + " | ".join(f"{PUBLISHED[family][v][t]:.1f} | {measured(v, t)}"
+                                                     for t in order) + " |")
+    notes = sorted({f"* {HEADLINE[t][0]}: {why}" for c in cells.values() for t, why in c["unlike"].items() if why})
+    text = "\n".join(["| ViT-B/16 | " + " | ".join(f"{HEADLINE[t][0]} paper | measured" for t in order) + " |",
+                      "|---" * 7 + "|"] + rows + [""] * bool(notes) + notes)
+    print(text)
+    write_json(Path(out_dir) / "table.json", {"measured": cells, "paper": PUBLISHED, "not_found": missing,
+                                              "files": {f: str(p) for f, p in found.items()}, "markdown": text})
+    return cells
+
+
 def difference(a, b):
     if a is None or b is None:
         return None
@@ -1162,6 +1219,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=positive(), default=8, help="frames per encoder forward")
     parser.add_argument("--tradeoff", action="store_true", help="label-free trade-off metrics on --videos")
     parser.add_argument("--videos", help="folder of frame folders for --tradeoff")
+    parser.add_argument("--table", metavar="DIR", help="the paper's Table 1: every <family>+ours/checkpoint*.pth "
+                        "under DIR (the authors' files as downloaded), frozen and + Co-Settle, on the tasks given")
     parser.add_argument("--bench", action="store_true", help="s/frame of each pipeline vs the encoder alone and "
                         "DINO's per-frame loop, peak memory (--weights, or a random ViT-S/16)")
     args = parser.parse_args(argv)
@@ -1174,8 +1233,9 @@ def main(argv=None):
         refuse_unused(parser, args, "--bench", {"bench", "weights", "family"})
     else:
         tasks_given = {t for t in ("davis", "vip", "jhmdb") if getattr(args, t)}
-        mode = f"evaluating {', '.join(sorted(tasks_given)) or 'DAVIS'}"
+        mode = "--table" if args.table else f"evaluating {', '.join(sorted(tasks_given)) or 'DAVIS'}"
         refuse_unused(parser, args, mode, set(vars(args)) - {"videos"}
+                      - ({"weights", "family", "ckpt", "compare"} if args.table else set())
                       - ({"protocol"} if tasks_given and "davis" not in tasks_given else set())  # DAVIS's protocol
                       - ({"vip_size"} if not args.vip else set())
                       - ({"jhmdb_split"} if not args.jhmdb or Path(args.jhmdb).is_file() else set()))
@@ -1192,6 +1252,14 @@ def main(argv=None):
             raise BadInput("--tradeoff needs --videos DIR (a folder of frame folders)")
         if not (args.tradeoff or args.bench):
             check_out_dir(args.out)  # before the encoder loads, not after its first batch
+        kw = dict(device=device, batch_size=args.batch_size, overlay=args.overlay, vip_size=args.vip_size,
+                  jhmdb_split=args.jhmdb_split or 1, topk=args.topk,
+                  context=args.context, radius=args.radius, temperature=args.temperature)
+        if args.table:
+            if tasks == {"davis": None}:
+                raise BadInput("--table needs the sets to evaluate on: --davis, --vip and/or --jhmdb")
+            table_1(args.table, tasks, args.out, args.protocol, args.native_stats, **kw)
+            return 0
         if args.weights:
             encoder = load_encoder(args.weights, args.family, verbose=True).to(device)
         else:
@@ -1216,9 +1284,6 @@ def main(argv=None):
             for name, r in res.items():
                 print(f"{name:10s} {r['cycle_acc']:10.4f} {r['D_intra']:8.4f} {r['D_inter']:8.4f} {r['margin']:8.4f}")
             return 0
-        kw = dict(device=device, batch_size=args.batch_size, overlay=args.overlay, vip_size=args.vip_size,
-                  jhmdb_split=args.jhmdb_split or 1, topk=args.topk,
-                  context=args.context, radius=args.radius, temperature=args.temperature)
         if args.native_stats:
             kw["mean"], kw["std"] = encoder.native_stats
         if args.compare:

@@ -3377,6 +3377,48 @@ def test_official_ours_compare_prints_the_paper_row(official, tmp_path, capsys):
     assert f"davis: {missing}\n" in capsys.readouterr().out
 
 
+def test_table_evaluates_every_family_found_and_prints_table_1(official, tmp_path, capsys, monkeypatch):
+    """--table over the authors' files as downloaded (ckpts/ours/<family>+ours/..., base files beside them): seven
+    of the eight families, frozen and + Co-Settle each; the table beside the published one; a second run reads
+    the results back instead of rerunning, and the CLI refuses flags --table does not use."""
+    root = tmp_path / "ckpts"
+    for i, family in enumerate(f for f in ed.PUBLISHED if f != "blip"):
+        folder = root / "ours" / f"{family}+ours"
+        folder.mkdir(parents=True)
+        shutil.copy(official(family)[0], folder / ("checkpoint.pth" if i % 2 else "checkpoint-4.pth"))
+    (root / "base").mkdir()
+    shutil.copy(official("dino")[1].path, root / "base" / "dino_vitbase16_pretrain.pth")
+    davis = make_davis(tmp_path / "davis", n_seqs=1, n_frames=3, height=64, width=96)
+    cells = ed.table_1(root, {"davis": str(davis)}, tmp_path / "out", size=(64, 96), verbose=False)
+    out = capsys.readouterr().out
+    assert "not found: blip" in out and set(cells) == set(ed.PUBLISHED)
+    for family in ed.PUBLISHED:
+        if family == "blip":
+            assert cells[family] == {"baseline": {"vip": None, "davis": None, "jhmdb": None},
+                                     "cosettle": {"vip": None, "davis": None, "jhmdb": None}, "unlike": {}}
+            continue
+        summary = json.loads((tmp_path / "out" / family / "summary.json").read_text())
+        for v, label in (("baseline", family), ("cosettle", f"{family} + Co-Settle")):
+            jf, paper = summary[v]["davis"]["J&F-Mean"], ed.PUBLISHED[family][v]
+            assert cells[family][v] == {"vip": None, "davis": jf, "jhmdb": None}
+            assert f"| {label} | {paper['vip']:.1f} | – | {paper['davis']:.1f} | {100 * jf:.1f}* | " \
+                f"{paper['jhmdb']:.1f} | – |\n" in out
+    assert "* DAVIS J&F: none of the paper's 30 DAVIS-2017 val sequences; instead synth-000; settings other " \
+        "than the paper's (size)" in out
+    assert "| blip | 37.6 | – | 58.8 | – | 35.1 | – |" in out
+    saved = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert saved["not_found"] == ["blip"] and saved["measured"]["dino"]["cosettle"]["davis"] == \
+        cells["dino"]["cosettle"]["davis"]
+    monkeypatch.setattr(ed, "compare", lambda *a, **k: pytest.fail("a family with results was run again"))
+    assert ed.main(["--table", str(root), "--davis", str(davis), "--out", str(tmp_path / "out")]) == 0
+    again = capsys.readouterr().out
+    assert again.count("results already in") == 7 and json.loads((tmp_path / "out" / "table.json").read_text()) \
+        == saved
+    with pytest.raises(SystemExit):
+        ed.main(["--table", str(root), "--weights", "x.pth", "--davis", str(davis)])
+    assert "--table does not use --weights" in capsys.readouterr().err
+
+
 def test_published_table_and_paper_row():
     assert set(ed.PUBLISHED) == set(cosettle.FAMILIES)
     for family, row in ed.PUBLISHED.items():
