@@ -849,6 +849,42 @@ def read_jhmdb(path, split=1, list_order=None):
     return videos
 
 
+# frame 0's JHMDB labels: alexandre-eymael/CropMAE downstreams/propagation/src/data/jhmdb.py
+
+
+def draw_labelmap(h, w, x, y, sigma=0.5):
+    """float64 [h, w]: the unnormalised Gaussian (peak 1) of one joint at grid point (x, y), drawn by the hourglass
+    rule of CropMAE data/jhmdb.py draw_labelmap_np: a (6σ+1)² kernel centred on its cell size//2, pasted with its
+    top-left at (int(x - 3σ), int(y - 3σ)), int() truncating toward zero, clipped to the grid; nothing when the
+    window misses the grid. For σ = 0.5 that is a 4x4 kernel centred on its cell (2, 2): offsets -2..+1, so the
+    peak lands on round-half-up(x) for x >= 1.5 and the -2 row/column exists only up and left."""
+    out = np.zeros((h, w))
+    left, top = int(x - 3 * sigma), int(y - 3 * sigma)
+    right, bottom = int(x + 3 * sigma + 1), int(y + 3 * sigma + 1)  # exclusive
+    if left >= w or top >= h or right < 0 or bottom < 0:
+        return out
+    size = 6 * sigma + 1
+    k = np.arange(0, size, 1.0)
+    g = np.exp(-((k[None] - size // 2) ** 2 + (k[:, None] - size // 2) ** 2) / (2 * sigma ** 2))
+    # the grid window and the part of the kernel that lands in it
+    x0, x1, y0, y1 = max(0, left), min(right, w), max(0, top), min(bottom, h)
+    out[y0:y1, x0:x1] = g[y0 - top:y1 - top, x0 - left:x1 - left]
+    return out
+
+
+def jhmdb_labels(pos_xy, W0, H0, grid=(20, 20), size=(320, 320), patch=16, sigma=0.5):
+    """float32 [16, grid h, grid w]: frame 0's label maps from its joints pos_xy [15, 2] (x, y, 0-based pixels of
+    the W0 x H0 frame, i.e. pos_img - 1): channel 0 = 1 where no joint map is non-zero, channels 1..15 one Gaussian
+    per joint at x * (size W / W0) / patch, y * (size H / H0) / patch (CropMAE data/jhmdb.py JhmdbSet.__getitem__:
+    the frame is stretched to `size` (H, W) and the grid is size / patch; no half-cell offset)."""
+    pos_xy = np.asarray(pos_xy, dtype=np.float64)
+    gx = pos_xy[:, 0] * size[1] / W0 / patch
+    gy = pos_xy[:, 1] * size[0] / H0 / patch
+    joints = np.stack([draw_labelmap(grid[0], grid[1], x, y, sigma) for x, y in zip(gx, gy)])
+    background = (joints.sum(0) == 0)[None]
+    return np.concatenate([background, joints]).astype(np.float32)
+
+
 # -----------------------------------------------------------------------------
 # DAVIS-2017 and VIP: the evaluation sets, checked before anything is written
 

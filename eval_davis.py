@@ -37,7 +37,7 @@ from cosettle import (CLIP_GAP, FAMILIES, SIZE, TEMP, BadInput, build_vit, cycle
                       timeit)
 from data import (IMAGENET_MEAN, IMAGENET_STD, at_least, atomic, check_out_dir, davis_palette, find_videos, list_frames,
                   load_rgb, make_davis, positive, read_jhmdb, refuse_unused, synthetic_video)
-from data import VIP_CLASSES, describe, image_size, read_davis, read_ids, read_vip
+from data import VIP_CLASSES, describe, image_size, jhmdb_labels, read_davis, read_ids, read_vip
 
 # Two protocols for DAVIS, one propagation loop. Sizes: a (height, width) pair is fixed; one number is a rule.
 # paper: the pipeline behind the paper's Table 1 (it follows SiamMAE/CropMAE/RSP's protocol): CropMAE's
@@ -324,8 +324,9 @@ def table(rows, names=None):
 
 # -----------------------------------------------------------------------------
 # JHMDB: keypoints as heatmaps, PCK
-# alexandre-eymael/CropMAE downstreams/propagation/src/: data/jhmdb.py (labels), utils/test_utils.py (read-out,
-# drawing), eval/eval_pck.py (metric). Keypoints are (x, y); maps are [C, h, w] with channel 0 the background.
+# alexandre-eymael/CropMAE downstreams/propagation/src/: data/jhmdb.py (labels: data.jhmdb_labels),
+# utils/test_utils.py (read-out, drawing), eval/eval_pck.py (metric). Keypoints are (x, y); maps are [C, h, w]
+# with channel 0 the background.
 
 # parent of each joint in CropMAE utils/test_utils.py vis_pose: face, shoulders -> neck; neck <-> belly; hips ->
 # belly; elbows -> shoulders; wrists -> elbows; knees -> hips; ankles -> knees
@@ -336,39 +337,6 @@ JHMDB_COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 
 PCK_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
 JHMDB_JOINTS = ("neck", "belly", "face", "r-shoulder", "l-shoulder", "r-hip", "l-hip", "r-elbow", "l-elbow",
                 "r-knee", "l-knee", "r-wrist", "l-wrist", "r-ankle", "l-ankle")  # pos_img's joint order
-
-
-def draw_labelmap(h, w, x, y, sigma=0.5):
-    """float64 [h, w]: the unnormalised Gaussian (peak 1) of one joint at grid point (x, y), drawn by the hourglass
-    rule of CropMAE data/jhmdb.py draw_labelmap_np: a (6σ+1)² kernel centred on its cell size//2, pasted with its
-    top-left at (int(x - 3σ), int(y - 3σ)), int() truncating toward zero, clipped to the grid; nothing when the
-    window misses the grid. For σ = 0.5 that is a 4x4 kernel centred on its cell (2, 2): offsets -2..+1, so the
-    peak lands on round-half-up(x) for x >= 1.5 and the -2 row/column exists only up and left."""
-    out = np.zeros((h, w))
-    left, top = int(x - 3 * sigma), int(y - 3 * sigma)
-    right, bottom = int(x + 3 * sigma + 1), int(y + 3 * sigma + 1)  # exclusive
-    if left >= w or top >= h or right < 0 or bottom < 0:
-        return out
-    size = 6 * sigma + 1
-    k = np.arange(0, size, 1.0)
-    g = np.exp(-((k[None] - size // 2) ** 2 + (k[:, None] - size // 2) ** 2) / (2 * sigma ** 2))
-    # the grid window and the part of the kernel that lands in it
-    x0, x1, y0, y1 = max(0, left), min(right, w), max(0, top), min(bottom, h)
-    out[y0:y1, x0:x1] = g[y0 - top:y1 - top, x0 - left:x1 - left]
-    return out
-
-
-def jhmdb_labels(pos_xy, W0, H0, grid=(20, 20), size=(320, 320), patch=16, sigma=0.5):
-    """float32 [16, grid h, grid w]: frame 0's label maps from its joints pos_xy [15, 2] (x, y, 0-based pixels of
-    the W0 x H0 frame, i.e. pos_img - 1): channel 0 = 1 where no joint map is non-zero, channels 1..15 one Gaussian
-    per joint at x * (size W / W0) / patch, y * (size H / H0) / patch (CropMAE data/jhmdb.py JhmdbSet.__getitem__:
-    the frame is stretched to `size` (H, W) and the grid is size / patch; no half-cell offset)."""
-    pos_xy = np.asarray(pos_xy, dtype=np.float64)
-    gx = pos_xy[:, 0] * size[1] / W0 / patch
-    gy = pos_xy[:, 1] * size[0] / H0 / patch
-    joints = np.stack([draw_labelmap(grid[0], grid[1], x, y, sigma) for x, y in zip(gx, gy)])
-    background = (joints.sum(0) == 0)[None]
-    return np.concatenate([background, joints]).astype(np.float32)
 
 
 def keypoints_from_maps(maps, topk=5):
@@ -943,30 +911,27 @@ def table_1(root, tasks, out_dir, protocol="paper", native_stats=False, device=N
     for folder in sorted(p for p in Path(root).rglob("*+ours") if p.is_dir()):
         family, files = folder.name[:-len("+ours")], sorted(folder.glob("checkpoint*.pth"))
         if family not in PUBLISHED or len(files) != 1 or family in found:
-            raise BadInput(f"--table {folder}: " + ("not one of the eight families' folders" if family not in
-                           PUBLISHED else f"{len(files)} checkpoint*.pth files, expected one" if len(files) != 1
-                           else f"a second {family}+ours folder (the first: {found[family].parent})"))
+            raise BadInput(f"--table {folder}: {len(files)} checkpoint*.pth files; expected one in each of the eight "
+                           f"families' <family>+ours folders, one folder per family")
         found[family] = files[0]
     if not found:
         raise BadInput(f"--table {root}: no <family>+ours/checkpoint*.pth of the authors' files under it")
     missing = [f for f in PUBLISHED if f not in found]
     print(f"--table: {', '.join(found)} found" + (f"; not found: {', '.join(missing)}" if missing else ""))
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runs = {}
+    device, runs = device or torch.device("cuda" if torch.cuda.is_available() else "cpu"), {}
     for family, path in found.items():
         out = Path(out_dir) / family
-        if (out / "summary.json").is_file():
+        if (out / "summary.json").is_file():  # done before: read back, not rerun
             runs[family] = json.loads((out / "summary.json").read_text())
-            absent = [t for t in tasks if t not in runs[family].get("baseline", {})]
+            absent = sorted(set(tasks) - set(runs[family]["baseline"]))
             if absent:
-                raise BadInput(f"{out / 'summary.json'}: no {', '.join(absent)} results in it; remove it, or give "
-                               f"another --out")
+                raise BadInput(f"{out / 'summary.json'}: no {', '.join(absent)} results; remove it, or another --out")
             print(f"{family}: results already in {out}, not rerun")
             continue
         encoder = load_encoder(path, verbose=True).to(device)
-        if encoder.family != family or not encoder.official:
-            raise BadInput(f"{path}: " + (f"a {encoder.family} encoder in the {family}+ours folder" if
-                                          encoder.official else "not an official '+ Ours' checkpoint (no adapter)"))
+        if (encoder.family, bool(encoder.official)) != (family, True):
+            raise BadInput(f"{path}: not an official '+ Ours' {family} checkpoint (a {encoder.family} encoder"
+                           f"{'' if encoder.official else ' without adapter'})")
         stats = dict(zip(("mean", "std"), encoder.native_stats)) if native_stats else {}
         runs[family] = compare(encoder, load_projection(path, encoder).to(device), tasks, out, protocol,
                                device=device, **overrides, **stats)

@@ -2640,13 +2640,13 @@ E2, E4, E8 = math.exp(-2), math.exp(-4), math.exp(-8)
 
 def test_jhmdb_gaussian_interior():
     """σ = 0.5: peak 1 at the cell, 4-neighbours e^-2, diagonals e^-4, the -2 offsets only up/left (e^-8)."""
-    g = ed.draw_labelmap(20, 20, 10.0, 7.0)
+    g = data.draw_labelmap(20, 20, 10.0, 7.0)
     assert g[7, 10] == 1.0
     assert np.allclose([g[6, 10], g[8, 10], g[7, 9], g[7, 11]], E2)
     assert np.allclose([g[6, 9], g[6, 11], g[8, 9], g[8, 11]], E4)
     assert np.isclose(g[5, 10], E8) and np.isclose(g[7, 8], E8) and g[9, 10] == 0 and g[7, 12] == 0
     assert np.count_nonzero(g) == 16 and g[5:9, 8:12].sum() == g.sum()  # the 4x4 window, offsets -2..+1
-    assert ed.draw_labelmap(20, 20, 10.5, 7.49).argmax() == 7 * 20 + 11  # round half up in x, down in y
+    assert data.draw_labelmap(20, 20, 10.5, 7.49).argmax() == 7 * 20 + 11  # round half up in x, down in y
 
 
 @pytest.mark.parametrize("x, column", [(0.3, [E2, 1.0, 0, 0]), (-1.2, [1.0, 0, 0, 0]), (-1.6, [0, 0, 0, 0]),
@@ -2655,7 +2655,7 @@ def test_jhmdb_gaussian_border(x, column):
     """int() truncates toward zero: x = 0.3 peaks at column 1 (window int(-1.2) = -1 .. int(2.8) = 2 exclusive:
     the +1 column is lost), -1.2 at column 0 (only that column), -1.6 draws nothing; past the right edge only the
     -2/-1 columns of the kernel land (x = 19.6 peaks at 20, off the grid)."""
-    g = ed.draw_labelmap(20, 20, x, 5.0)
+    g = data.draw_labelmap(20, 20, x, 5.0)
     row = g[5, :4] if x < 10 else g[5, 16:]
     assert np.allclose(row, column) and np.isclose(g.sum(), g[3:7].sum())
 
@@ -2673,7 +2673,7 @@ def test_jhmdb_labels_channels_and_scaling():
 def test_jhmdb_readout_on_hand_maps():
     maps = np.zeros((2, 16, 20, 20))
     maps[0, 1, 2, 3], maps[0, 1, 2, 4] = 3.0, 1.0  # x = (3·3 + 4·1) / 4, y = 2 (zeros weigh nothing)
-    maps[0, 2] = ed.draw_labelmap(20, 20, 7.0, 11.0)  # symmetric neighbours: exactly the peak
+    maps[0, 2] = data.draw_labelmap(20, 20, 7.0, 11.0)  # symmetric neighbours: exactly the peak
     maps[1, 3, 19, 0] = 0.5  # the last row: row-major ids, x = id % w, y = id // w
     kps = ed.keypoints_from_maps(torch.from_numpy(maps))
     assert kps.shape == (2, 15, 2)
