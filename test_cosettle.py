@@ -3417,6 +3417,9 @@ def test_table_evaluates_every_family_found_and_prints_table_1(official, tmp_pat
     with pytest.raises(SystemExit):
         ed.main(["--table", str(root), "--weights", "x.pth", "--davis", str(davis)])
     assert "--table does not use --weights" in capsys.readouterr().err
+    shutil.copy(official("dino")[0], root / "ours" / "dino+ours" / "checkpoint-3.pth")
+    with pytest.raises(BadInput, match=r"dino\+ours: 2 checkpoint\*\.pth files; expected one"):
+        ed.table_1(root, {"davis": str(davis)}, tmp_path / "out")
 
 
 def test_published_table_and_paper_row():
