@@ -2978,7 +2978,7 @@ def test_a_stride_8_conv_model_runs_all_three_tasks_and_wrong_outputs_are_named(
     assert (m["data"]["davis"]["videos"], m["data"]["vip"]["frames"], m["data"]["jhmdb"]["videos"]) == (1, 4, 1)
     assert (tmp_path / "out" / "davis" / "synth-000" / "00003.png").is_file()
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["data"]["jhmdb"]["joints"] == 15
-    wrong = [(lambda x: conv(x), 8, None, "the feature function returned [4, 16, 6, 8] for a [4, 3, 48, 64] batch; "
+    wrong = [(lambda x: model(x).permute(0, 3, 1, 2), 8, None, "the feature function returned [4, 16, 6, 8] for a [4, 3, 48, 64] batch; "
               "expected [4, 6, 8, D] floats at stride 8"),
              (model, 16, None, "the feature function returned [4, 6, 8, 16] for a [4, 3, 48, 64] batch; expected "
               "[4, 3, 4, D] floats at stride 16"),
