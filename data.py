@@ -16,6 +16,7 @@ a CLI:
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import random
@@ -847,6 +848,28 @@ def read_jhmdb(path, split=1, list_order=None):
     if not videos:
         raise BadInput(f"{path}: lists no test videos" + (f" for split {split}." if path.is_dir() else "."))
     return videos
+
+
+# results written whole or not at all (atomic)
+
+
+def write_csv(path, header, rows):
+    """pandas' to_csv(index=False, float_format="%.3f"), as evaluation_method.py writes it (NaN -> empty)."""
+    cell = lambda v: v if isinstance(v, str) else ("" if np.isnan(v) else "%.3f" % v)
+    text = "".join(",".join(map(cell, r)) + "\n" for r in [header] + rows)
+    atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_npy(path, array):
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+        np.save(f, array)
+
+
+def write_json(path, obj):
+    """JSON with NaN (a class or joint never seen) written as null, as strict parsers need."""
+    clean = lambda o: {k: clean(v) for k, v in o.items()} if isinstance(o, dict) else \
+        [clean(v) for v in o] if isinstance(o, list) else None if isinstance(o, float) and math.isnan(o) else o
+    atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(clean(obj), indent=1, allow_nan=False) + "\n"))
 
 
 # frame 0's JHMDB labels: alexandre-eymael/CropMAE downstreams/propagation/src/data/jhmdb.py

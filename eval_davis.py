@@ -37,7 +37,8 @@ from cosettle import (CLIP_GAP, FAMILIES, SIZE, TEMP, BadInput, build_vit, cycle
                       timeit)
 from data import (IMAGENET_MEAN, IMAGENET_STD, at_least, atomic, check_out_dir, davis_palette, find_videos, list_frames,
                   load_rgb, make_davis, positive, read_jhmdb, refuse_unused, synthetic_video)
-from data import VIP_CLASSES, describe, image_size, jhmdb_labels, read_davis, read_ids, read_vip
+from data import (VIP_CLASSES, describe, image_size, jhmdb_labels, read_davis, read_ids, read_vip, save_npy,
+                  write_csv, write_json)
 
 # Two protocols for DAVIS, one propagation loop. Sizes: a (height, width) pair is fixed; one number is a rule.
 # paper: the pipeline behind the paper's Table 1 (it follows SiamMAE/CropMAE/RSP's protocol): CropMAE's
@@ -131,13 +132,6 @@ def write_png(path, ids, mode="P"):
     if mode == "P":
         img.putpalette(PALETTE.ravel().tolist())
     atomic(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
-def write_csv(path, header, rows):
-    """pandas' to_csv(index=False, float_format="%.3f"), as evaluation_method.py writes it (NaN -> empty)."""
-    cell = lambda v: v if isinstance(v, str) else ("" if np.isnan(v) else "%.3f" % v)
-    text = "".join(",".join(map(cell, r)) + "\n" for r in [header] + rows)
-    atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # -----------------------------------------------------------------------------
@@ -728,11 +722,6 @@ def track(plan, embed, heads, outs, params, patch, device, batch_size=8, overlay
     return preds, n_frames
 
 
-def save_npy(path, array):
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
-        np.save(f, array)
-
-
 def score_jhmdb(plan, preds, grid, where, verbose=True):
     """PCK (pck()) of the grid keypoints `preds` against the plan's ground truth, printed per joint under `where`
     (the results folder)."""
@@ -857,13 +846,6 @@ def run(features, stride, tasks, out_dir, heads=None, protocol="paper", device=N
         results[name]["data"] = sets
         write_json(root[name] / "summary.json", results[name])
     return results
-
-
-def write_json(path, obj):
-    """JSON with NaN (a class or joint never seen) written as null, as strict parsers need."""
-    clean = lambda o: {k: clean(v) for k, v in o.items()} if isinstance(o, dict) else \
-        [clean(v) for v in o] if isinstance(o, list) else None if isinstance(o, float) and math.isnan(o) else o
-    atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(clean(obj), indent=1, allow_nan=False) + "\n"))
 
 
 def evaluate(encoder, projection, davis_root, out_dir, protocol="paper", **overrides):

@@ -2264,7 +2264,7 @@ def test_score_perfect_results_and_csv_format(tmp_path):
         "J&F-Mean,J-Mean,J-Recall,J-Decay,F-Mean,F-Recall,F-Decay\n1.000,1.000,1.000,0.000,1.000,1.000,0.000\n"
     assert (res / "per-sequence_results-val.csv").read_text().splitlines() == \
         ["Sequence,J-Mean,F-Mean", "synth-000_1,1.000,1.000", "synth-001_1,1.000,1.000", "synth-001_2,1.000,1.000"]
-    ed.write_csv(tmp_path / "x.csv", ["a", "b"], [["s", float("nan")], ["t", -0.00049]])
+    data.write_csv(tmp_path / "x.csv", ["a", "b"], [["s", float("nan")], ["t", -0.00049]])
     assert (tmp_path / "x.csv").read_text() == "a,b\ns,\nt,-0.000\n"  # pandas: NaN empty, %.3f
     assert ed.main(["--davis", str(davis), "--masks", str(res)]) == 0  # the CLI scores a results folder too
 
@@ -2978,8 +2978,8 @@ def test_a_stride_8_conv_model_runs_all_three_tasks_and_wrong_outputs_are_named(
     assert (m["data"]["davis"]["videos"], m["data"]["vip"]["frames"], m["data"]["jhmdb"]["videos"]) == (1, 4, 1)
     assert (tmp_path / "out" / "davis" / "synth-000" / "00003.png").is_file()
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["data"]["jhmdb"]["joints"] == 15
-    wrong = [(lambda x: model(x).permute(0, 3, 1, 2), 8, None, "the feature function returned [4, 16, 6, 8] for a [4, 3, 48, 64] batch; "
-              "expected [4, 6, 8, D] floats at stride 8"),
+    wrong = [(lambda x: model(x).permute(0, 3, 1, 2), 8, None, "the feature function returned [4, 16, 6, 8] for a "
+              "[4, 3, 48, 64] batch; expected [4, 6, 8, D] floats at stride 8"),
              (model, 16, None, "the feature function returned [4, 6, 8, 16] for a [4, 3, 48, 64] batch; expected "
               "[4, 3, 4, D] floats at stride 16"),
              (lambda x: model(x).long(), 8, None, "the feature function returned [4, 6, 8, 16] of torch.int64 for"),
