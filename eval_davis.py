@@ -1192,8 +1192,9 @@ def main(argv=None):
         if args.masks:
             if tasks == {"davis": None} or len(tasks) > 1 or args.jhmdb:
                 raise BadInput("--masks needs one of --davis or --vip (the ground truth to score against)")
-            m = score_vip(read_vip(args.vip), args.masks) if args.vip else score(args.davis, args.masks, device)[0]
-            write_json(Path(args.masks) / "summary.json", {next(iter(tasks)): m})
+            task, plan = ("vip", read_vip(args.vip)) if args.vip else ("davis", read_davis(args.davis))
+            m = score_vip(plan, args.masks) if args.vip else score(args.davis, args.masks, device)[0]
+            write_json(Path(args.masks) / "summary.json", {task: m, "data": {task: describe(task, plan)}})
             return 0
         if args.tradeoff and not args.videos:
             raise BadInput("--tradeoff needs --videos DIR (a folder of frame folders)")

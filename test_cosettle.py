@@ -2591,7 +2591,8 @@ def test_vip_metric_by_hand(tmp_path):
     Image.fromarray(np.repeat(np.array([[0, 1, 1, 1, 0]], np.uint8), 2, 1)).save(res / "videos1" / "000000000001.png")
     assert ed.score_vip(ed.read_vip(root), res, verbose=False)["mIoU"] == pytest.approx(1 / 3)
     assert ed.main(["--vip", str(root), "--masks", str(res)]) == 0
-    assert json.loads((res / "summary.json").read_text())["vip"]["mIoU"] == pytest.approx(1 / 3)
+    summary = json.loads((res / "summary.json").read_text())
+    assert summary["vip"]["mIoU"] == pytest.approx(1 / 3) and summary["data"]["vip"]["videos"] == 1
     # a later frame's void (255) pixels are not scored, whatever is predicted there (eval_vip.py fast_hist)
     write_vip_pair(root, "videos1", "000000000026", np.zeros((1, 5, 3), np.uint8), np.array([[1, 255, 255, 2, 2]]))
     Image.fromarray(np.array([[1, 0, 1, 2, 0]], np.uint8)).save(res / "videos1" / "000000000026.png")
