@@ -905,7 +905,7 @@ def table_1(root, tasks, out_dir, protocol="paper", native_stats=False, device=N
         out = Path(out_dir) / family
         if (out / "summary.json").is_file():  # done before: read back, not rerun
             runs[family] = json.loads((out / "summary.json").read_text())
-            absent = sorted(set(tasks) - set(runs[family]["baseline"]))
+            absent = sorted(set(tasks) - set(runs[family]["baseline"].get("data", {})))  # data: what it ran on
             if absent:
                 raise BadInput(f"{out / 'summary.json'}: no {', '.join(absent)} results; remove it, or another --out")
             print(f"{family}: results already in {out}, not rerun")
