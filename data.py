@@ -13,6 +13,8 @@ writer of DAVIS-2017 folders in the real layout, the JHMDB reader with a small M
 """
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import random
@@ -691,6 +693,237 @@ def read_jhmdb(path, split=1, list_order=None):
     if not videos:
         raise BadInput(f"{path}: lists no test videos" + (f" for split {split}." if path.is_dir() else "."))
     return videos
+
+
+# results written whole or not at all (atomic)
+
+
+def write_csv(path, header, rows):
+    """pandas' to_csv(index=False, float_format="%.3f"), as evaluation_method.py writes it (NaN -> empty)."""
+    cell = lambda v: v if isinstance(v, str) else ("" if np.isnan(v) else "%.3f" % v)
+    text = "".join(",".join(map(cell, r)) + "\n" for r in [header] + rows)
+    atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_npy(path, array):
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+        np.save(f, array)
+
+
+def write_json(path, obj):
+    """JSON with NaN (a class or joint never seen) written as null, as strict parsers need."""
+    clean = lambda o: {k: clean(v) for k, v in o.items()} if isinstance(o, dict) else \
+        [clean(v) for v in o] if isinstance(o, list) else None if isinstance(o, float) and math.isnan(o) else o
+    atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(clean(obj), indent=1, allow_nan=False) + "\n"))
+
+
+# frame 0's JHMDB labels: alexandre-eymael/CropMAE downstreams/propagation/src/data/jhmdb.py
+
+
+def draw_labelmap(h, w, x, y, sigma=0.5):
+    """float64 [h, w]: the unnormalised Gaussian (peak 1) of one joint at grid point (x, y), drawn by the hourglass
+    rule of CropMAE data/jhmdb.py draw_labelmap_np: a (6σ+1)² kernel centred on its cell size//2, pasted with its
+    top-left at (int(x - 3σ), int(y - 3σ)), int() truncating toward zero, clipped to the grid; nothing when the
+    window misses the grid. For σ = 0.5 that is a 4x4 kernel centred on its cell (2, 2): offsets -2..+1, so the
+    peak lands on round-half-up(x) for x >= 1.5 and the -2 row/column exists only up and left."""
+    out = np.zeros((h, w))
+    left, top = int(x - 3 * sigma), int(y - 3 * sigma)
+    right, bottom = int(x + 3 * sigma + 1), int(y + 3 * sigma + 1)  # exclusive
+    if left >= w or top >= h or right < 0 or bottom < 0:
+        return out
+    size = 6 * sigma + 1
+    k = np.arange(0, size, 1.0)
+    g = np.exp(-((k[None] - size // 2) ** 2 + (k[:, None] - size // 2) ** 2) / (2 * sigma ** 2))
+    # the grid window and the part of the kernel that lands in it
+    x0, x1, y0, y1 = max(0, left), min(right, w), max(0, top), min(bottom, h)
+    out[y0:y1, x0:x1] = g[y0 - top:y1 - top, x0 - left:x1 - left]
+    return out
+
+
+def jhmdb_labels(pos_xy, W0, H0, grid=(20, 20), size=(320, 320), patch=16, sigma=0.5):
+    """float32 [16, grid h, grid w]: frame 0's label maps from its joints pos_xy [15, 2] (x, y, 0-based pixels of
+    the W0 x H0 frame, i.e. pos_img - 1): channel 0 = 1 where no joint map is non-zero, channels 1..15 one Gaussian
+    per joint at x * (size W / W0) / patch, y * (size H / H0) / patch (CropMAE data/jhmdb.py JhmdbSet.__getitem__:
+    the frame is stretched to `size` (H, W) and the grid is size / patch; no half-cell offset)."""
+    pos_xy = np.asarray(pos_xy, dtype=np.float64)
+    gx = pos_xy[:, 0] * size[1] / W0 / patch
+    gy = pos_xy[:, 1] * size[0] / H0 / patch
+    joints = np.stack([draw_labelmap(grid[0], grid[1], x, y, sigma) for x, y in zip(gx, gy)])
+    background = (joints.sum(0) == 0)[None]
+    return np.concatenate([background, joints]).astype(np.float32)
+
+
+# -----------------------------------------------------------------------------
+# DAVIS-2017 and VIP: the evaluation sets, checked before anything is written
+
+
+VIP_CLASSES = ["background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat", "socks", "pants",
+               "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm", "left-arm", "right-leg", "left-leg",
+               "right-shoe", "left-shoe"]  # HCPLab-SYSU/ATEN evaluate/test_parsing.py: ids 0..19
+
+
+def read_ids(path, what="annotation"):
+    """Object ids of a palette (or greyscale) PNG as uint8 [H, W]."""
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: {what} missing")
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise BadInput(f"{path}: {what} is a {img.mode} image, expected a palette or greyscale PNG of ids")
+            return np.array(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadInput(f"{path}: cannot read the {what} ({e})") from e
+
+
+def image_size(path):
+    try:
+        with Image.open(path) as img:
+            return img.size[::-1]  # (H, W)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadInput(f"{path}: cannot read the frame ({e})") from e
+
+
+def read_davis(davis, scoring=True):
+    """Check a DAVIS-2017 folder before anything is written: [(seq, frames, annotations, first annotation)].
+
+    Propagation needs every frame of equal size and a first-frame annotation of that size (DINO's path:
+    Annotations/480p/<seq>/<first frame>.png); scoring needs an annotation for every frame, which is what
+    davis2017-evaluation reads (the sorted PNGs of Annotations/480p/<seq>). So a set is either fully annotated
+    (scored), or annotated on first frames only, like test-dev (propagated, not scored: refused when `scoring`);
+    anything in between is refused before any work, naming the missing files."""
+    davis = Path(davis)
+    listing = davis / "ImageSets" / "2017" / "val.txt"
+    if not listing.is_file():
+        raise BadInput(f"{listing}: missing, so {davis} is not a DAVIS-2017 folder")
+    names = [s.strip() for s in listing.read_text().splitlines() if s.strip()]
+    if not names:
+        raise BadInput(f"{listing}: lists no sequences")
+    out, missing, later = [], [], 0
+    for seq in names:
+        frames = sorted((davis / "JPEGImages" / "480p" / seq).glob("*.jpg"))
+        if not frames:
+            raise BadInput(f"{davis / 'JPEGImages' / '480p' / seq}: no .jpg frames for sequence {seq} of {listing}")
+        anns = sorted((davis / "Annotations" / "480p" / seq).glob("*.png"))
+        first = davis / "Annotations" / "480p" / seq / (frames[0].stem + ".png")
+        size = read_ids(first, "first-frame annotation").shape
+        for f in frames:
+            if image_size(f) != size:
+                raise BadInput(f"{f}: frame is {image_size(f)[1]}x{image_size(f)[0]}, its annotation {first.name} "
+                               f"is {size[1]}x{size[0]}")
+        missing += [first.parent / (f.stem + ".png") for f in frames[1:]
+                    if not (first.parent / (f.stem + ".png")).is_file()]
+        later += len(frames) - 1
+        out.append((seq, frames, anns, first))
+    if missing and len(missing) < later:
+        shown = ", ".join(str(m.relative_to(davis)) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise BadInput(f"{davis}: {len(missing)} of {later} annotations after the first frames are missing ({shown}); "
+                       f"give every frame its annotation to score, or only the first frames' to propagate unscored")
+    if scoring and missing:
+        raise BadInput(f"{davis}: ground truth for the first frames only, cannot score")
+    return out
+
+
+def read_vip(path):
+    """Check a VIP set before anything is written: [(video, frames, labels, first label)].
+
+    path: the VIP_Fine folder as distributed (Images/videos<N>/*.jpg, Annotations/Category_ids/videos<N>/*.png,
+    the videos of lists/val_videos.txt), or a CropMAE-style list file (downstreams/propagation/vip_vallist.txt:
+    `<images dir> <labels dir>` per line, relative paths taken from the current folder as CropMAE does). Every
+    frame needs the label of the same name and size; labels hold part ids 0..19, and 255 (void) after frame 0."""
+    path, listing = Path(path), Path(path) / "lists" / "val_videos.txt"
+    if path.is_file():
+        pairs = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                if len(line.split()) != 2:
+                    raise BadInput(f"{path}: line {i} is not '<images dir> <labels dir>'")
+                pairs.append(tuple(map(Path, line.split())))
+    else:
+        if not listing.is_file():
+            raise BadInput(f"{listing}: missing, so {path} is neither a VIP_Fine folder nor a list file")
+        pairs = [(path / "Images" / v, path / "Annotations" / "Category_ids" / v)
+                 for v in (line.split()[0] for line in listing.read_text().splitlines() if line.strip())]
+    if not pairs:
+        raise BadInput(f"{path}: lists no videos")
+    out = []
+    for images, labels in pairs:
+        for folder, what in ((images, "frames"), (labels, "labels")):
+            if not folder.is_dir():
+                where = f"{path} (paths relative to the current folder)" if path.is_file() else listing
+                raise BadInput(f"{folder}: no such folder, so no {what} for {images.name} of {where}")
+        frames = numbered([f for f in images.iterdir() if is_frame(f.name)], images)
+        anns = numbered(list(labels.glob("*.png")), labels)
+        if not frames or not anns:
+            raise BadInput(f"{images if not frames else labels}: no {'frames' if not frames else 'labels'}")
+        if [f.stem for f in frames] != [a.stem for a in anns]:
+            odd = sorted({f.stem for f in frames} ^ {a.stem for a in anns})
+            raise BadInput(f"{labels}: {len(anns)} labels for {len(frames)} frames of {images}, unpaired: "
+                           f"{', '.join(odd[:5])}")
+        for t, (f, a) in enumerate(zip(frames, anns)):
+            ids = read_ids(a, "label")
+            if image_size(f) != ids.shape:
+                raise BadInput(f"{a}: label is {ids.shape[1]}x{ids.shape[0]}, its frame {f.name} is "
+                               f"{image_size(f)[1]}x{image_size(f)[0]}")
+            # the metric ignores pixels outside 0..19 (255: void); frame 0's labels are propagated, so they must
+            # all be parts there (CropMAE would propagate 255 as a class, then abort scoring it)
+            bad = ids[(ids >= len(VIP_CLASSES)) & ((ids != 255) | (t == 0))]
+            if bad.size:
+                raise BadInput(f"{a}: part id {bad.max()}, VIP has ids 0..{len(VIP_CLASSES) - 1}"
+                               f"{' (255, void, is ignored after the first frame)' if t == 0 else ''}")
+        out.append((images.name, frames, anns, anns[0]))
+    return out
+
+
+# The sets behind the paper's Table 1: the lists of T-CoRe, the authors' previous paper, whose pipeline the paper
+# runs (yafeng19/T-CORE downstreams/propagation/davis_vallist_480_880.txt, vip_vallist.txt, jhmdb_vallist.txt).
+# JHMDB's 268 "<action>/<video>" names are too long to keep: their count and the sha1 of the sorted names, one a line.
+PAPER_SETS = {
+    "davis": ("30 DAVIS-2017 val sequences", (
+        "bike-packing blackswan bmx-trees breakdance camel car-roundabout car-shadow cows dance-twirl dog dogs-jump "
+        "drift-chicane drift-straight goat gold-fish horsejump-high india judo kite-surf lab-coat libby loading "
+        "mbike-trick motocross-jump paragliding-launch parkour pigs scooter-black shooting soapbox").split()),
+    "vip": ("50 VIP validation videos", [f"videos{n}" for n in (
+        "338 311 233 361 37 208 344 333 350 400 113 84 297 359 368 190 189 247 268 133 175 117 380 329 168 198 285 "
+        "151 174 370 136 404 91 154 40 226 270 299 129 294 234 95 376 182 8 12 75 184 102 141").split()]),
+    "jhmdb": ("268 JHMDB split-1 test videos", (268, "5609283fa467523ffb7bb462dc41dd1c1bf0b837"))}
+
+
+def describe(task, plan):
+    """What a plan (read_davis, read_vip, read_jhmdb) holds, for summary.json: video, frame and object (DAVIS),
+    part (VIP) or joint (JHMDB) counts, the frame sizes read, a fingerprint (sha1 of the sorted video names with
+    their annotations' byte sizes, JHMDB: joint positions), and whether it is the paper's set (`note`: how not)."""
+    names = sorted(p[0] for p in plan)
+    firsts = [read_ids(p[3], "first-frame annotation") for p in plan] if task != "jhmdb" else []
+    sizes = {}
+    for p in plan:
+        H, W = image_size(p[1][0])
+        sizes[f"{W}x{H}"] = sizes.get(f"{W}x{H}", 0) + 1
+    items = sorted(f"{p[0]} " + (hashlib.sha1(p[2].tobytes()).hexdigest() if task == "jhmdb" else
+                                 " ".join(str(a.stat().st_size) for a in p[2])) for p in plan)
+    out = {"videos": len(plan), "frames": sum(len(p[1]) for p in plan), "resolution": sizes,
+           "fingerprint": hashlib.sha1("\n".join(items).encode()).hexdigest()[:12]}
+    if task == "davis":
+        out["objects"] = sum(int(np.where(a == 255, 0, a).max()) for a in firsts)
+    elif task == "vip":
+        out["parts"] = len(set(np.unique(np.concatenate([a.ravel() for a in firsts])).tolist()) - {0})
+    else:
+        out["joints"] = 15
+    what, ref = PAPER_SETS[task]
+    if task == "jhmdb":
+        same = (len(names), hashlib.sha1("\n".join(names).encode()).hexdigest()) == ref
+        note = f"{len(names)} JHMDB videos, not the paper's {what} (not the same names)"
+    else:
+        missing, extra = sorted(set(ref) - set(names)), sorted(set(names) - set(ref))
+        same = not missing and not extra
+        shown = lambda v: ", ".join(v[:5]) + (", ..." if len(v) > 5 else "")
+        note = f"none of the paper's {what}; instead {shown(extra)}" if len(missing) == len(ref) else \
+            f"{len(ref) - len(missing)} of the paper's {what}" + (f"; missing: {shown(missing)}" if missing else "") \
+            + (f"; {len(extra)} not among them: {shown(extra)}" if extra else "")
+    out["paper_set"], out["note"] = same, None if same else note
+    if task == "davis" and set(sizes) == {"880x480"}:  # CropMAE's DAVIS_480_880 copy, resized with PIL NEAREST
+        out["note"] = "; ".join(filter(None, [out["note"], "a copy pre-resized to 880x480: read and scored at 880x480, "
+                                              "not at DAVIS's 480p"]))
+    return out
 
 
 # -----------------------------------------------------------------------------

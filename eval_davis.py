@@ -9,6 +9,7 @@ davis2017-evaluation's J&F. VIP: semantic parts, the official mIoU. JHMDB: 15 jo
     python eval_davis.py --davis DAVIS/ --masks results/        # score an existing results folder
     python eval_davis.py --tradeoff --videos LIST [--ckpt ...]  # label-free trade-off metrics (paper Table 4)
     python eval_davis.py --bench                                # s/frame of each pipeline, peak memory
+    python eval_davis.py --table ckpts/ --davis DAVIS/ --vip VIP_Fine/ --jhmdb JHMDB/   # all of Table 1
 
 Two propagation algorithms: CRW's as CropMAE runs it (alexandre-eymael/CropMAE downstreams/propagation, the
 code the authors' T-CoRe evaluates with, and the settings the paper states), and DINO's
@@ -34,8 +35,9 @@ from PIL import Image, ImageDraw
 
 from cosettle import (FAMILIES, IMAGENET_MEAN, IMAGENET_STD, BadInput, at_least, build_vit, load_encoder,
                       load_projection, positive, refuse_unused, timeit)
-from data import (atomic, check_out_dir, davis_palette, find_videos, list_frames, is_frame, load_rgb, make_davis,
-                  numbered, read_jhmdb, synthetic_video)
+from data import (VIP_CLASSES, atomic, check_out_dir, davis_palette, describe, find_videos, image_size, jhmdb_labels,
+                  list_frames, load_rgb, make_davis, read_davis, read_ids, read_jhmdb, read_vip, save_npy,
+                  synthetic_video, write_csv, write_json)
 
 # Two protocols for DAVIS, one propagation loop. Sizes: a (height, width) pair is fixed; one number is a rule.
 # paper: the pipeline behind the paper's Table 1 (it follows SiamMAE/CropMAE/RSP's protocol): CropMAE's
@@ -60,9 +62,6 @@ VIP = dict(PROTOCOLS["paper"], size=880, topk=10)
 JHMDB = dict(PROTOCOLS["paper"], size=(320, 320))
 METRICS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
 PALETTE = np.array(davis_palette(), dtype=np.uint8).reshape(256, 3)
-VIP_CLASSES = ["background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat", "socks", "pants",
-               "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm", "left-arm", "right-leg", "left-leg",
-               "right-shoe", "left-shoe"]  # HCPLab-SYSU/ATEN evaluate/test_parsing.py: ids 0..19
 
 # The paper's Table 1, ViT-B/16, in % (the same numbers as the "Checkpoints" table of yafeng19/Co-Settle
 # README.md): family: (VIP mIoU, DAVIS-2017 J&F mean, JHMDB PCK@0.1) of the frozen encoder, then + Co-Settle.
@@ -80,11 +79,14 @@ HEADLINE = {"davis": ("DAVIS J&F", "J&F-Mean"), "vip": ("VIP mIoU", "mIoU"),  # 
             "jhmdb": ("JHMDB PCK@0.1", "PCK@0.1")}
 
 
-def paper_row(family, task, measured):
+def paper_row(family, task, measured, unlike=None):
     """One line, frozen -> + Co-Settle in %: what we measured (a pair of fractions) beside the paper's pair for
-    `family`, e.g. 'DAVIS J&F   measured 63.0 -> 64.1   paper (dino, ViT-B/16) 63.2 -> 64.2'."""
+    `family`, e.g. 'DAVIS J&F   measured 63.0 -> 64.1   paper (dino, ViT-B/16) 63.2 -> 64.2', unless `unlike`
+    says why the measurement is not like for like."""
     ours = f"{HEADLINE[task][0]:14s} measured {100 * measured[0]:.1f} -> {100 * measured[1]:.1f} " \
            f"({100 * (measured[1] - measured[0]):+.1f})"
+    if unlike:
+        return f"  {ours}   not beside the paper's: {unlike}"
     if family not in PUBLISHED:
         return f"  {ours}   paper: no published numbers for a {family!r} encoder"
     base, cosettle = PUBLISHED[family]["baseline"][task], PUBLISHED[family]["cosettle"][task]
@@ -120,28 +122,7 @@ def target_size(H, W, params):
 
 
 # -----------------------------------------------------------------------------
-# Files: reading what the user gave us, writing without ever leaving half a file
-
-
-def read_ids(path, what="annotation"):
-    """Object ids of a palette (or greyscale) PNG as uint8 [H, W]."""
-    if not os.path.isfile(path):
-        raise BadInput(f"{path}: {what} missing")
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("P", "L"):
-                raise BadInput(f"{path}: {what} is a {img.mode} image, expected a palette or greyscale PNG of ids")
-            return np.array(img)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadInput(f"{path}: cannot read the {what} ({e})") from e
-
-
-def image_size(path):
-    try:
-        with Image.open(path) as img:
-            return img.size[::-1]  # (H, W)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadInput(f"{path}: cannot read the frame ({e})") from e
+# Files: writing without ever leaving half a file
 
 
 def write_png(path, ids, mode="P"):
@@ -150,104 +131,6 @@ def write_png(path, ids, mode="P"):
     if mode == "P":
         img.putpalette(PALETTE.ravel().tolist())
     atomic(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
-def write_csv(path, header, rows):
-    """pandas' to_csv(index=False, float_format="%.3f"), as evaluation_method.py writes it (NaN -> empty)."""
-    cell = lambda v: v if isinstance(v, str) else ("" if np.isnan(v) else "%.3f" % v)
-    text = "".join(",".join(map(cell, r)) + "\n" for r in [header] + rows)
-    atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def read_davis(davis, scoring=True):
-    """Check a DAVIS-2017 folder before anything is written: [(seq, frames, annotations, first annotation)].
-
-    Propagation needs every frame of equal size and a first-frame annotation of that size (DINO's path:
-    Annotations/480p/<seq>/<first frame>.png); scoring needs an annotation for every frame, which is what
-    davis2017-evaluation reads (the sorted PNGs of Annotations/480p/<seq>). So a set is either fully annotated
-    (scored), or annotated on first frames only, like test-dev (propagated, not scored: refused when `scoring`);
-    anything in between is refused before any work, naming the missing files."""
-    davis = Path(davis)
-    listing = davis / "ImageSets" / "2017" / "val.txt"
-    if not listing.is_file():
-        raise BadInput(f"{listing}: missing, so {davis} is not a DAVIS-2017 folder")
-    names = [s.strip() for s in listing.read_text().splitlines() if s.strip()]
-    if not names:
-        raise BadInput(f"{listing}: lists no sequences")
-    out, missing, later = [], [], 0
-    for seq in names:
-        frames = sorted((davis / "JPEGImages" / "480p" / seq).glob("*.jpg"))
-        if not frames:
-            raise BadInput(f"{davis / 'JPEGImages' / '480p' / seq}: no .jpg frames for sequence {seq} of {listing}")
-        anns = sorted((davis / "Annotations" / "480p" / seq).glob("*.png"))
-        first = davis / "Annotations" / "480p" / seq / (frames[0].stem + ".png")
-        size = read_ids(first, "first-frame annotation").shape
-        for f in frames:
-            if image_size(f) != size:
-                raise BadInput(f"{f}: frame is {image_size(f)[1]}x{image_size(f)[0]}, its annotation {first.name} "
-                               f"is {size[1]}x{size[0]}")
-        missing += [first.parent / (f.stem + ".png") for f in frames[1:]
-                    if not (first.parent / (f.stem + ".png")).is_file()]
-        later += len(frames) - 1
-        out.append((seq, frames, anns, first))
-    if missing and len(missing) < later:
-        shown = ", ".join(str(m.relative_to(davis)) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise BadInput(f"{davis}: {len(missing)} of {later} annotations after the first frames are missing ({shown}); "
-                       f"give every frame its annotation to score, or only the first frames' to propagate unscored")
-    if scoring and missing:
-        raise BadInput(f"{davis}: ground truth for the first frames only, cannot score")
-    return out
-
-
-def read_vip(path):
-    """Check a VIP set before anything is written: [(video, frames, labels, first label)].
-
-    path: the VIP_Fine folder as distributed (Images/videos<N>/*.jpg, Annotations/Category_ids/videos<N>/*.png,
-    the videos of lists/val_videos.txt), or a CropMAE-style list file (downstreams/propagation/vip_vallist.txt:
-    `<images dir> <labels dir>` per line, relative paths taken from the current folder as CropMAE does). Every
-    frame needs the label of the same name and size; labels hold part ids 0..19, and 255 (void) after frame 0."""
-    path, listing = Path(path), Path(path) / "lists" / "val_videos.txt"
-    if path.is_file():
-        pairs = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                if len(line.split()) != 2:
-                    raise BadInput(f"{path}: line {i} is not '<images dir> <labels dir>'")
-                pairs.append(tuple(map(Path, line.split())))
-    else:
-        if not listing.is_file():
-            raise BadInput(f"{listing}: missing, so {path} is neither a VIP_Fine folder nor a list file")
-        pairs = [(path / "Images" / v, path / "Annotations" / "Category_ids" / v)
-                 for v in (line.split()[0] for line in listing.read_text().splitlines() if line.strip())]
-    if not pairs:
-        raise BadInput(f"{path}: lists no videos")
-    out = []
-    for images, labels in pairs:
-        for folder, what in ((images, "frames"), (labels, "labels")):
-            if not folder.is_dir():
-                where = f"{path} (paths relative to the current folder)" if path.is_file() else listing
-                raise BadInput(f"{folder}: no such folder, so no {what} for {images.name} of {where}")
-        frames = numbered([f for f in images.iterdir() if is_frame(f.name)], images)
-        anns = numbered(list(labels.glob("*.png")), labels)
-        if not frames or not anns:
-            raise BadInput(f"{images if not frames else labels}: no {'frames' if not frames else 'labels'}")
-        if [f.stem for f in frames] != [a.stem for a in anns]:
-            odd = sorted({f.stem for f in frames} ^ {a.stem for a in anns})
-            raise BadInput(f"{labels}: {len(anns)} labels for {len(frames)} frames of {images}, unpaired: "
-                           f"{', '.join(odd[:5])}")
-        for t, (f, a) in enumerate(zip(frames, anns)):
-            ids = read_ids(a, "label")
-            if image_size(f) != ids.shape:
-                raise BadInput(f"{a}: label is {ids.shape[1]}x{ids.shape[0]}, its frame {f.name} is "
-                               f"{image_size(f)[1]}x{image_size(f)[0]}")
-            # the metric ignores pixels outside 0..19 (255: void); frame 0's labels are propagated, so they must
-            # all be parts there (CropMAE would propagate 255 as a class, then abort scoring it)
-            bad = ids[(ids >= len(VIP_CLASSES)) & ((ids != 255) | (t == 0))]
-            if bad.size:
-                raise BadInput(f"{a}: part id {bad.max()}, VIP has ids 0..{len(VIP_CLASSES) - 1}"
-                               f"{' (255, void, is ignored after the first frame)' if t == 0 else ''}")
-        out.append((images.name, frames, anns, anns[0]))
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -433,8 +316,9 @@ def table(rows):
 
 # -----------------------------------------------------------------------------
 # JHMDB: keypoints as heatmaps, PCK
-# alexandre-eymael/CropMAE downstreams/propagation/src/: data/jhmdb.py (labels), utils/test_utils.py (read-out,
-# drawing), eval/eval_pck.py (metric). Keypoints are (x, y); maps are [C, h, w] with channel 0 the background.
+# alexandre-eymael/CropMAE downstreams/propagation/src/: data/jhmdb.py (labels: data.jhmdb_labels),
+# utils/test_utils.py (read-out, drawing), eval/eval_pck.py (metric). Keypoints are (x, y); maps are [C, h, w]
+# with channel 0 the background.
 
 # parent of each joint in CropMAE utils/test_utils.py vis_pose: face, shoulders -> neck; neck <-> belly; hips ->
 # belly; elbows -> shoulders; wrists -> elbows; knees -> hips; ankles -> knees
@@ -445,39 +329,6 @@ JHMDB_COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 
 PCK_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5)
 JHMDB_JOINTS = ("neck", "belly", "face", "r-shoulder", "l-shoulder", "r-hip", "l-hip", "r-elbow", "l-elbow",
                 "r-knee", "l-knee", "r-wrist", "l-wrist", "r-ankle", "l-ankle")  # pos_img's joint order
-
-
-def draw_labelmap(h, w, x, y, sigma=0.5):
-    """float64 [h, w]: the unnormalised Gaussian (peak 1) of one joint at grid point (x, y), drawn by the hourglass
-    rule of CropMAE data/jhmdb.py draw_labelmap_np: a (6σ+1)² kernel centred on its cell size//2, pasted with its
-    top-left at (int(x - 3σ), int(y - 3σ)), int() truncating toward zero, clipped to the grid; nothing when the
-    window misses the grid. For σ = 0.5 that is a 4x4 kernel centred on its cell (2, 2): offsets -2..+1, so the
-    peak lands on round-half-up(x) for x >= 1.5 and the -2 row/column exists only up and left."""
-    out = np.zeros((h, w))
-    left, top = int(x - 3 * sigma), int(y - 3 * sigma)
-    right, bottom = int(x + 3 * sigma + 1), int(y + 3 * sigma + 1)  # exclusive
-    if left >= w or top >= h or right < 0 or bottom < 0:
-        return out
-    size = 6 * sigma + 1
-    k = np.arange(0, size, 1.0)
-    g = np.exp(-((k[None] - size // 2) ** 2 + (k[:, None] - size // 2) ** 2) / (2 * sigma ** 2))
-    # the grid window and the part of the kernel that lands in it
-    x0, x1, y0, y1 = max(0, left), min(right, w), max(0, top), min(bottom, h)
-    out[y0:y1, x0:x1] = g[y0 - top:y1 - top, x0 - left:x1 - left]
-    return out
-
-
-def jhmdb_labels(pos_xy, W0, H0, grid=(20, 20), size=(320, 320), patch=16, sigma=0.5):
-    """float32 [16, grid h, grid w]: frame 0's label maps from its joints pos_xy [15, 2] (x, y, 0-based pixels of
-    the W0 x H0 frame, i.e. pos_img - 1): channel 0 = 1 where no joint map is non-zero, channels 1..15 one Gaussian
-    per joint at x * (size W / W0) / patch, y * (size H / H0) / patch (CropMAE data/jhmdb.py JhmdbSet.__getitem__:
-    the frame is stretched to `size` (H, W) and the grid is size / patch; no half-cell offset)."""
-    pos_xy = np.asarray(pos_xy, dtype=np.float64)
-    gx = pos_xy[:, 0] * size[1] / W0 / patch
-    gy = pos_xy[:, 1] * size[0] / H0 / patch
-    joints = np.stack([draw_labelmap(grid[0], grid[1], x, y, sigma) for x, y in zip(gx, gy)])
-    background = (joints.sum(0) == 0)[None]
-    return np.concatenate([background, joints]).astype(np.float32)
 
 
 def keypoints_from_maps(maps, topk=5):
@@ -876,11 +727,6 @@ def track(plan, embed, heads, outs, params, patch, device, batch_size=8, overlay
     return preds, n_frames
 
 
-def save_npy(path, array):
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
-        np.save(f, array)
-
-
 def score_jhmdb(plan, preds, grid, where, verbose=True):
     """PCK (pck()) of the grid keypoints `preds` against the plan's ground truth, printed per joint under `where`
     (the results folder)."""
@@ -918,52 +764,80 @@ def encoder_embed(encoder):
     return lambda x: encoder(x).float().reshape(x.shape[0], x.shape[2] // p, x.shape[3] // p, -1)
 
 
-def run(encoder, heads, tasks, out_dir, protocol="paper", device=None, batch_size=8, overlay=False, verbose=True,
-        vip_size=None, jhmdb_split=1, jhmdb_order=None, **overrides):
-    """Propagate with each head on each task and score it: {name: {task: metrics or None}}.
+def checked(fn, what, stride=None):
+    """fn, its output checked: floats [B, h, w, D] for a [B, 3, H, W] batch, h, w = H / stride, W / stride (the
+    feature function), or for [B, h, w, D] features (a head); anything else is one sentence naming what came."""
+    def call(x):
+        y = fn(x)
+        B, h, w = (x.shape[0], x.shape[2] // stride, x.shape[3] // stride) if stride else tuple(x.shape[:3])
+        if not (torch.is_tensor(y) and y.dim() == 4 and tuple(y.shape[:3]) == (B, h, w) and y.is_floating_point()):
+            got = f"a {type(y).__name__}" if not torch.is_tensor(y) else str(list(y.shape)) + \
+                ("" if y.is_floating_point() else f" of {y.dtype}")
+            raise BadInput(f"{what} returned {got} for a {list(x.shape)} {'batch' if stride else 'input'}; expected "
+                           f"[{B}, {h}, {w}, D] floats" + (f" at stride {stride}" if stride else ""))
+        return y.float()
+    return call
 
-    tasks: {"davis": DAVIS-2017 folder, "vip": VIP_Fine folder or list file, "jhmdb": JHMDB folder (split
-    `jhmdb_split`'s test videos) or list file (data.read_jhmdb)}; {"davis": None} runs on a synthetic DAVIS set
-    in a temporary folder. `protocol` is DAVIS's (VIP and JHMDB always run CropMAE's pipeline); overrides
-    (topk, context, radius, temperature, size, mean, std) apply to every task. Outputs go to out_dir, with a
-    <name>/ level when there are several heads and a <task>/ level when there are several tasks; each head's
-    folder gets summary.json ({task: metrics}). DAVIS metrics are None when the set has only first-frame
-    annotations (test-dev): the masks are written, nothing is scored."""
-    device = device or next(encoder.parameters()).device
+
+def run(features, stride, tasks, out_dir, heads=None, protocol="paper", device=None, batch_size=8, overlay=False,
+        verbose=True, vip_size=None, jhmdb_split=1, jhmdb_order=None, **overrides):
+    """Propagate with any encoder on each task and score it: {name: {task: metrics or None, "data": {task: what
+    it was computed on (data.describe) and the settings}}}, also each head's summary.json.
+
+    features: normalised frames [B, 3, H, W] on `device` (H, W multiples of `stride`) -> float features
+    [B, H / stride, W / stride, D] on the same device. heads: {name: None (the features as they are) or a function
+    of them}, all fed by one forward; default {"model": None}. tasks: {"davis": DAVIS-2017 folder, "vip": VIP_Fine
+    folder or list file, "jhmdb": JHMDB folder (split `jhmdb_split`'s test videos) or list file (data.read_jhmdb)};
+    {"davis": None} runs on a synthetic DAVIS set in a temporary folder. `protocol` is DAVIS's (VIP and JHMDB
+    always run CropMAE's pipeline); overrides (topk, context, radius, temperature, size, mean, std) apply to every
+    task. Outputs go to out_dir, with a <name>/ level when there are several heads and a <task>/ level when there
+    are several tasks.
+    DAVIS metrics are None when the set has only first-frame annotations (test-dev): masks written, not scored.
+    device: default CUDA when there is one."""
+    heads = {"model": None} if heads is None else heads
+    if not callable(features) or not (isinstance(stride, int) and stride > 0):
+        raise BadInput(f"run() needs a callable feature function and a positive whole stride, got "
+                       f"{type(features).__name__} and {stride!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if tasks.get("davis", "") is None:
         with tempfile.TemporaryDirectory() as tmp:
             if verbose:
                 print(f"no --davis: evaluating on a synthetic DAVIS set made in {tmp} (data.make_davis)")
-            return run(encoder, heads, {**tasks, "davis": make_davis(tmp)}, out_dir, protocol, device, batch_size,
-                       overlay, verbose, vip_size, jhmdb_split, jhmdb_order, **overrides)
+            return run(features, stride, {**tasks, "davis": make_davis(tmp)}, out_dir, heads, protocol, device,
+                       batch_size, overlay, verbose, vip_size, jhmdb_split, jhmdb_order, **overrides)
     params = {"davis": protocol_params(protocol, **overrides),
               "vip": protocol_params(VIP, **{"size": vip_size, **overrides}),
               "jhmdb": protocol_params(JHMDB, **overrides)}
     plans = {"davis": lambda p: read_davis(p, scoring=False), "vip": read_vip,
              "jhmdb": lambda p: read_jhmdb(p, jhmdb_split, jhmdb_order)}
     plans = {task: plans[task](path) for task, path in tasks.items()}  # every check before the first file
+    paper = {"davis": PROTOCOLS["paper"], "vip": VIP, "jhmdb": JHMDB}
+    sets = {task: dict(describe(task, plan), settings=params[task], settings_differ=[
+        k for k in paper[task] if params[task][k] != paper[task][k]]) for task, plan in plans.items()}
     root = {name: Path(out_dir) / name if len(heads) > 1 else Path(out_dir) for name in heads}
     results = {name: {} for name in heads}
-    embed = encoder_embed(encoder)
+    embed = checked(features, "the feature function", stride)
+    heads = {name: head if head is None else checked(head, f"head {name!r}") for name, head in heads.items()}
     for task, plan in plans.items():
         outs = {name: root[name] / task if len(tasks) > 1 else root[name] for name in heads}
         if verbose:
             print(f"{task}: propagating {len(plan)} videos, {params[task]}, device {device}")
+            if sets[task]["note"]:
+                print(f"{task}: {sets[task]['note']}")
         t0 = time.perf_counter()
         if task == "jhmdb":
-            preds, n = track(plan, embed, heads, outs, params[task], encoder.patch_size, device, batch_size, overlay,
-                             verbose)
+            preds, n = track(plan, embed, heads, outs, params[task], stride, device, batch_size, overlay, verbose)
         else:
-            n = segment(plan, embed, heads, outs, params[task], encoder.patch_size, device, batch_size, overlay,
-                        verbose, vip=task == "vip")
+            n = segment(plan, embed, heads, outs, params[task], stride, device, batch_size, overlay, verbose,
+                        vip=task == "vip")
         dt = time.perf_counter() - t0
         if verbose:
             print(f"{task}: {n} frames in {dt:.1f} s: {n / dt:.2f} frames/s ({len(heads)} head(s) per forward)")
         for name in heads:
             if task == "jhmdb":
-                size = grid_size(*params[task]["size"], params[task], encoder.patch_size, "JHMDB")  # fixed: 320x320
-                grid = (size[0] // encoder.patch_size, size[1] // encoder.patch_size)
-                results[name][task] = score_jhmdb(plan, preds[name], grid, outs[name], verbose)
+                size = grid_size(*params[task]["size"], params[task], stride, "JHMDB")  # fixed: 320x320
+                results[name][task] = score_jhmdb(plan, preds[name], (size[0] // stride, size[1] // stride),
+                                                  outs[name], verbose)
             elif task == "vip":
                 results[name][task] = score_vip(plan, outs[name], verbose)
             elif any(len(anns) < len(frames) for _, frames, anns, _ in plan):  # e.g. test-dev: first frames only
@@ -974,15 +848,11 @@ def run(encoder, heads, tasks, out_dir, protocol="paper", device=None, batch_siz
             else:
                 results[name][task] = score(tasks[task], outs[name], device, verbose)[0]
     for name in heads:
+        results[name]["data"] = sets
         write_json(root[name] / "summary.json", results[name])
     return results
 
 
-def write_json(path, obj):
-    """JSON with NaN (a class or joint never seen) written as null, as strict parsers need."""
-    clean = lambda o: {k: clean(v) for k, v in o.items()} if isinstance(o, dict) else \
-        [clean(v) for v in o] if isinstance(o, list) else None if isinstance(o, float) and math.isnan(o) else o
-    atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(clean(obj), indent=1, allow_nan=False) + "\n"))
 
 
 def compare(encoder, projection, tasks, out_dir, protocol="paper", **overrides):
@@ -990,16 +860,79 @@ def compare(encoder, projection, tasks, out_dir, protocol="paper", **overrides):
     metrics}, 'cosettle': {...}, 'difference': {task: cosettle - baseline}}, also written to out_dir/summary.json.
     tasks: as run()'s, or a DAVIS folder (None: synthetic)."""
     tasks = tasks if isinstance(tasks, dict) else {"davis": tasks}
-    m = run(encoder, {"baseline": None, "cosettle": projection}, tasks, out_dir, protocol, **overrides)
-    m["difference"] = {task: difference(m["baseline"][task], m["cosettle"][task]) for task in m["baseline"]}
+    overrides["device"] = overrides.get("device") or next(encoder.parameters()).device
+    m = run(encoder_embed(encoder), encoder.patch_size, tasks, out_dir, {"baseline": None, "cosettle": projection},
+            protocol, **overrides)
+    m["difference"] = {task: difference(m["baseline"][task], m["cosettle"][task]) for task in tasks}
     write_json(Path(out_dir) / "summary.json", m)
     if overrides.get("verbose", True):
         print("frozen -> + Co-Settle, measured and as published (the paper's Table 1)")
-        for task, metrics in m["baseline"].items():
-            if metrics is not None:
+        for task in tasks:
+            if m["baseline"][task] is not None:
                 key = HEADLINE[task][1]
-                print(paper_row(encoder.family, task, (metrics[key], m["cosettle"][task][key])))
+                print(paper_row(encoder.family, task, (m["baseline"][task][key], m["cosettle"][task][key]),
+                                unlike(m["baseline"]["data"][task])))
     return m
+
+
+def unlike(d):
+    """Why results on a set (run()'s "data" entry for a task) are not like for like with Table 1, or None."""
+    why = ([] if d["paper_set"] else [d["note"]]) + \
+        ([f"settings other than the paper's ({', '.join(d['settings_differ'])})"] if d["settings_differ"] else [])
+    return "; ".join(why) or None
+
+
+def table_1(root, tasks, out_dir, protocol="paper", native_stats=False, device=None, **overrides):
+    """The paper's Table 1 from a folder of the authors' files as downloaded: each <family>+ours/checkpoint*.pth
+    under `root` (one '+ Ours' file holds the frozen encoder and its adapter: the base files are not needed) is
+    run frozen and + Co-Settle on `tasks` into out_dir/<family> by compare(), unless its summary.json is there
+    already. Prints the table, measured beside published, in markdown; writes out_dir/table.json."""
+    found = {}
+    for folder in sorted(p for p in Path(root).rglob("*+ours") if p.is_dir()):
+        family, files = folder.name[:-len("+ours")], sorted(folder.glob("checkpoint*.pth"))
+        if family not in PUBLISHED or len(files) != 1 or family in found:
+            raise BadInput(f"--table {folder}: {len(files)} checkpoint*.pth files; expected one in each of the eight "
+                           f"families' <family>+ours folders, one folder per family")
+        found[family] = files[0]
+    if not found:
+        raise BadInput(f"--table {root}: no <family>+ours/checkpoint*.pth of the authors' files under it")
+    missing = [f for f in PUBLISHED if f not in found]
+    print(f"--table: {', '.join(found)} found" + (f"; not found: {', '.join(missing)}" if missing else ""))
+    device, runs = device or torch.device("cuda" if torch.cuda.is_available() else "cpu"), {}
+    for family, path in found.items():
+        out = Path(out_dir) / family
+        if (out / "summary.json").is_file():  # done before: read back, not rerun
+            runs[family] = json.loads((out / "summary.json").read_text())
+            absent = sorted(set(tasks) - set(runs[family]["baseline"].get("data", {})))  # data: what it ran on
+            if absent:
+                raise BadInput(f"{out / 'summary.json'}: no {', '.join(absent)} results; remove it, or another --out")
+            print(f"{family}: results already in {out}, not rerun")
+            continue
+        encoder = load_encoder(path, verbose=True).to(device)
+        if (encoder.family, bool(encoder.official)) != (family, True):
+            raise BadInput(f"{path}: not an official '+ Ours' {family} checkpoint (a {encoder.family} encoder"
+                           f"{'' if encoder.official else ' without adapter'})")
+        stats = dict(zip(("mean", "std"), encoder.native_stats)) if native_stats else {}
+        runs[family] = compare(encoder, load_projection(path, encoder).to(device), tasks, out, protocol,
+                               device=device, **overrides, **stats)
+    order, rows, cells = ("vip", "davis", "jhmdb"), [], {}
+    for family in PUBLISHED:
+        m = runs.get(family, {})
+        cells[family] = {v: {t: m[v][t][HEADLINE[t][1]] if t in m.get(v, {}) and m[v][t] else None for t in order}
+                         for v in ("baseline", "cosettle")}
+        cells[family]["unlike"] = {t: unlike(m["baseline"]["data"][t]) for t in order if t in m.get("baseline", {})}
+        measured = lambda v, t: "–" if cells[family][v][t] is None else \
+            f"{100 * cells[family][v][t]:.1f}" + ("*" if cells[family]["unlike"][t] else "")
+        for v, label in (("baseline", family), ("cosettle", f"{family} + Co-Settle")):
+            rows.append(f"| {label} | " + " | ".join(f"{PUBLISHED[family][v][t]:.1f} | {measured(v, t)}"
+                                                     for t in order) + " |")
+    notes = sorted({f"* {HEADLINE[t][0]}: {why}" for c in cells.values() for t, why in c["unlike"].items() if why})
+    text = "\n".join(["| ViT-B/16 | " + " | ".join(f"{HEADLINE[t][0]} paper | measured" for t in order) + " |",
+                      "|---" * 7 + "|"] + rows + [""] * bool(notes) + notes)
+    print(text)
+    write_json(Path(out_dir) / "table.json", {"measured": cells, "paper": PUBLISHED, "not_found": missing,
+                                              "files": {f: str(p) for f, p in found.items()}, "markdown": text})
+    return cells
 
 
 def difference(a, b):
@@ -1226,8 +1159,10 @@ def main(argv=None):
     parser.add_argument("--tradeoff", action="store_true", help="label-free trade-off metrics on --videos")
     parser.add_argument("--videos", help="for --tradeoff: a list of frame folders, one a line (cal_metric.py's "
                         "--sample_csv_path), or a folder of frame folders")
+    parser.add_argument("--table", metavar="DIR", help="the paper's Table 1: every <family>+ours/checkpoint*.pth "
+                        "under DIR (the authors' files as downloaded), frozen and + Co-Settle, on the tasks given")
     parser.add_argument("--bench", action="store_true", help="frames/s of each pipeline, the encoder's s/frame and "
-                        "the propagation's share, peak memory (--weights, or a random ViT-S/16)")
+                        "what the propagation adds to it, peak memory (--weights, or a random ViT-S/16)")
     args = parser.parse_args(argv)
     if args.masks:
         refuse_unused(parser, args, "--masks", {"masks", "davis", "vip"})
@@ -1238,8 +1173,9 @@ def main(argv=None):
         refuse_unused(parser, args, "--bench", {"bench", "weights", "family"})
     else:
         tasks_given = {t for t in ("davis", "vip", "jhmdb") if getattr(args, t)}
-        mode = f"evaluating {', '.join(sorted(tasks_given)) or 'DAVIS'}"
+        mode = "--table" if args.table else f"evaluating {', '.join(sorted(tasks_given)) or 'DAVIS'}"
         refuse_unused(parser, args, mode, set(vars(args)) - {"videos"}
+                      - ({"weights", "family", "ckpt", "compare"} if args.table else set())
                       - ({"protocol"} if tasks_given and "davis" not in tasks_given else set())  # DAVIS's protocol
                       - ({"vip_size"} if not args.vip else set())
                       - ({"jhmdb_split"} if not args.jhmdb or Path(args.jhmdb).is_file() else set()))
@@ -1249,13 +1185,22 @@ def main(argv=None):
         if args.masks:
             if tasks == {"davis": None} or len(tasks) > 1 or args.jhmdb:
                 raise BadInput("--masks needs one of --davis or --vip (the ground truth to score against)")
-            m = score_vip(read_vip(args.vip), args.masks) if args.vip else score(args.davis, args.masks, device)[0]
-            write_json(Path(args.masks) / "summary.json", {next(iter(tasks)): m})
+            task, plan = ("vip", read_vip(args.vip)) if args.vip else ("davis", read_davis(args.davis))
+            m = score_vip(plan, args.masks) if args.vip else score(args.davis, args.masks, device)[0]
+            write_json(Path(args.masks) / "summary.json", {task: m, "data": {task: describe(task, plan)}})
             return 0
         if args.tradeoff and not args.videos:
             raise BadInput("--tradeoff needs --videos (a list of frame folders, or a folder of them)")
         if not (args.tradeoff or args.bench):
             check_out_dir(args.out)  # before the encoder loads, not after its first batch
+        kw = dict(device=device, batch_size=args.batch_size, overlay=args.overlay, vip_size=args.vip_size,
+                  jhmdb_split=args.jhmdb_split or 1, topk=args.topk,
+                  context=args.context, radius=args.radius, temperature=args.temperature)
+        if args.table:
+            if tasks == {"davis": None}:
+                raise BadInput("--table needs the sets to evaluate on: --davis, --vip and/or --jhmdb")
+            table_1(args.table, tasks, args.out, args.protocol, args.native_stats, **kw)
+            return 0
         if args.weights:
             encoder = load_encoder(args.weights, args.family, verbose=True).to(device)
         else:
@@ -1276,16 +1221,13 @@ def main(argv=None):
             for name, m in tradeoff(encoder, heads, args.videos, device, args.batch_size, *stats).items():
                 print_tradeoff(name, m)
             return 0
-        kw = dict(device=device, batch_size=args.batch_size, overlay=args.overlay, vip_size=args.vip_size,
-                  jhmdb_split=args.jhmdb_split or 1, topk=args.topk,
-                  context=args.context, radius=args.radius, temperature=args.temperature)
         if args.native_stats:
             kw["mean"], kw["std"] = encoder.native_stats
         if args.compare:
             compare(encoder, projection, tasks, args.out, args.protocol, **kw)
         else:
             name = "baseline" if projection is None else "cosettle"
-            run(encoder, {name: projection}, tasks, args.out, args.protocol, **kw)
+            run(encoder_embed(encoder), encoder.patch_size, tasks, args.out, {name: projection}, args.protocol, **kw)
         return 0
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2363,7 +2363,7 @@ def test_score_perfect_results_and_csv_format(tmp_path):
         "J&F-Mean,J-Mean,J-Recall,J-Decay,F-Mean,F-Recall,F-Decay\n1.000,1.000,1.000,0.000,1.000,1.000,0.000\n"
     assert (res / "per-sequence_results-val.csv").read_text().splitlines() == \
         ["Sequence,J-Mean,F-Mean", "synth-000_1,1.000,1.000", "synth-001_1,1.000,1.000", "synth-001_2,1.000,1.000"]
-    ed.write_csv(tmp_path / "x.csv", ["a", "b"], [["s", float("nan")], ["t", -0.00049]])
+    data.write_csv(tmp_path / "x.csv", ["a", "b"], [["s", float("nan")], ["t", -0.00049]])
     assert (tmp_path / "x.csv").read_text() == "a,b\ns,\nt,-0.000\n"  # pandas: NaN empty, %.3f
     assert ed.main(["--davis", str(davis), "--masks", str(res)]) == 0  # the CLI scores a results folder too
 
@@ -2414,7 +2414,9 @@ def tiny_vit():
 def evaluate(encoder, projection, davis_root, out_dir, protocol="paper", **overrides):
     """J&F of one variant on DAVIS through run(): the 7 global metrics (None when only first-frame annotations)."""
     name = "baseline" if projection is None else "cosettle"
-    return ed.run(encoder, {name: projection}, {"davis": davis_root}, out_dir, protocol, **overrides)[name]["davis"]
+    overrides["device"] = overrides.get("device") or next(encoder.parameters()).device
+    return ed.run(ed.encoder_embed(encoder), encoder.patch_size, {"davis": davis_root}, out_dir, {name: projection},
+                  protocol, **overrides)[name]["davis"]
 
 
 def dino_window(h, w, radius, device):
@@ -2894,7 +2896,8 @@ def test_vip_metric_by_hand(tmp_path):
     Image.fromarray(np.repeat(np.array([[0, 1, 1, 1, 0]], np.uint8), 2, 1)).save(res / "videos1" / "000000000001.png")
     assert ed.score_vip(ed.read_vip(root), res, verbose=False)["mIoU"] == pytest.approx(1 / 3)
     assert ed.main(["--vip", str(root), "--masks", str(res)]) == 0
-    assert json.loads((res / "summary.json").read_text())["vip"]["mIoU"] == pytest.approx(1 / 3)
+    summary = json.loads((res / "summary.json").read_text())
+    assert summary["vip"]["mIoU"] == pytest.approx(1 / 3) and summary["data"]["vip"]["videos"] == 1
     # a later frame's void (255) pixels are not scored, whatever is predicted there (eval_vip.py fast_hist)
     write_vip_pair(root, "videos1", "000000000026", np.zeros((1, 5, 3), np.uint8), np.array([[1, 255, 255, 2, 2]]))
     Image.fromarray(np.array([[1, 0, 1, 2, 0]], np.uint8)).save(res / "videos1" / "000000000026.png")
@@ -2924,7 +2927,9 @@ def test_vip_end_to_end_oracle_compare_and_summary(tmp_path):
     m = ed.compare(enc, Projection(enc.embed_dim).eval(), {"davis": None, "vip": str(list_file)}, tmp_path / "out",
                    size=(48, 64), verbose=False)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert set(summary) == {"baseline", "cosettle", "difference"} and set(summary["baseline"]) == {"davis", "vip"}
+    assert set(summary) == {"baseline", "cosettle", "difference"} and set(summary["baseline"]) == {"davis", "vip",
+                                                                                                    "data"}
+    assert summary["baseline"]["data"]["vip"]["videos"] == 2 and summary["baseline"]["data"]["vip"]["frames"] == 8
     assert summary["difference"]["vip"]["mIoU"] == pytest.approx(m["cosettle"]["vip"]["mIoU"] -
                                                                  m["baseline"]["vip"]["mIoU"])
     assert 0 <= summary["cosettle"]["davis"]["J&F-Mean"] <= 1
@@ -2941,13 +2946,13 @@ E2, E4, E8 = math.exp(-2), math.exp(-4), math.exp(-8)
 
 def test_jhmdb_gaussian_interior():
     """σ = 0.5: peak 1 at the cell, 4-neighbours e^-2, diagonals e^-4, the -2 offsets only up/left (e^-8)."""
-    g = ed.draw_labelmap(20, 20, 10.0, 7.0)
+    g = data.draw_labelmap(20, 20, 10.0, 7.0)
     assert g[7, 10] == 1.0
     assert np.allclose([g[6, 10], g[8, 10], g[7, 9], g[7, 11]], E2)
     assert np.allclose([g[6, 9], g[6, 11], g[8, 9], g[8, 11]], E4)
     assert np.isclose(g[5, 10], E8) and np.isclose(g[7, 8], E8) and g[9, 10] == 0 and g[7, 12] == 0
     assert np.count_nonzero(g) == 16 and g[5:9, 8:12].sum() == g.sum()  # the 4x4 window, offsets -2..+1
-    assert ed.draw_labelmap(20, 20, 10.5, 7.49).argmax() == 7 * 20 + 11  # round half up in x, down in y
+    assert data.draw_labelmap(20, 20, 10.5, 7.49).argmax() == 7 * 20 + 11  # round half up in x, down in y
 
 
 @pytest.mark.parametrize("x, column", [(0.3, [E2, 1.0, 0, 0]), (-1.2, [1.0, 0, 0, 0]), (-1.6, [0, 0, 0, 0]),
@@ -2956,7 +2961,7 @@ def test_jhmdb_gaussian_border(x, column):
     """int() truncates toward zero: x = 0.3 peaks at column 1 (window int(-1.2) = -1 .. int(2.8) = 2 exclusive:
     the +1 column is lost), -1.2 at column 0 (only that column), -1.6 draws nothing; past the right edge only the
     -2/-1 columns of the kernel land (x = 19.6 peaks at 20, off the grid)."""
-    g = ed.draw_labelmap(20, 20, x, 5.0)
+    g = data.draw_labelmap(20, 20, x, 5.0)
     row = g[5, :4] if x < 10 else g[5, 16:]
     assert np.allclose(row, column) and np.isclose(g.sum(), g[3:7].sum())
 
@@ -2974,7 +2979,7 @@ def test_jhmdb_labels_channels_and_scaling():
 def test_jhmdb_readout_on_hand_maps():
     maps = np.zeros((2, 16, 20, 20))
     maps[0, 1, 2, 3], maps[0, 1, 2, 4] = 3.0, 1.0  # x = (3·3 + 4·1) / 4, y = 2 (zeros weigh nothing)
-    maps[0, 2] = ed.draw_labelmap(20, 20, 7.0, 11.0)  # symmetric neighbours: exactly the peak
+    maps[0, 2] = data.draw_labelmap(20, 20, 7.0, 11.0)  # symmetric neighbours: exactly the peak
     maps[1, 3, 19, 0] = 0.5  # the last row: row-major ids, x = id % w, y = id // w
     kps = ed.keypoints_from_maps(torch.from_numpy(maps))
     assert kps.shape == (2, 15, 2)
@@ -3305,6 +3310,130 @@ def test_jhmdb_pipeline_oracle_compare_and_outputs(tmp_path, capsys):
     video = plan[0][0]
     assert np.load(tmp_path / "out" / "cosettle" / "jhmdb" / f"{video}.npy").shape == (5, 15, 2)
     assert (tmp_path / "out" / "baseline" / "jhmdb" / "overlays" / video / "00005.png").is_file()  # the last
+
+
+# =============================================================================
+# eval_davis.run with any encoder: a feature function and its stride
+
+
+def oracle(task, plan, stride, noise=0.1, seed=0):
+    """A feature function that knows the answer: per patch the one-hot of its ground-truth label (DAVIS object,
+    VIP part, the pixel at the patch centre; JHMDB: the joint whose true position falls in the patch, else
+    background), plus Gaussian noise; frames served in the order run() asks for them (video by video, in order)."""
+    truth = []
+    for video in plan:
+        if task == "jhmdb":
+            H0, W0 = np.array(Image.open(video[1][0])).shape[:2]
+            pos = video[2] - 1  # 0-based (x, y)
+            truth += [(None, pos[:, :, min(t, pos.shape[2] - 1)], H0, W0) for t in range(len(video[1]))]
+        else:
+            truth += [(np.array(Image.open(a)), None, 0, 0) for a in video[2]]
+    frames, g = iter(truth), torch.Generator().manual_seed(seed)
+
+    def features(x):
+        B, h, w = x.shape[0], x.shape[2] // stride, x.shape[3] // stride
+        labels = []
+        for _ in range(B):
+            ids, joints, H0, W0 = next(frames)
+            if joints is None:
+                rows, cols = ((np.arange(h) + 0.5) * ids.shape[0] / h).astype(int), \
+                    ((np.arange(w) + 0.5) * ids.shape[1] / w).astype(int)
+                lab = ids[rows][:, cols].astype(np.int64)
+            else:  # the 4x4 cells around each joint, each its own label: where a cell lies relative to the joint
+                lab = np.zeros((h + 4, w + 4), np.int64)  # 2 cells of margin on each side
+                for j, (px, py) in enumerate(joints.T):
+                    i, k = min(max(int(py * h / H0), 0), h - 1) + 2, min(max(int(px * w / W0), 0), w - 1) + 2
+                    window = lab[i - 2:i + 2, k - 2:k + 2]  # a view: written in place
+                    window[window == 0] = (1 + 16 * j + np.arange(16).reshape(4, 4))[window == 0]
+                lab = lab[2:-2, 2:-2]
+            labels.append(F.one_hot(torch.from_numpy(lab), 256).float())
+        return (torch.stack(labels) + noise * torch.randn(B, h, w, 256, generator=g)).to(x.device)
+    return features
+
+
+def test_run_with_the_vits_feature_function_gives_the_builtin_results(tmp_path):
+    """The project's ViT as a plain feature function (its patch tokens as a grid, written here) through run():
+    the same numbers and masks as compare() on the ViT itself, baseline and + Co-Settle from one forward."""
+    davis = make_davis(tmp_path / "d", n_seqs=2, n_frames=4, height=48, width=64)
+    vip = make_vip(tmp_path / "vip", n_videos=1, n_frames=4, height=48, width=64)
+    enc, tasks = tiny_vit(), {"davis": str(davis), "vip": str(vip)}
+    proj = Projection(enc.embed_dim).eval()
+    built = ed.compare(enc, proj, tasks, tmp_path / "built", size=(48, 64), verbose=False)
+    tokens = lambda x: enc(x).reshape(x.shape[0], x.shape[2] // 8, x.shape[3] // 8, -1)
+    m = ed.run(tokens, 8, tasks, tmp_path / "fn", {"baseline": None, "cosettle": proj}, size=(48, 64),
+               device=next(enc.parameters()).device, verbose=False)
+    for name in ("baseline", "cosettle"):
+        assert (tmp_path / "built" / name / "summary.json").read_text() == \
+            (tmp_path / "fn" / name / "summary.json").read_text()  # NaN (a class never seen) is null there
+        assert m[name]["davis"] == built[name]["davis"] and m[name]["vip"]["mIoU"] == built[name]["vip"]["mIoU"]
+        for seq in ("synth-000", "synth-001"):
+            for a in sorted((tmp_path / "built" / name / "davis" / seq).glob("*.png")):
+                assert a.read_bytes() == (tmp_path / "fn" / name / "davis" / seq / a.name).read_bytes()
+
+
+def test_describe_names_the_set_against_the_papers(tmp_path):
+    """summary.json's account of a set: counts, sizes, a fingerprint that follows the annotations, and how it
+    differs from the paper's (a partial VIP set named like the real one; a DAVIS copy pre-resized to 880x480)."""
+    vip = make_vip(tmp_path / "vip", n_videos=3, n_frames=2, height=24, width=32)
+    for old, new in (("videos1", "videos338"), ("videos2", "videos311"), ("videos3", "videos999")):
+        for kind in ("Images", "Annotations/Category_ids"):
+            (vip / kind / old).rename(vip / kind / new)
+    (vip / "lists" / "val_videos.txt").write_text("videos338\nvideos311\nvideos999\n")
+    d = data.describe("vip", ed.read_vip(vip))
+    assert (d["videos"], d["frames"], d["resolution"], d["paper_set"]) == (3, 6, {"32x24": 3}, False)
+    assert d["note"] == "2 of the paper's 50 VIP validation videos; missing: videos102, videos113, videos117, " \
+        "videos12, videos129, ...; 1 not among them: videos999"
+    shutil.copytree(vip, tmp_path / "copy")
+    assert data.describe("vip", ed.read_vip(tmp_path / "copy"))["fingerprint"] == d["fingerprint"]
+    label = next((tmp_path / "copy" / "Annotations" / "Category_ids" / "videos311").glob("*.png"))
+    Image.fromarray(np.full((24, 32), 3, np.uint8)).save(label)  # another annotation: another size on disk
+    assert data.describe("vip", ed.read_vip(tmp_path / "copy"))["fingerprint"] != d["fingerprint"]
+    davis = paper_named(make_davis(tmp_path / "davis", n_seqs=2, n_frames=1, height=480, width=880), ["dog", "cows"])
+    d = data.describe("davis", ed.read_davis(davis, scoring=False))
+    assert d["resolution"] == {"880x480": 2} and d["note"].startswith("2 of the paper's 30 DAVIS-2017 val sequences")
+    assert d["note"].endswith("; a copy pre-resized to 880x480: read and scored at 880x480, not at DAVIS's 480p")
+
+
+def test_oracle_features_give_near_perfect_scores_on_all_three_tasks(tmp_path):
+    """Features that know the labels score near the top on every task (what is lost is the 8-px grid's: thin VIP
+    parts); measured J&F 0.918, mIoU 0.802 (pixel accuracy 0.976), PCK@0.1 0.930."""
+    davis = make_davis(tmp_path / "d", n_seqs=3, n_frames=6, height=96, width=128, seed=2)
+    vip = make_vip(tmp_path / "vip", n_videos=2, n_frames=4, height=96, width=128)
+    jhmdb = make_jhmdb(tmp_path / "j", actions=("walk",), n_videos=2, n_frames=6)
+    m = {}
+    for task, path, size in (("davis", davis, (192, 256)), ("vip", vip, (192, 256)), ("jhmdb", jhmdb, None)):
+        plan = {"davis": ed.read_davis, "vip": ed.read_vip, "jhmdb": data.read_jhmdb}[task](path)
+        m[task] = ed.run(oracle(task, plan, 8), 8, {task: str(path)}, tmp_path / task, size=size, verbose=False)
+    assert m["davis"]["model"]["davis"]["J&F-Mean"] > 0.9
+    assert m["vip"]["model"]["vip"]["mIoU"] > 0.75 and m["vip"]["model"]["vip"]["pixel_accuracy"] > 0.95
+    assert m["jhmdb"]["model"]["jhmdb"]["PCK@0.1"] > 0.9
+
+
+def test_a_stride_8_conv_model_runs_all_three_tasks_and_wrong_outputs_are_named(tmp_path):
+    davis = make_davis(tmp_path / "d", n_seqs=1, n_frames=4, height=48, width=64)
+    vip = make_vip(tmp_path / "vip", n_videos=1, n_frames=4, height=48, width=64)
+    jhmdb = make_jhmdb(tmp_path / "j", actions=("walk",), n_videos=1, n_frames=4)
+    conv = nn.Conv2d(3, 16, 8, stride=8).eval()
+    model = lambda x: conv.to(x.device)(x).permute(0, 2, 3, 1)  # [B, H / 8, W / 8, 16]
+    tasks = {"davis": str(davis), "vip": str(vip), "jhmdb": str(jhmdb)}
+    m = ed.run(model, 8, tasks, tmp_path / "out", size=(48, 64), batch_size=4, verbose=False)["model"]
+    assert 0 <= m["davis"]["J&F-Mean"] <= 1 and 0 <= m["vip"]["mIoU"] <= 1 and 0 <= m["jhmdb"]["PCK@0.1"] <= 1
+    assert (m["data"]["davis"]["videos"], m["data"]["vip"]["frames"], m["data"]["jhmdb"]["videos"]) == (1, 4, 1)
+    assert (tmp_path / "out" / "davis" / "synth-000" / "00003.png").is_file()
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["data"]["jhmdb"]["joints"] == 15
+    wrong = [(lambda x: model(x).permute(0, 3, 1, 2), 8, None, "the feature function returned [4, 16, 6, 8] for a "
+              "[4, 3, 48, 64] batch; expected [4, 6, 8, D] floats at stride 8"),
+             (model, 16, None, "the feature function returned [4, 6, 8, 16] for a [4, 3, 48, 64] batch; expected "
+              "[4, 3, 4, D] floats at stride 16"),
+             (lambda x: model(x).long(), 8, None, "the feature function returned [4, 6, 8, 16] of torch.int64 for"),
+             (lambda x: model(x).numpy(), 8, None, "the feature function returned a ndarray for"),
+             (model, 8, {"bad": lambda f: f[:, :1]}, "head 'bad' returned [4, 1, 8, 16] for a [4, 6, 8, 16] input; "
+              "expected [4, 6, 8, D] floats")]
+    for fn, stride, heads, message in wrong:
+        with pytest.raises(BadInput, match=re.escape(message)):
+            ed.run(fn, stride, {"davis": str(davis)}, tmp_path / "bad", heads, size=(48, 64), device="cpu",
+                   batch_size=4, verbose=False)
+        assert not (tmp_path / "bad").exists()  # nothing half-written
 
 
 # =============================================================================
@@ -3657,21 +3786,93 @@ def test_davis_annotation_rules(tiny_weights, tmp_path, capsys):
     assert not (tmp_path / "out3" / "global_results-val.csv").exists()
 
 
+def paper_named(davis, names):
+    """A synthetic DAVIS folder (make_davis) whose sequences carry `names` (the real DAVIS-2017 val names)."""
+    for kind in ("JPEGImages", "Annotations"):
+        for s, name in enumerate(names):
+            (davis / kind / "480p" / f"synth-{s:03d}").rename(davis / kind / "480p" / name)
+    (davis / "ImageSets" / "2017" / "val.txt").write_text("".join(n + "\n" for n in names))
+    return davis
+
+
 def test_official_ours_compare_prints_the_paper_row(official, tmp_path, capsys):
-    """--weights <+ Ours file> --compare: the frozen encoder and encoder + its adapter, beside the paper's pair."""
-    davis = make_davis(tmp_path / "davis", n_seqs=1, n_frames=3, height=32, width=48)
-    for family in ("dino", "clip"):
-        path, case, _ = official(family)
-        assert ed.main(["--weights", str(path), "--compare", "--davis", str(davis), "--protocol", "dino",
-                        "--out", str(tmp_path / family)]) == 0
-        out, err = capsys.readouterr()
-        assert "error" not in err and "warning" not in err, err
-        base, ours = ed.PUBLISHED[family]["baseline"]["davis"], ed.PUBLISHED[family]["cosettle"]["davis"]
-        assert f"paper ({family}, ViT-B/16) {base:.1f} -> {ours:.1f}" in out
-        assert (tmp_path / family / "cosettle" / "global_results-val.csv").is_file()
-    baseline_only = ed.main(["--weights", str(path), "--davis", str(davis), "--protocol", "dino",
+    """--weights <+ Ours file> --compare: the frozen encoder and encoder + its adapter, beside the paper's pair
+    when measured on the paper's 30 sequences with its pipeline; otherwise measured, and said why not beside it."""
+    names = data.PAPER_SETS["davis"][1]
+    davis = paper_named(make_davis(tmp_path / "davis", n_seqs=30, n_frames=3, height=32, width=48), names)
+    path = official("dino")[0]
+    assert ed.main(["--weights", str(path), "--compare", "--davis", str(davis), "--out", str(tmp_path / "dino")]) \
+        == 0
+    out, err = capsys.readouterr()
+    assert "error" not in err and "warning" not in err, err
+    base, ours = ed.PUBLISHED["dino"]["baseline"]["davis"], ed.PUBLISHED["dino"]["cosettle"]["davis"]
+    assert f"paper (dino, ViT-B/16) {base:.1f} -> {ours:.1f}" in out and "not beside" not in out
+    assert "of the paper's 30" not in out  # no line about the set
+    assert (tmp_path / "dino" / "cosettle" / "global_results-val.csv").is_file()
+    d = json.loads((tmp_path / "dino" / "summary.json").read_text())["cosettle"]["data"]["davis"]
+    assert (d["videos"], d["frames"], d["paper_set"], d["note"], d["resolution"]) == (30, 90, True, None, {"48x32": 30})
+    assert d["objects"] == sum(1 + s % 3 for s in range(30)) and d["settings_differ"] == []
+    # two of the 30 sequences, DINO's protocol: measured, and said why not beside the paper's numbers
+    part = paper_named(make_davis(tmp_path / "part", n_seqs=2, n_frames=3, height=32, width=48), names[5:7])
+    path = official("clip")[0]
+    assert ed.main(["--weights", str(path), "--compare", "--davis", str(part), "--protocol", "dino", "--out",
+                    str(tmp_path / "clip")]) == 0
+    out = capsys.readouterr().out
+    missing = "2 of the paper's 30 DAVIS-2017 val sequences; missing: bike-packing, blackswan, bmx-trees, " \
+        "breakdance, camel, ..."
+    assert f"davis: {missing}\n" in out and "paper (clip" not in out
+    assert f"not beside the paper's: {missing}; settings other than the paper's (algorithm, size, std, topk, " \
+        "context, radius, temperature)" in out
+    assert json.loads((tmp_path / "clip" / "summary.json").read_text())["baseline"]["data"]["davis"]["note"] == missing
+    baseline_only = ed.main(["--weights", str(path), "--davis", str(part), "--protocol", "dino",
                              "--out", str(tmp_path / "frozen")])
     assert baseline_only == 0 and (tmp_path / "frozen" / "global_results-val.csv").is_file()
+    assert f"davis: {missing}\n" in capsys.readouterr().out
+
+
+def test_table_evaluates_every_family_found_and_prints_table_1(official, tmp_path, capsys, monkeypatch):
+    """--table over the authors' files as downloaded (ckpts/ours/<family>+ours/..., base files beside them): seven
+    of the eight families, frozen and + Co-Settle each; the table beside the published one; a second run reads
+    the results back instead of rerunning, and the CLI refuses flags --table does not use."""
+    root = tmp_path / "ckpts"
+    for i, family in enumerate(f for f in ed.PUBLISHED if f != "blip"):
+        folder = root / "ours" / f"{family}+ours"
+        folder.mkdir(parents=True)
+        shutil.copy(official(family)[0], folder / ("checkpoint.pth" if i % 2 else "checkpoint-4.pth"))
+    (root / "base").mkdir()
+    shutil.copy(official("dino")[1].path, root / "base" / "dino_vitbase16_pretrain.pth")
+    davis = make_davis(tmp_path / "davis", n_seqs=1, n_frames=3, height=64, width=96)
+    cells = ed.table_1(root, {"davis": str(davis)}, tmp_path / "out", size=(64, 96), verbose=False)
+    out = capsys.readouterr().out
+    assert "not found: blip" in out and set(cells) == set(ed.PUBLISHED)
+    for family in ed.PUBLISHED:
+        if family == "blip":
+            assert cells[family] == {"baseline": {"vip": None, "davis": None, "jhmdb": None},
+                                     "cosettle": {"vip": None, "davis": None, "jhmdb": None}, "unlike": {}}
+            continue
+        summary = json.loads((tmp_path / "out" / family / "summary.json").read_text())
+        for v, label in (("baseline", family), ("cosettle", f"{family} + Co-Settle")):
+            jf, paper = summary[v]["davis"]["J&F-Mean"], ed.PUBLISHED[family][v]
+            assert cells[family][v] == {"vip": None, "davis": jf, "jhmdb": None}
+            assert f"| {label} | {paper['vip']:.1f} | – | {paper['davis']:.1f} | {100 * jf:.1f}* | " \
+                f"{paper['jhmdb']:.1f} | – |\n" in out
+    assert "* DAVIS J&F: none of the paper's 30 DAVIS-2017 val sequences; instead synth-000; settings other " \
+        "than the paper's (size)" in out
+    assert "| blip | 37.6 | – | 58.8 | – | 35.1 | – |" in out
+    saved = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert saved["not_found"] == ["blip"] and saved["measured"]["dino"]["cosettle"]["davis"] == \
+        cells["dino"]["cosettle"]["davis"]
+    monkeypatch.setattr(ed, "compare", lambda *a, **k: pytest.fail("a family with results was run again"))
+    assert ed.main(["--table", str(root), "--davis", str(davis), "--out", str(tmp_path / "out")]) == 0
+    again = capsys.readouterr().out
+    assert again.count("results already in") == 7 and json.loads((tmp_path / "out" / "table.json").read_text()) \
+        == saved
+    with pytest.raises(SystemExit):
+        ed.main(["--table", str(root), "--weights", "x.pth", "--davis", str(davis)])
+    assert "--table does not use --weights" in capsys.readouterr().err
+    shutil.copy(official("dino")[0], root / "ours" / "dino+ours" / "checkpoint-3.pth")
+    with pytest.raises(BadInput, match=r"dino\+ours: 2 checkpoint\*\.pth files; expected one"):
+        ed.table_1(root, {"davis": str(davis)}, tmp_path / "out")
 
 
 def test_published_table_and_paper_row():
