@@ -2,10 +2,9 @@
 Eq. 3, their sum of Eq. 4, the fused kernel, the model), then the frozen ViT, then the checkpoint loader. It imports
 nothing from this project: copied alone, it loads a checkpoint, builds the model and computes the loss.
 
-Liu et al., "From Static to Dynamic: Exploring Self-supervised Image-to-Video Representation Transfer
-Learning", CVPR 2026 (arXiv 2603.26597). Equation and table numbers are the paper's. Where the paper's text and
-the official code (github.com/yafeng19/Co-Settle) differ we follow the code, which produced the published
-numbers, and say so.
+Liu et al., "From Static to Dynamic: Exploring Self-supervised Image-to-Video Representation Transfer Learning",
+CVPR 2026 (arXiv 2603.26597). Equation and table numbers are the paper's. Where the paper's text and the official
+code (github.com/yafeng19/Co-Settle) differ we follow the code, which produced the published numbers, and say so.
 
     python cosettle.py --bench      # the loss head, eager and fused (compiled), forward + backward
 """
@@ -16,7 +15,6 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 import warnings
 import zipfile
@@ -34,26 +32,21 @@ CLIP_GAP = 0.15     # --clip_gap 0.15 (also the default): the two training frame
 SIZE = 224          # main_pretrain.py --input_size 224 (train.sh leaves it): training crops
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_STATS = (IMAGENET_MEAN, IMAGENET_STD)
 
 
 class BadInput(Exception):
-    """Input the program cannot use; the message is one sentence naming the file (or setting) and the problem.
-    Scripts catch it, print the message and exit 2."""
+    """Input the program cannot use: one sentence naming the file (or setting) and the problem. Scripts exit 2."""
 
 # -----------------------------------------------------------------------------
 # The method: PEA, the projection g, the cycle loss (Eq. 2), the separability loss (Eq. 3), Eq. 4, the fused kernel
 
 
 def shifted_pos_embed(pos_embed, ratio=PEA_RATIO, generator=None):
-    """Asymmetric positional embedding, PEA: bicubic-upsample the rows x cols patch embedding
-    [1, rows*cols, D] by (1 + ratio) and crop a random rows x cols window (one offset per call).
-
-    With the official ratio 10 the window spans ~1.2 original cells, so the PEA copy carries almost no absolute
-    position and the cycle cannot be closed by matching positions (the shortcut that collapses J&F).
-    To use PEA (and CoSettle) with another encoder (timm's, DINO's), it must offer two things, as ViT below does:
-    `patch_pos_embed()` returning the patch rows [1, rows*cols, D] of its positional table (CLS row excluded), and
-    a `patch_pos_embed=` argument of its forward that replaces those rows for the call.
-    """
+    """Asymmetric positional embedding, PEA: bicubic-upsample the side x side patch embedding [1, side*side, D] by
+    (1 + ratio), crop a random side x side window (one offset per call). At the official ratio 10 it spans ~1.2
+    original cells: the PEA copy has almost no absolute position, so the cycle cannot close by matching positions (the
+    shortcut that collapses J&F). Another encoder needs ViT's `patch_pos_embed()` and forward's `patch_pos_embed=`."""
     _, n, D = pos_embed.shape
     side = math.isqrt(n)
     assert side * side == n, "PEA expects a square grid"
@@ -66,9 +59,7 @@ def shifted_pos_embed(pos_embed, ratio=PEA_RATIO, generator=None):
 
 class Projection(nn.Module):
     """The trainable projection g: LayerNorm(tanh(Linear(z))), eps 1e-5; 0.59M parameters at D = 768.
-
-    The paper text says "linear + LayerNorm"; the official code has the tanh, and so do we.
-    """
+    The paper text says "linear + LayerNorm"; the official code has the tanh, and so do we."""
 
     def __init__(self, dim):
         super().__init__()
@@ -93,17 +84,13 @@ def pool_tokens(p):
 
 def cycle_loss(p1, p2, p1b, temp=TEMP):
     """Temporal cycle-consistency, paper Eq. 2 -> (loss, cycle accuracy, sim_identity).
-
-    p1, p2, p1b: L2-normalised projected tokens [B, N, D] of frame t1, frame t2 and frame t1 encoded with PEA,
-    patch tokens only, N = side x side with side even (the 2x2 pooling; anything else is a ValueError). The
-    inputs are not normalised here: unnormalised tokens give a loss, but not this one.
-    On 2x2-pooled tokens q: A = softmax(q1 q2^T / temp) (t1 -> t2), A~ = softmax(q2 q1b^T / temp) (t2 -> t1 under
-    PEA), M = A A~, and the loss is the cross-entropy of log(M + 1e-6) against the identity, mean over the B n rows,
-    as the official code computes it. Accuracy is argmax_j M_ij == i; sim_identity is the cosine between M and the
-    identity (both what the official code logs), read off M without autograd state.
+    p1, p2, p1b: projected patch tokens [B, N, D], L2-normalised by the caller, of frame t1, frame t2 and frame t1
+    under PEA, N = side x side with side even (else ValueError). On 2x2-pooled tokens q: A = softmax(q1 q2^T / temp)
+    (t1 -> t2), A~ = softmax(q2 q1b^T / temp) (t2 -> t1 under PEA), M = A A~, and the loss is the cross-entropy of
+    log(M + 1e-6) against the identity, mean over the B n rows, as the official code computes it. Accuracy
+    (argmax_j M_ij == i) and sim_identity (cosine of M and the identity) are what the official code logs.
     (-mean log(M_ii + 1e-6) + log(1 + n 1e-6) is the same loss without the n^3 product, but compiled it was no
-    faster: Eq. 4 fused, forward+backward, B 64, 3 x 196 x 768, 2-core CPU: 638-672 ms CPU time that way,
-    541-675 ms this way.)
+    faster: Eq. 4 fused, fwd+bwd, B 64, 3 x 196 x 768, 2-core CPU: 638-672 ms CPU time that way, 541-675 this way.)
     """
     q1, q2, q1b = pool_tokens(p1), pool_tokens(p2), pool_tokens(p1b)
     B, n, _ = q1.shape
@@ -119,12 +106,9 @@ def cycle_loss(p1, p2, p1b, temp=TEMP):
 
 
 def separability_loss(p, z):
-    """Separability regulariser, paper Eq. 3, on L2-normalised tokens [B, ..., D].
-
-    Official code: F.kl_div(log_softmax(p), softmax(z), reduction='batchmean'), softmax over the feature
-    dimension, summed over every token and feature and divided by B. That is KL(softmax(z) || softmax(p)), the
-    reverse of the direction written in the paper; we follow the code.
-    """
+    """Separability regulariser, paper Eq. 3, on L2-normalised tokens [B, ..., D]. The official code's
+    F.kl_div(log_softmax(p), softmax(z), reduction='batchmean'), softmax over features, summed over every token and
+    feature, divided by B: KL(softmax(z) || softmax(p)), the reverse of the paper's direction; we follow the code."""
     log_q, log_t = torch.log_softmax(p, dim=-1), torch.log_softmax(z, dim=-1)
     return (log_t.exp() * (log_t - log_q)).sum() / p.shape[0]
 
@@ -140,15 +124,11 @@ def objective(h, z, temp=TEMP, lambda_reg=LAMBDA_REG):
 
 
 def fuse(fn, shape=(1, 3 * 16, 8), device="cpu", *args):
-    """The fused kernel: torch.compile over fn (inductor: Triton on GPU, C++/OpenMP on CPU). The elementwise and
-    reduction work around the matmuls (normalisation, pooling, both softmaxes, the log, the separability KL, and
-    their backward) is fused into a few generated kernels (Eq. 4 forward and backward on a CPU: 8, as
-    TORCH_LOGS=output_code shows) instead of a dozen full-size eager passes; the batched matmuls stay library calls
-    (extern bmm: cuBLAS, MKL). Compiled here, forward and backward, on an input of the shape and with the extra
-    `args` (temp, lambda: constants to the compiler) it will see, in fp32, so that a missing compiler fails now,
-    with its reason, and the run does not recompile. CoSettle hands it h and z as g and f made them: fp32, except h
-    under CPU bf16 autocast (which leaves g's LayerNorm in bf16; CUDA's runs it in fp32), where the first step
-    compiles once more, for that dtype."""
+    """The fused kernel: torch.compile over fn. The elementwise and reduction work around the matmuls (normalisation,
+    pooling, both softmaxes, the log, the KL, their backward) becomes a few generated kernels (Eq. 4 on a CPU: 8, per
+    TORCH_LOGS=output_code), not a dozen eager passes; the bmms stay cuBLAS/MKL calls. Compiled here, forward and
+    backward, in fp32, on the shape and extra `args` (temp, lambda: constants) it will see, so a missing compiler fails
+    now and the run does not recompile (but once for bf16 h: CPU autocast, unlike CUDA's, leaves g's LayerNorm bf16)."""
     fused = torch.compile(fn, dynamic=False)
     probe = torch.randn(shape, device=device, requires_grad=True)
     with quiet_compile():
@@ -211,8 +191,7 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
-def quick_gelu(x):
-    """CLIP's activation, x * sigmoid(1.702 x)."""
+def quick_gelu(x):  # CLIP's activation
     return x * torch.sigmoid(1.702 * x)
 
 
@@ -252,15 +231,10 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """Pre-norm ViT returning the last block's patch tokens after the final LayerNorm, CLS and register tokens
-    dropped: the frozen encoder f of all three streams. One class for all eight families; what differs is a
-    handful of switches:
-    cls_token (I-JEPA has none), registers (DINOv2), layerscale (DINOv2), ln_pre (CLIP), patch_bias (CLIP has
-    none), act and eps (CLIP: QuickGELU, 1e-5).
-
-    `grid` is the (rows, cols) of the stored positional embedding; inputs of any size divisible by the patch are
-    accepted and the embedding is interpolated to them as DINO does, for every family.
-    """
+    """Pre-norm ViT returning the last block's patch tokens after the final LayerNorm (CLS and registers dropped): the
+    frozen encoder f of all eight families, which differ in switches: cls_token (I-JEPA has none), registers and
+    layerscale (DINOv2), ln_pre, no patch_bias, QuickGELU act and eps 1e-5 (CLIP). `grid` is the (rows, cols) of the
+    stored positional table, interpolated as DINO does to any input size divisible by the patch."""
 
     def __init__(self, patch_size=16, embed_dim=384, depth=12, heads=6, mlp_dim=None, grid=(14, 14), qkv_bias=True,
                  eps=1e-6, cls_token=True, registers=0, layerscale=False, ln_pre=False, patch_bias=True, act="gelu"):
@@ -270,8 +244,8 @@ class ViT(nn.Module):
                          grid=tuple(grid), qkv_bias=qkv_bias, eps=eps, cls_token=cls_token, registers=registers,
                          layerscale=layerscale, ln_pre=ln_pre, patch_bias=patch_bias, act=act)
         self.patch_size, self.embed_dim, self.grid = patch_size, embed_dim, tuple(grid)
-        self.family, self.native_stats = "vit", (IMAGENET_MEAN, IMAGENET_STD)  # load_encoder sets the real ones
-        self.official = None  # load_encoder: what an official "+ Ours" file says about its run (see official_parts)
+        # load_encoder sets the real ones; official: what an official "+ Ours" file says about its run (official_parts)
+        self.family, self.native_stats, self.official = "vit", IMAGENET_STATS, None
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size, bias=patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
@@ -282,7 +256,11 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, heads, mlp_dim, qkv_bias, eps, act_fn, layerscale)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
-        self.apply(_init_weights)
+        for m in self.modules():  # DINO's init (LayerNorm's default, ones and zeros, is DINO's too)
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         for p in (self.pos_embed, self.cls_token, self.register_tokens):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
@@ -292,13 +270,10 @@ class ViT(nn.Module):
         return self.pos_embed[:, 1:] if self.cls_token is not None else self.pos_embed
 
     def interpolate(self, patch_pos, rows, cols):
-        """Bicubic resize of [b, grid, D] to rows x cols, exactly as DINO's interpolate_pos_encoding.
-
-        DINO passes scale_factor (rows + 0.1) / grid, not a size; the scale factor, not the output size, fixes
-        where bicubic samples, so reproducing it is what makes our tokens equal DINO's at e.g. 480x832.
-        (CLIP/BLIP/DINOv2-reg code resizes with size= and antialias; we use DINO's rule for every family, as the
-        DINO evaluation protocol does.)
-        """
+        """Bicubic resize of [b, grid, D] to rows x cols, exactly as DINO's interpolate_pos_encoding: it passes
+        scale_factor (rows + 0.1) / grid, not a size, and the scale factor fixes where bicubic samples, so this is
+        what makes our tokens equal DINO's at e.g. 480x832. (CLIP/BLIP/DINOv2-reg resize with size= and antialias;
+        we use DINO's rule for every family, as the DINO evaluation protocol does.)"""
         gr, gc = self.grid
         if (rows, cols) == (gr, gc):
             return patch_pos
@@ -309,13 +284,9 @@ class ViT(nn.Module):
         return x.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(b, rows * cols, D)
 
     def forward(self, x, patch_pos_embed=None):
-        """x: [B, 3, H, W] -> patch tokens [B, H/p * W/p, D].
-
-        patch_pos_embed ([1 or B, rows*cols, D] on the stored grid) replaces the patch positional embedding;
-        this is how the PEA stream is encoded. The CLS positional row is never replaced, registers are
-        inserted after the positional embedding (DINOv2) and ln_pre comes after both (CLIP), so PEA lands where
-        each family's own code puts it.
-        """
+        """x: [B, 3, H, W] -> patch tokens [B, H/p * W/p, D]. patch_pos_embed ([1 or B, rows*cols, D], stored grid)
+        replaces the patch positional rows: the PEA stream. The CLS row is never replaced, registers go in after the
+        positional embedding (DINOv2) and ln_pre after both (CLIP), so PEA lands where each family's code puts it."""
         B, _, H, W = x.shape
         p = self.patch_size
         if H % p or W % p:
@@ -331,16 +302,6 @@ class ViT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x[:, x.shape[1] - (H // p) * (W // p):])  # LayerNorm is per token: drop prefix first
-
-
-def _init_weights(m):
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
@@ -361,15 +322,13 @@ def freeze(module):
 # -----------------------------------------------------------------------------
 # Loading published checkpoints of the eight families, each in its authors' own format
 #
-# Each family is a row: where its backbone sits in the file, how its key names map onto ours, and how its
-# architecture differs. DINO, iBOT, MAE, MoCo v3 and BLIP share DINO's names once the prefix is stripped; the
-# family label of those comes from the container (it sets the native statistics and MoCo's ViT-S head count).
+# Each family is a row: where its backbone sits in the file, how its key names map onto ours, how its architecture
+# differs. DINO, iBOT, MAE, MoCo v3 and BLIP share DINO's names once the prefix is stripped; their family label comes
+# from the container (it sets the native statistics and MoCo's ViT-S head count).
 
-IMAGENET_STATS = (IMAGENET_MEAN, IMAGENET_STD)
 CLIP_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CLIP and BLIP
-CLIP_RENAMES = [("conv1.", "patch_embed.proj."), ("class_embedding", "cls_token"),
-                ("positional_embedding", "pos_embed"), ("ln_pre.", "norm_pre."), ("transformer.resblocks.", "blocks."),
-                (".ln_1.", ".norm1."),
+CLIP_RENAMES = [("conv1.", "patch_embed.proj."), ("class_embedding", "cls_token"), ("ln_pre.", "norm_pre."),
+                ("positional_embedding", "pos_embed"), ("transformer.resblocks.", "blocks."), (".ln_1.", ".norm1."),
                 (".ln_2.", ".norm2."), (".attn.in_proj_", ".attn.qkv."), (".attn.out_proj.", ".attn.proj."),
                 (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2."), ("ln_post.", "norm.")]
 FAMILIES = {  # name: (backbone prefix kept and stripped, key renames, architecture switches, native statistics)
@@ -391,8 +350,8 @@ CONTAINERS = ("teacher", "model", "state_dict", "encoder", "student")  # searche
 
 
 def read_checkpoint(path):
-    """The tensors and dicts in a file: torch.load(weights_only=True), or the state dict of a TorchScript
-    archive (CLIP's ViT-B-16.pt). Every failure becomes one sentence about the file."""
+    """torch.load(weights_only=True), or the state dict of a TorchScript archive (CLIP's ViT-B-16.pt); every failure
+    becomes one sentence about the file."""
     if not os.path.isfile(path):
         raise BadInput(f"{path}: no such file")
     zipped = zipfile.is_zipfile(path)
@@ -457,8 +416,7 @@ def backbone_state_dict(sd, family, path, keep=None):
             out[k] = v.float()  # CLIP ships fp16
     if "patch_embed.proj.weight" not in out or "pos_embed" not in out:
         raise BadInput(f"{path}: no {family} ViT in this checkpoint{f' (nothing under {keep!r})' if keep else ''} "
-                       f"(keys: {', '.join(sorted(sd)[:8])}"
-                       f"{', ...' if len(sd) > 8 else ''})")
+                       f"(keys: {', '.join(sorted(sd)[:8])}{', ...' if len(sd) > 8 else ''})")
     if family == "clip":  # CLIP stores [D] and [1+N, D]
         out["cls_token"], out["pos_embed"] = out["cls_token"].view(1, 1, -1), out["pos_embed"][None]
     return out
@@ -494,17 +452,16 @@ def infer_arch(sd, family="dino", path="checkpoint"):
                 registers=registers, layerscale="blocks.0.ls1.gamma" in sd, **switches)
 
 
-def resize_pos_embed(sd, model):
-    """BLIP ships a 384-px (24x24) table for a 224-px model: resize it bicubically to the model's grid once, at
-    load, as BLIP's own loader does. PEA and later interpolation start from there."""
-    pos, rows = sd["pos_embed"], model.grid
-    n_cls = int(model.cls_token is not None)
-    side = math.isqrt(pos.shape[1] - n_cls)
+def resize_pos_embed(sd, rows):
+    """BLIP ships a 384-px (24x24) table for a 224-px model: resize it bicubically to `rows` (the model's grid) once,
+    at load, as BLIP's own loader does; PEA and later interpolation start from there."""
+    pos = sd["pos_embed"]
+    side = math.isqrt(pos.shape[1] - 1)  # after BLIP's CLS row
     if (side, side) == rows:  # already 224 px: an official "+ Ours" BLIP file (BLIP's loader resized it) or a 224 one
         return
-    grid = pos[:, n_cls:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=rows, mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
-    sd["pos_embed"] = torch.cat([pos[:, :n_cls], grid], dim=1)
+    sd["pos_embed"] = torch.cat([pos[:, :1], grid], dim=1)
 
 
 def listed(**groups):
@@ -518,17 +475,14 @@ def listed(**groups):
 #
 # yafeng19/Co-Settle util/misc.py save_model writes {'model': the whole model's state dict, 'optimizer', 'epoch',
 # 'scaler', 'args': main_pretrain.py's argparse.Namespace}. The model is the family's own ViT class with the adapter
-# inside it (ST_adapter.py, as `adapter.adapter`), so the encoder keys carry no prefix, except CLIP's: the whole
-# OpenAI CLIP model is saved, its ViT and adapter under 'visual.' next to the text tower (models/clip/model.py).
-# The 'linear' adapter, Linear -> Tanh -> LayerNorm(eps 1e-5), is our Projection under other names; the 'mlp2' and
-# 'mlp3' variants of the code are not.
+# inside it (ST_adapter.py, as `adapter.adapter`), so encoder keys carry no prefix, except CLIP's: the whole OpenAI
+# CLIP model is saved, its ViT and adapter under 'visual.' next to the text tower (models/clip/model.py). The
+# 'linear' adapter, Linear -> Tanh -> LayerNorm(eps 1e-5), is our Projection renamed; 'mlp2' and 'mlp3' are not.
 
 OFFICIAL_PREFIX = {"clip": "visual."}  # where the official model keeps its ViT and adapter; the other seven: top level
 CLIP_TEXT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection", "logit_scale")
-ADAPTER = {"adapter.adapter.adapter_linear.weight": "linear.weight",  # official name: Projection's name
-           "adapter.adapter.adapter_linear.bias": "linear.bias",
-           "adapter.adapter.adapter_layer_norm1.weight": "norm.weight",
-           "adapter.adapter.adapter_layer_norm1.bias": "norm.bias"}
+ADAPTER = {f"adapter.adapter.adapter_{official}.{p}": f"{ours}.{p}"  # official name: Projection's name
+           for official, ours in (("linear", "linear"), ("layer_norm1", "norm")) for p in ("weight", "bias")}
 
 
 def is_official(ckpt):
@@ -538,10 +492,9 @@ def is_official(ckpt):
 
 
 def official_parts(ckpt, path, family=None):
-    """An official "+ Ours" file -> (family, its encoder keys, its adapter in Projection's names, what it says about
-    its run). The family is args.base_model (else detected from the keys: the labels of DINO, iBOT, MoCo v3 and
-    BLIP files are then guesses). Every key is the encoder's, the adapter's or CLIP's text tower's; any other is
-    refused by name, as is an adapter other than 'linear'."""
+    """An official "+ Ours" file -> (family, encoder keys, adapter in Projection's names, what it says of its run).
+    The family is args.base_model, else detected from the keys (for DINO, iBOT, MoCo v3 and BLIP files, a guess).
+    A key not the encoder's, the adapter's or CLIP's text tower's is refused by name, as is a non-'linear' adapter."""
     args = ckpt.get("args")
     named = getattr(args, "base_model", None)
     family = family or (named if named in FAMILIES else detect_family(ckpt)[0])
@@ -569,13 +522,9 @@ def official_parts(ckpt, path, family=None):
 
 
 def load_encoder(path, family=None, verbose=False):
-    """The frozen ViT of a published checkpoint of any of the eight families, in eval mode.
-
-    The family is detected from the file (or forced with `family`). Every backbone key must be used and every
-    model key present: a mismatch is an error naming the keys (no strict=False). The encoder carries
-    `.family` and `.native_stats` (mean, std) of its pre-training, and `.official` (epoch, fusion_net,
-    trained_from) when the file is an official "+ Ours" one, whose frozen encoder it is.
-    """
+    """The frozen ViT of a published checkpoint of any of the eight families (detected, or forced with `family`).
+    Every backbone key must be used and every model key present, else an error naming them. The encoder carries
+    `.family`, `.native_stats` (mean, std of its pre-training) and, from an official "+ Ours" file, `.official`."""
     return encoder_from(read_checkpoint(path), path, family, verbose)
 
 
@@ -596,10 +545,9 @@ def encoder_from(ckpt, path, family=None, verbose=False):
     arch = infer_arch(sd, family, path)
     if family == "blip":
         arch["grid"] = (224 // arch["patch_size"],) * 2
+        resize_pos_embed(sd, arch["grid"])
     with torch.device("meta"):  # shapes only: every value comes from the file (assign=True below)
         model = ViT(**arch)
-    if family == "blip":
-        resize_pos_embed(sd, model)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
@@ -618,8 +566,7 @@ def encoder_from(ckpt, path, family=None, verbose=False):
 
 
 def fingerprint(encoder):
-    """A hash of all the encoder's weights (names and values, in state-dict order) that identifies it in a
-    train.py checkpoint."""
+    """A hash of the encoder's weights (names and values, in order): identifies it in a train.py checkpoint."""
     digest = hashlib.sha1()
     for name, p in encoder.state_dict().items():
         digest.update(name.encode())
@@ -628,9 +575,8 @@ def fingerprint(encoder):
 
 
 def load_projection(path, encoder=None):
-    """The trained projection in eval mode, from a train.py checkpoint or an official "+ Ours" file (its adapter).
-    With `encoder`, checked to have been trained on that very encoder (a DINO projection on iBOT features would
-    run, silently meaningless)."""
+    """The trained projection, from a train.py checkpoint or an official "+ Ours" file (its adapter). With `encoder`,
+    checked to have been trained on it (a DINO projection on iBOT features would run, silently meaningless)."""
     ckpt = read_checkpoint(path)
     if is_official(ckpt):
         own = encoder_from(ckpt, path)  # every key of the file is checked, and this is the encoder it was trained on
@@ -665,10 +611,9 @@ def load_projection(path, encoder=None):
 
 @contextlib.contextmanager
 def quiet_compile():
-    """Silence, while fuse() compiles, two messages from inside torch that no user can act on: inductor calling a
-    helper torch itself deprecates (a FutureWarning), and on a CUDA build of torch without a GPU,
-    torch.utils.cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." as inductor imports it to
-    compile for the CPU. Nothing else is filtered, and nothing outside the compile."""
+    """Silence, while fuse() compiles and nothing else, two torch messages no user can act on: inductor calling a
+    helper torch deprecates (FutureWarning), and on a CUDA build without a GPU, torch.utils.cpp_extension's
+    "No CUDA runtime is found, using CUDA_HOME=..." as inductor imports it to compile for the CPU."""
     cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
 
     def keep(record):
@@ -684,9 +629,8 @@ def quiet_compile():
 
 
 def timeit(fn, warmup=3, iters=10, device="cpu"):
-    """The one timer of the three --bench modes: after `warmup` calls, the mean wall-clock and CPU seconds of a
-    call to fn() (CUDA synchronised; CPU seconds do not move when other processes load the machine), and the
-    last call's result -> (wall, cpu, result)."""
+    """The timer of the --bench modes -> (mean wall-clock s, mean CPU s, last result) of fn() after `warmup` calls
+    (CUDA synchronised; CPU seconds do not move when other processes load the machine)."""
     for _ in range(warmup):
         fn()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -698,36 +642,29 @@ def timeit(fn, warmup=3, iters=10, device="cpu"):
     return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters, out
 
 
-def _number(text, kind):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if not math.isfinite(value):  # float("inf") and float("nan") parse; no flag of ours means either
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
+def _number(kind, ok, rule):
+    """An argparse `type` (at_least, positive): a finite `kind` (int or float) for which ok(value) holds. Anything
+    else is argparse's one-line error, "argument --flag: ...", exit 2."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):  # float("inf") and float("nan") parse; no flag of ours means either
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
 
 
 def at_least(lo, kind=int, below=None):
-    """An argparse `type`: a finite `kind` (int or float) >= lo, and < below when given. Anything else is
-    argparse's one-line error, "argument --flag: ...", exit 2."""
-    def parse(text):
-        value = _number(text, kind)
-        if not value >= lo or (below is not None and not value < below):
-            raise argparse.ArgumentTypeError(f"must be >= {lo}{'' if below is None else f' and < {below}'}, "
-                                             f"got {text}")
-        return value
-    return parse
+    rule = f">= {lo}" if below is None else f">= {lo} and < {below}"
+    return _number(kind, lambda v: v >= lo and (below is None or v < below), rule)
 
 
 def positive(kind=int):
-    """An argparse `type`: a finite `kind` > 0."""
-    def parse(text):
-        value = _number(text, kind)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
+    return _number(kind, lambda v: v > 0, "> 0")
 
 
 def refuse_unused(parser, args, mode, used):
@@ -742,8 +679,8 @@ def refuse_unused(parser, args, mode, used):
 
 
 def bench(batch=64, tokens=196, dim=768, iters=10):
-    """Forward+backward of the loss head on projected tokens [B, 3N, D], eager and fused: the cycle loss alone,
-    then Eq. 4. (`python test_cosettle.py --bench-loss` times the official eager formulation against it.)"""
+    """Forward+backward of the loss head on [B, 3N, D], eager and fused: the cycle loss alone, then Eq. 4.
+    (`python test_cosettle.py --bench-loss` times the official eager formulation against it.)"""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     g = torch.Generator().manual_seed(0)
@@ -772,7 +709,7 @@ if __name__ == "__main__":
     parser.add_argument("--bench", action="store_true", help="time the loss head, eager and fused")
     parser.add_argument("--batch-size", type=positive(), default=64)
     args = parser.parse_args()
-    if not args.bench:
+    if args.bench:
+        bench(batch=args.batch_size)
+    else:
         parser.print_help()
-        sys.exit(0)
-    bench(batch=args.batch_size)
