@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--blr", type=positive(float), default=OFFICIAL_BLR, help="lr = blr * global batch / 256")
     p.add_argument("--warmup-epochs", type=at_least(0, float), default=1)
     p.add_argument("--temp", type=positive(float), default=TEMP, help="softmax temperature tau of the cycle loss")
-    p.add_argument("--lambda-reg", type=at_least(0, float), default=LAMBDA_REG, help="weight of the separability loss")
+    p.add_argument("--lambda-reg", type=at_least(0, float), default=LAMBDA_REG, help="separability regulariser weight")
     p.add_argument("--pea-ratio", type=at_least(0, float), default=PEA_RATIO, help="PEA upsampling ratio alpha")
     p.add_argument("--clip-gap", type=float, default=CLIP_GAP, help="frame gap as a fraction of the clip length")
     p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1), help="loader workers a process")
@@ -193,7 +193,7 @@ def train(args):
     dtype = autocast_dtype(device)
 
     data = FramePairs(videos, size=SIZE, clip_gap=args.clip_gap, seed=args.seed)
-    # ImageNet's mean/std for every family unless --native-stats, as the official training code and metric script
+    # ImageNet's mean/std for every family, as the official training and metric code use, unless --native-stats
     norm = encoder.native_stats if args.native_stats else IMAGENET_STATS
     mean, std = [torch.tensor(s, device=device) for s in norm]
     global_batch = args.batch_size * world
@@ -283,7 +283,7 @@ def train(args):
 
 def preflight(args, rank, world):
     """--out usable and free (unless --resume/--overwrite), and the video list: checked on rank 0 only and the result
-    (or error) sent to the others, so find_videos walks the tree once, not once per process (Kinetics: ~240k)."""
+    (or error) sent to the others: find_videos walks the tree once, not once a process (Kinetics: ~240k folders)."""
     box = [None]  # the video list or the error, rank 0's sent to every rank
     if rank == 0:
         try:
