@@ -6,12 +6,9 @@
     python train.py --bench [--weights W.pth] [--batch-size 8]              # training clips/s and TFLOP/s
     python train.py --bench-data [--videos DIR] [--workers N]               # loader clips/s
 
-The defaults are the official recipe, the flags yafeng19/Co-Settle scripts/train.sh passes to main_pretrain.py:
---epochs 5 --warmup_epochs 1, --batch_size 128 per process (main_pretrain.py's own default is 64), lr = blr *
-global_batch / 256 with --blr 1e-4 (default 1e-3), --weight_decay 0.05; main_pretrain.py itself fixes AdamW
-(0.9, 0.95), the decay on the linear weight only (add_weight_decay_adapter), and the per-iteration linear warm-up
-then half-cosine to 0; cosettle.py's recipe constants say where tau 0.03, lambda 3, PEA ratio 10, clip gap 0.15
-and the 224-px crops come from.
+The defaults are the official recipe, the flags yafeng19/Co-Settle scripts/train.sh passes to main_pretrain.py
+(--epochs 5 --warmup_epochs 1 --batch_size 128 per process --blr 1e-4 --weight_decay 0.05; lr = blr * global_batch
+/ 256); main_pretrain.py itself fixes AdamW (0.9, 0.95), the decay on the linear weight only and the schedule.
 """
 import argparse
 import contextlib
@@ -36,13 +33,11 @@ from eval_davis import compare
 
 LOG_EVERY = 10           # steps between progress lines / log.jsonl records
 SAVE_EVERY_S = 15 * 60   # besides each epoch end and SIGTERM/SIGINT: a checkpoint at least this often
-DEMO_VIDEOS, DEMO_FRAMES = 64, 16
 # Before the user's flags. --blr 0.1, 1000x the official 1e-4: the demo's 80 steps at 1e-4 would barely move the
 # projection from its initialisation. --overwrite: a second `python train.py` replaces the first demo.
 DEMO_ARGS = ["--epochs", "10", "--batch-size", "8", "--blr", "0.1", "--out", "out/demo", "--overwrite"]
 OFFICIAL_BLR, SHORT_RUN = 1e-4, 1000  # fewer steps than this at the official rate barely move the projection
-# Dense peak TFLOP/s (bf16, fp32) from NVIDIA's datasheets, for --bench's share of the peak; the first name found in
-# the device's name wins (H100 PCIe before the SXM figures)
+# Dense peak TFLOP/s (bf16, fp32), NVIDIA's datasheets, for --bench; the first key in the device's name wins
 PEAK_TFLOPS = {"H100 PCIe": (756, 51), "H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5)}
 
 
@@ -59,17 +54,14 @@ def parse_args(argv=None):
     p.add_argument("--blr", type=positive(float), default=OFFICIAL_BLR, help="lr = blr * global batch / 256")
     p.add_argument("--warmup-epochs", type=at_least(0, float), default=1)
     p.add_argument("--temp", type=positive(float), default=TEMP, help="softmax temperature tau of the cycle loss")
-    p.add_argument("--lambda-reg", type=at_least(0, float), default=LAMBDA_REG,
-                   help="weight of the separability regulariser")
+    p.add_argument("--lambda-reg", type=at_least(0, float), default=LAMBDA_REG, help="separability regulariser weight")
     p.add_argument("--pea-ratio", type=at_least(0, float), default=PEA_RATIO, help="PEA upsampling ratio alpha")
     p.add_argument("--clip-gap", type=float, default=CLIP_GAP, help="frame gap as a fraction of the clip length")
-    p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
-                   help="DataLoader workers per process")
+    p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1), help="loader workers a process")
     p.add_argument("--seed", type=at_least(0, int, below=2 ** 32), default=0)  # numpy and torch seeds are 32/64-bit
     p.add_argument("--resume", action="store_true", help="continue from OUT/cosettle.pth")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoint and log of a run already in OUT")
-    p.add_argument("--no-compile", action="store_true",
-                   help="use the eager loss instead of the fused kernel (and, on CUDA, the eager encoder)")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile: eager loss and (on CUDA) encoder")
     p.add_argument("--bench", action="store_true", help="measure training clips/s and exit")
     p.add_argument("--bench-data", action="store_true", help="measure the loader's clips/s and exit")
     args = p.parse_args(argv)
@@ -81,19 +73,6 @@ def parse_args(argv=None):
     if not 0 < args.clip_gap < 1:
         p.error(f"--clip-gap {args.clip_gap}: must be between 0 and 1")
     return args
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM stopped training; the checkpoint is saved. main exits 128 + the signal number (130, 143), as
-    shells expect, so `train.py && eval_davis.py` does not evaluate a partial run."""
-
-    def __init__(self, signum):
-        super().__init__(f"stopped by signal {signum}")
-        self.signum = signum
-
-
-# -----------------------------------------------------------------------------
-# Small pieces
 
 
 def lr_at(step, total_steps, warmup_steps, lr):
@@ -123,40 +102,39 @@ def autocast_dtype(device):
         return torch.bfloat16 if "amx_bf16" in f.read() else None
 
 
-def mixed_precision(device, dtype):
-    """The autocast context for autocast_dtype's choice (None: plain fp32)."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def compile_objective(encoder, batch, device, args):
-    """fuse(objective) for this run's (batch, 3N, D) tokens and its temp and lambda: compiled once, here."""
-    tokens = 3 * (SIZE // encoder.patch_size) ** 2
-    return fuse(objective, (batch, tokens, encoder.embed_dim), device, args.temp, args.lambda_reg)
-
-
-def input_stats(encoder, args, device):
-    """(mean, std) on the device: ImageNet's for every family, as the official training code and its metric script
-    use; --native-stats switches to the family's own (CLIP's for CLIP and BLIP)."""
-    return [torch.tensor(s, device=device) for s in (encoder.native_stats if args.native_stats else IMAGENET_STATS)]
+def build_model(encoder, args, device):
+    """CoSettle on the device, in train mode -> (model, how it runs): unless --no-compile, the loss fused for this
+    batch shape and, on CUDA, where the frozen forward is most of the step, the encoder compiled for it too."""
+    loss_fn = objective
+    if not args.no_compile:
+        try:
+            shape = (args.batch_size, 3 * (SIZE // encoder.patch_size) ** 2, encoder.embed_dim)
+            loss_fn = fuse(objective, shape, device, args.temp, args.lambda_reg)
+        except Exception as e:  # no C++ compiler, unsupported platform, ...: say it, run both eager
+            print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                  f"using the eager loss (pass --no-compile to skip the attempt)", file=sys.stderr)
+    torch.manual_seed(args.seed)  # the projection's initial weights
+    model = CoSettle(encoder, args.temp, args.lambda_reg, args.pea_ratio, loss_fn).to(device).train()
+    compiled_encoder = device.type == "cuda" and loss_fn is not objective
+    if compiled_encoder:
+        model.encoder.compile(dynamic=False)
+    return model, (f"{'fused' if loss_fn is not objective else 'eager'} loss, "
+                   f"{'compiled' if compiled_encoder else 'eager'} encoder")
 
 
 def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process. NCCL on GPUs, gloo on CPU."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def encoder_from_args(args, rank):
-    """The frozen encoder and how a checkpoint records it: path, size and a fingerprint of its weights, so that
-    --resume refuses to continue on another encoder."""
+    """The frozen encoder and its record in a checkpoint (path, size, weights' fingerprint: --resume checks it)."""
     if args.weights:
         encoder = load_encoder(args.weights, args.family, verbose=rank == 0)
         path, size = os.path.abspath(args.weights), os.path.getsize(args.weights)
@@ -170,8 +148,7 @@ def encoder_from_args(args, rank):
 
 @contextlib.contextmanager
 def stop_signals():
-    """SIGTERM (preemption) or Ctrl-C while training: finish the step, save, return. The previous handlers are
-    restored on the way out."""
+    """SIGTERM (preemption) or Ctrl-C while training: finish the step, save, return; old handlers restored after."""
     stop, old = [], {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     for sig in old:
         signal.signal(sig, lambda signum, frame: stop.append(signum))
@@ -183,16 +160,11 @@ def stop_signals():
 
 
 def vit_flops(encoder, size):
-    """Forward FLOPs of one size x size image: 2 x (matmul params x tokens) + attention's two N x N x D products
-    per block, tokens = patches + CLS + registers."""
+    """Forward FLOPs of a size x size image: 2 x matmul params x tokens + attention's 2 NxNxD products a block."""
     a = encoder.arch
     tokens = (size // a["patch_size"]) ** 2 + int(a["cls_token"]) + a["registers"]
     D = a["embed_dim"]
     return a["depth"] * (2 * tokens * (4 * D * D + 2 * D * a["mlp_dim"]) + 4 * tokens ** 2 * D)
-
-
-# -----------------------------------------------------------------------------
-# Training
 
 
 @torch.no_grad()
@@ -205,7 +177,7 @@ def cycle_accuracy(model, videos, device, dtype, seed, batch_size=8):
     accs = []
     for x1, x2 in loader:
         x1, x2 = model_input(x1, device), model_input(x2, device)
-        with mixed_precision(device, dtype):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             accs.append(model(x1, x2, generator=g)["accuracy"].item())
     return sum(accs) / len(accs)
 
@@ -214,33 +186,23 @@ def train(args):
     rank, world, device = setup_distributed()
     videos = preflight(args, rank, world)  # the data and --out are checked before the model is loaded
     encoder, encoder_info = encoder_from_args(args, rank)
-    loss_fn = objective
-    if not args.no_compile:
-        try:
-            loss_fn = compile_objective(encoder, args.batch_size, device, args)
-        except Exception as e:  # no C++ compiler, unsupported platform, ...: say it, run eager
-            print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
-                  f"using the eager loss (pass --no-compile to skip the attempt)", file=sys.stderr)
-    torch.manual_seed(args.seed)  # the projection's initial weights
-    model = CoSettle(encoder, args.temp, args.lambda_reg, args.pea_ratio, loss_fn).to(device)
-    # On CUDA the frozen forward is most of the step: compiled for the one batch shape training feeds it, where the
-    # loss compiled (a host without a working compiler has said so above, and runs both eager). CPU: eager.
-    compiled_encoder = device.type == "cuda" and loss_fn is not objective
-    if compiled_encoder:
-        model.encoder.compile(dynamic=False)
+    model, how = build_model(encoder, args, device)
     projection = model.projection
     if world > 1:  # only the 0.59M trainable parameters are synchronised; the encoder never sees DDP
         projection = DistributedDataParallel(projection, device_ids=[device.index] if device.type == "cuda" else None)
     dtype = autocast_dtype(device)
 
     data = FramePairs(videos, size=SIZE, clip_gap=args.clip_gap, seed=args.seed)
-    mean, std = input_stats(encoder, args, device)
-    steps_per_epoch = len(data) // (args.batch_size * world)
+    # ImageNet's mean/std for every family, as the official training and metric code use, unless --native-stats
+    norm = encoder.native_stats if args.native_stats else IMAGENET_STATS
+    mean, std = [torch.tensor(s, device=device) for s in norm]
+    global_batch = args.batch_size * world
+    steps_per_epoch = len(data) // global_batch
     if steps_per_epoch == 0:
-        raise BadInput(f"{args.videos}: {len(data)} videos cannot fill one global batch of {args.batch_size * world}")
+        raise BadInput(f"{args.videos}: {len(data)} videos cannot fill one global batch of {global_batch}")
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
-    base_lr = args.blr * args.batch_size * world / 256
+    base_lr = args.blr * global_batch / 256
     optimizer = make_optimizer(model.projection, base_lr)
     flops_per_clip = 3 * vit_flops(encoder, data.size)
 
@@ -262,19 +224,14 @@ def train(args):
 
     if rank == 0:
         print(f"{len(videos)} videos, {world} process(es) x {args.batch_size} clips, {steps_per_epoch} steps/epoch, "
-              f"lr {base_lr:.2e}, {device}{', bf16 autocast' if dtype else ''}, "
-              f"{'fused' if loss_fn is not objective else 'eager'} loss, "
-              f"{'compiled' if compiled_encoder else 'eager'} encoder, starting at step {step}")
+              f"lr {base_lr:.2e}, {device}{', bf16 autocast' if dtype else ''}, {how}, starting at step {step}")
         if total_steps < SHORT_RUN and args.blr <= OFFICIAL_BLR:
-            print(f"hint: {total_steps} steps at --blr {args.blr:g} leave the projection near its initialisation (the "
-                  f"official rate is meant for ~2,300 steps of 512 Kinetics clips); on a small set try --blr 0.1, as "
-                  f"the demo does")
-    model.train()
-    log_path = os.path.join(args.out, "log.jsonl")
+            print(f"hint: {total_steps} steps at --blr {args.blr:g} leave the projection near its initialisation "
+                  f"(the official rate is for ~2,300 steps of 512 Kinetics clips); on a small set try --blr 0.1")
     with stop_signals() as stop, contextlib.ExitStack() as files:
         log = None  # opened after the first step: a run that fails before it leaves no empty log.jsonl behind
-        t_start, step_start, last_save, stopping, signum = time.time(), step, time.time(), False, 0
-        while step < total_steps and not stopping:
+        t_start, step_start, last_save, signum = time.time(), step, time.time(), 0
+        while step < total_steps and not signum:
             epoch, skip = divmod(step, steps_per_epoch)
             for x1, x2 in epoch_loader(data, epoch, skip, steps_per_epoch, args, rank, world, device):
                 lr = lr_at(step, total_steps, warmup_steps, base_lr)
@@ -284,7 +241,7 @@ def train(args):
                 # scaled by a prime larger than any run's step count, so no two (seed, step) pairs share a seed
                 g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
                 x1, x2 = model_input(x1, device, mean, std), model_input(x2, device, mean, std)
-                with mixed_precision(device, dtype):
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     out = model(x1, x2, g, projection)
                 # Stop (NaN, or a signal seen by any rank) is decided here, from the value all ranks share, so
                 # every rank stops after the same step and none is left waiting in a collective.
@@ -292,9 +249,8 @@ def train(args):
                                      torch.tensor(stop[0] if stop else 0, device=device)]).float()
                 if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                not_finite, signum = bool(flags[0]), int(flags[1])
-                stopping = signum > 0
-                if not_finite:
+                signum = int(flags[1])
+                if flags[0]:
                     loss = out["loss"].item()
                     what = f"loss is {loss}" if not math.isfinite(loss) else "the loss is not finite on another rank"
                     raise diverged(f"{what} at step {step + 1}")
@@ -304,33 +260,31 @@ def train(args):
                 step += 1
                 if rank == 0 and log is None:
                     os.makedirs(args.out, exist_ok=True)
-                    log = files.enter_context(open(log_path, "a" if args.resume else "w"))
+                    log = files.enter_context(open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w"))
                 if step % LOG_EVERY == 0 or step == total_steps:
                     stats = mean_over_ranks(out, world)  # every rank takes part; rank 0 writes
                     if rank == 0:
-                        rate = (step - step_start) * args.batch_size * world / (time.time() - t_start)
-                        report(log, stats, step, total_steps, epoch, lr, rate, args.batch_size * world,
-                               flops_per_clip)
-                if stopping or step % steps_per_epoch == 0 or time.time() - last_save > SAVE_EVERY_S:
+                        rate = (step - step_start) * global_batch / (time.time() - t_start)
+                        report(log, stats, step, total_steps, epoch, lr, rate, global_batch, flops_per_clip)
+                if signum or step % steps_per_epoch == 0 or time.time() - last_save > SAVE_EVERY_S:
                     checkpoint()
                     last_save = time.time()
-                if stopping:
+                if signum:
                     break
     if rank == 0:
-        print(("interrupted: " if stopping else "done: ") + f"step {step}/{total_steps}, checkpoint {ckpt_path}")
+        print(("interrupted: " if signum else "done: ") + f"step {step}/{total_steps}, checkpoint {ckpt_path}")
     if world > 1:
         dist.barrier()  # rank 0 may still be saving; tearing gloo down under it aborts the other ranks
         dist.destroy_process_group()
-    if stopping:
-        raise Interrupted(signum)
+    if signum:  # 128 + signal number (130, 143), as shells expect: `train.py && eval_davis.py` stops here
+        sys.exit(128 + signum)
     return model, step
 
 
 def preflight(args, rank, world):
-    """The checks that need no model, on rank 0 only, their result (the video list, or the error) sent to the
-    other ranks: --out must be usable and must not hold another run's checkpoint (unless --resume or
-    --overwrite), and find_videos walks the tree once, not once per process (Kinetics is ~240k folders)."""
-    found = None
+    """--out usable and free (unless --resume/--overwrite), and the video list: checked on rank 0 only and the result
+    (or error) sent to the others: find_videos walks the tree once, not once a process (Kinetics: ~240k folders)."""
+    box = [None]  # the video list or the error, rank 0's sent to every rank
     if rank == 0:
         try:
             check_out_dir(args.out)
@@ -338,22 +292,19 @@ def preflight(args, rank, world):
             if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
                 raise BadInput(f"{ckpt_path}: a run is already saved there; pass --resume to continue it, another "
                                f"--out, or --overwrite to replace it")
-            found = find_videos(args.videos)
+            box[0] = find_videos(args.videos)
         except Exception as e:  # BadInput, or an OSError from the file system: every rank raises it
-            found = e
+            box[0] = e
     if world > 1:
-        box = [found]
         dist.broadcast_object_list(box, src=0)
-        found = box[0]
-    if isinstance(found, Exception):
-        raise found
-    return found
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
 
 
 def resume(ckpt_path, args, world, n_videos, encoder_info, projection, optimizer):
-    """Load OUT/cosettle.pth into the projection and optimiser -> the step to continue from. Refuses another
-    encoder, global batch, seed or number of videos: the step count would then mean another epoch, sample order
-    or model. (--epochs, --warmup-epochs and --blr may change: the schedule is recomputed from them.)"""
+    """Load OUT/cosettle.pth into the projection and optimiser -> its step. Refuses another encoder, global batch, seed
+    or number of videos (the step would mean another epoch, order or model); the schedule's flags may change."""
     if not os.path.exists(ckpt_path):
         raise BadInput(f"{ckpt_path}: --resume given but there is no checkpoint")
     ckpt = read_checkpoint(ckpt_path)
@@ -375,9 +326,8 @@ def resume(ckpt_path, args, world, n_videos, encoder_info, projection, optimizer
 
 
 def mean_over_ranks(out, world):
-    """The step's numbers as floats, averaged over the ranks. Loss, its two terms and the accuracy are means over
-    each rank's equal share of the global batch, so their average is the value of the whole global batch (a
-    2-process log equals the 1-process one); sim_identity, a ratio, is the ranks' average."""
+    """The step's numbers as floats, averaged over the ranks: the whole global batch's value for the means over
+    each rank's equal share (a 2-process log equals the 1-process one); sim_identity, a ratio, is the ranks' average."""
     values = torch.stack([v.detach().float() for v in out.values()])
     if world > 1:
         dist.all_reduce(values)
@@ -389,8 +339,7 @@ def report(log, stats, step, total_steps, epoch, lr, rate, global_batch, flops_p
     """One JSON record in log.jsonl and one progress line (with the frozen encoder's achieved TFLOP/s, all ranks)."""
     rec = dict(step=step, epoch=epoch, lr=lr, clips_per_s=round(rate, 2),
                tflops=round(rate * flops_per_clip / 1e12, 3), **{k: round(v, 5) for k, v in stats.items()})
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
+    print(json.dumps(rec), file=log, flush=True)
     eta = (total_steps - step) * global_batch / rate
     print(f"step {step}/{total_steps} ep {epoch} | loss {rec['loss']:.4f} (cyc {rec['cycle']:.4f} "
           f"reg {rec['reg']:.4f}) | cycle acc {rec['accuracy']:.3f} | lr {lr:.2e} | {rate:.1f} clips/s "
@@ -405,30 +354,25 @@ def epoch_loader(data, epoch, skip, steps_per_epoch, args, rank, world, device):
     sampler.set_epoch(epoch)
     order = list(sampler)[skip * args.batch_size: steps_per_epoch * args.batch_size]
     return torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=order, drop_last=True,
-                                       collate_fn=collate_crops,
-                                       num_workers=args.workers, pin_memory=device.type == "cuda")
-
-
-# -----------------------------------------------------------------------------
-# The embedded default and --bench
+                                       collate_fn=collate_crops, num_workers=args.workers,
+                                       pin_memory=device.type == "cuda")
 
 
 def demo(args):
     """No --weights and no --videos: synthetic videos, a seeded random ViT-S/16, a short run, before vs after."""
     print(f"No --weights and no --videos: embedded demo (--blr {args.blr:g}, not the official 1e-4: its few steps "
-          f"would barely move the projection). It writes synthetic videos (data.py) under {args.out}, "
-          "trains the projection on a randomly initialised ViT-S/16 (seed 0), NOT on pretrained weights, and "
-          "reports cycle accuracy and DAVIS-style J&F on synthetic sequences before and after. Expect small numbers: "
-          "the point is the mechanics.")
+          f"would barely move the projection). It writes synthetic videos (data.py) under {args.out}, trains the "
+          f"projection on a randomly initialised ViT-S/16 (seed {args.seed}), NOT on pretrained weights, and reports "
+          "cycle accuracy and DAVIS-style J&F on synthetic sequences before and after. Expect small numbers: the "
+          "point is the mechanics.")
     check_out_dir(args.out)
     args.videos = os.path.join(args.out, "synthetic_videos")
-    write_synthetic_videos(args.videos, n_videos=DEMO_VIDEOS, n_frames=DEMO_FRAMES, seed=args.seed)
+    write_synthetic_videos(args.videos, n_videos=64, n_frames=16, seed=args.seed)
     videos = find_videos(args.videos)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = autocast_dtype(device)
     torch.manual_seed(args.seed)  # the projection train() will start from
-    model = CoSettle(build_vit("vit_small", 16, seed=args.seed), args.temp, args.lambda_reg, args.pea_ratio)
-    model = model.to(device)
+    model = CoSettle(build_vit("vit_small", 16, seed=args.seed), args.temp, args.lambda_reg, args.pea_ratio).to(device)
     before = cycle_accuracy(model.eval(), videos, device, dtype, args.seed)
     trained, _ = train(args)
     # `after` on `model` too, its encoder the same seeded ViT: eager, as `before` was (train() compiles its loss,
@@ -444,23 +388,18 @@ def demo(args):
 
 
 def bench(args):
-    """Training clips/s of our step (one batched forward, bf16 autocast where it pays, fused SDPA and loss) on random
-    clips, and the frozen encoder's TFLOP/s against the device's datasheet peak where PEAK_TFLOPS knows it.
-    (`python test_cosettle.py --bench-step` times the official step against it.)"""
+    """Training clips/s of our step on random clips, and the frozen encoder's TFLOP/s against the device's datasheet
+    peak where PEAK_TFLOPS knows it. (`python test_cosettle.py --bench-step` times the official step against it.)"""
     rank, world, device = setup_distributed()
     encoder, _ = encoder_from_args(args, rank)
     B = args.batch_size
     x1, x2 = torch.randn(B, 3, SIZE, SIZE, device=device), torch.randn(B, 3, SIZE, SIZE, device=device)
     dtype = autocast_dtype(device)
-    loss_fn = objective if args.no_compile else compile_objective(encoder, B, device, args)
-    model = CoSettle(encoder, args.temp, args.lambda_reg, args.pea_ratio, loss_fn).to(device).train()
-    compiled_encoder = device.type == "cuda" and not args.no_compile  # as train() runs it
-    if compiled_encoder:
-        model.encoder.compile(dynamic=False)
+    model, how = build_model(encoder, args, device)  # as train() runs it
     optimizer = make_optimizer(model.projection, 1e-4)
 
     def step():
-        with mixed_precision(device, dtype):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = model(x1, x2)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -468,22 +407,18 @@ def bench(args):
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {torch.get_num_threads()} threads"
     t = timeit(step, warmup=2, iters=5, device=device.type)[0]
     tflops = 3 * vit_flops(encoder, SIZE) * B / t / 1e12  # per clip: 3 images, forward only (f is frozen)
-    peak = next((p for key, p in PEAK_TFLOPS.items() if key in name), None) if device.type == "cuda" else None
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
-    share = f", {100 * tflops / peak[dtype != torch.bfloat16]:.0f}% of the {precision} dense peak " \
-            f"{peak[dtype != torch.bfloat16]:g} TFLOP/s (datasheet)" if peak else f" (no {precision} peak known here)"
+    peak = next((p[dtype != torch.bfloat16] for key, p in PEAK_TFLOPS.items() if key in name), None)  # CPU: none
+    share = (f", {100 * tflops / peak:.0f}% of the {precision} dense peak {peak:g} TFLOP/s (datasheet)" if peak
+             else f" (no {precision} peak known here)")
     print(f"training step, ViT patch {encoder.patch_size} width {encoder.embed_dim}, batch {B} clips at {SIZE}px, "
-          f"{name}, {precision}, {'eager' if args.no_compile else 'fused'} loss, "
-          f"{'compiled' if compiled_encoder else 'eager'} encoder: {B / t:.1f} clips/s, "
-          f"{tflops:.2f} TFLOP/s in the encoder{share}")
+          f"{name}, {precision}, {how}: {B / t:.1f} clips/s, {tflops:.2f} TFLOP/s in the encoder{share}")
     return B / t
 
 
 def bench_data(args):
-    """The loader's clips/s (two decoded 224-px crops a clip) over --videos, or over 64 synthetic videos of 16
-    JPEG frames at 340x256, the size of Kinetics frames as usually extracted, in a temporary folder: one process
-    calling FramePairs, then --workers DataLoader workers (their start-up included), then the resample and
-    normalisation the training step does on the device."""
+    """The loader's clips/s over --videos, or 64 synthetic videos of 340x256 JPEGs (Kinetics frames as usually
+    extracted): one process, then --workers DataLoader workers (start-up included), then the on-device resample."""
     with tempfile.TemporaryDirectory() as tmp:
         if not args.videos:
             print(f"writing 64 synthetic videos of 16 JPEG frames at 340x256 under {tmp}")
@@ -491,16 +426,12 @@ def bench_data(args):
         data = FramePairs(videos, SIZE, CLIP_GAP)
         order = [k % len(data) for k in range(512)]
         print(f"loader: {len(order)} clips of {len(videos)} videos, two {SIZE}-px crops a clip")
-        t = time.perf_counter()
-        for k in order:
-            data[k]
-        rate = len(order) / (time.perf_counter() - t)
+        rate = len(order) / timeit(lambda: [data[k] for k in order], warmup=0, iters=1)[0]
         print(f"  1 process, no DataLoader   {rate:7.1f} clips/s  ({1e3 / rate:.2f} ms a clip)")
         loader = torch.utils.data.DataLoader(data, batch_size=128, sampler=order, num_workers=args.workers,
                                              collate_fn=collate_crops, pin_memory=torch.cuda.is_available())
-        t = time.perf_counter()
-        batches = list(loader)
-        print(f"  {args.workers} DataLoader workers     {len(order) / (time.perf_counter() - t):7.1f} clips/s")
+        wall, _, batches = timeit(lambda: list(loader), warmup=0, iters=1)
+        print(f"  {args.workers} DataLoader workers     {len(order) / wall:7.1f} clips/s")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         wall = timeit(lambda: [model_input(x, device) for x in batches[0]], warmup=1, iters=3, device=device.type)[0]
         print(f"  resample + normalise on {device}: {128 / wall:7.1f} clips/s  ({1e3 * wall / 128:.2f} ms a clip)")
@@ -525,8 +456,6 @@ def main(argv=None):
     except (BadInput, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Interrupted as e:
-        sys.exit(128 + e.signum)
     finally:  # an error every rank agreed on (bad data, NaN) ends here too: leave no gloo thread to abort the exit
         if dist.is_initialized():
             dist.destroy_process_group()
