@@ -21,6 +21,7 @@ import random
 import struct
 import sys
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -80,13 +81,10 @@ def count_frames(folder):
 
 
 def find_videos(path):
-    """Video folders for training: every folder under `path` that holds frames, or those listed in a .txt.
-
-    `path` is a directory (searched recursively, so both Kinetics `class/video/00000.jpg` and flat
-    `video/00000.jpg` layouts work) or a .txt file with one folder per line (relative paths are resolved against
-    the .txt's folder, not the working directory as in the official code; blank lines and `#` lines ignored).
-    Folders with fewer than 2 frames are skipped with one warning on stderr. Returns a sorted list of Paths.
-    """
+    """Sorted video folders for training: every folder under the directory `path` that holds frames (Kinetics
+    `class/video/00000.jpg` and flat `video/00000.jpg` alike), or those listed one a line in a .txt (relative to
+    the .txt's folder, not the working directory as in the official code; blank and `#` lines ignored). Folders
+    with fewer than 2 frames are skipped with one warning on stderr."""
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path}: no such file or directory.")
@@ -130,15 +128,10 @@ def find_videos(path):
 # the random choices of one sample
 
 def sample_pair(n, clip_gap, rng):
-    """0-based indices (i, j) of a training pair's two frames, as the official code draws them.
-
-    Official `sample_two_frames_tuple` (the path the published runs take: train.sh passes --use_adapter):
-      g = int(clip_gap·n); if n <= 4 or g < 1: i, j independent uniform on {0..n-1} (may coincide, any order);
-      else i ~ U{1, ..., n-g-1}, j = i + g.
-    Those indices are already 0-based (`np.random.randint(1, n - g)` into the sorted file list), so frame 0 is
-    never the first frame and j can be the last frame. (The unused non-adapter `sample_two_frames` falls back
-    when n <= 2 or g <= 1 instead.)
-    """
+    """0-based indices (i, j) of a training pair's two frames, as official `sample_two_frames_tuple` draws them
+    (the path of the published runs: train.sh passes --use_adapter): g = int(clip_gap·n); if n <= 4 or g < 1,
+    i, j independent uniform on {0..n-1}; else i ~ U{1, ..., n-g-1}, j = i + g. `np.random.randint(1, n - g)`
+    indexes the sorted file list, so frame 0 is never the first frame and j can be the last."""
     g = int(clip_gap * n)
     if n <= 4 or g < 1 or g > n - 2:  # the last case: a gap the clip cannot hold (clip_gap near 1)
         return rng.randint(0, n - 1), rng.randint(0, n - 1)
@@ -147,13 +140,9 @@ def sample_pair(n, clip_gap, rng):
 
 
 def random_resized_crop_box(width, height, rng, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
-    """(left, top, crop_w, crop_h) of a random-resized crop, the official way (util/video/image_utils.py `RRC`).
-
-    The official crop is the BYOL/TF variant, not torchvision's 10-attempt loop: one draw of area fraction
-    U(scale) and log-uniform aspect ratio, w = round(sqrt(area·r)), h = round(sqrt(area/r)), each clamped to
-    the image, then a uniform position. On a square image (the official code crops a 224×224 frame) the clamped
-    box keeps its area fraction in `scale` and its ratio in `ratio`.
-    """
+    """(left, top, crop_w, crop_h) of a random-resized crop as official util/video/image_utils.py `RRC` draws it:
+    the BYOL/TF variant, not torchvision's 10-attempt loop: one area fraction U(scale), a log-uniform ratio,
+    w = round(sqrt(area·r)), h = round(sqrt(area/r)) clamped to the image, then a uniform position."""
     area = width * height * rng.uniform(scale[0], scale[1])
     aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
     crop_w = max(1, min(int(round(math.sqrt(area * aspect))), width))
@@ -170,14 +159,10 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompression
 
 
 def load_rgb(path, draft_size=None):
-    """Decode one frame to an RGB PIL image; an unreadable or corrupt file raises BadInput naming it.
-
-    Modes: alpha (LA, RGBA, PA, P with transparency) is dropped, colours kept as stored (no compositing), like
-    the official `img.convert("RGB")`; 16-bit grey (I;16*, I) is scaled to 8 bits (PIL's convert would clip);
-    CMYK, L and the rest go through PIL's convert.
-    draft_size: (w, h) the caller still needs; JPEGs are then decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
-    when the result stays at least that large (a big speed-up on large frames, no effect on small ones).
-    """
+    """Decode one frame to an RGB PIL image; an unreadable or corrupt file raises BadInput naming it. Alpha is
+    dropped, colours kept as stored, like the official `img.convert("RGB")`; 16-bit grey is scaled to 8 bits (PIL's
+    convert would clip). draft_size: (w, h) the caller still needs; JPEGs are then decoded at 1/2, 1/4 or 1/8
+    scale in the DCT domain when the result stays at least that large (a big speed-up on large frames)."""
     try:
         with Image.open(path) as img:
             if draft_size is not None:
@@ -213,13 +198,13 @@ def bicubic_weights(n, lo, hi, out):
     taps = first[:, None] + np.arange(int(np.ceil(support)) * 2 + 1)  # each row's window, as Pillow's ksize
     d = np.abs((taps - centre[:, None] + 0.5) * (1.0 / stretch))
     w = np.where(d < 1, (1.5 * d - 2.5) * d * d + 1, np.where(d < 2, (((d - 5) * d + 8) * d - 4) * -0.5, 0.0))
-    w *= taps < last[:, None]
+    keep = taps < last[:, None]
+    w *= keep
     w /= w.sum(1, keepdims=True)
     x0 = int(first[0])
     dense = np.zeros((out, int(last[-1]) - x0), np.float32)
-    rows = np.arange(out)[:, None].repeat(taps.shape[1], 1)
-    keep = taps < last[:, None]
-    dense[rows[keep], taps[keep] - x0] = np.sign(w[keep]) * np.floor(np.abs(w[keep]) * 2 ** 22 + 0.5) / 2 ** 22
+    rows, cols = np.nonzero(keep)
+    dense[rows, taps[rows, cols] - x0] = np.sign(w[keep]) * np.floor(np.abs(w[keep]) * 2 ** 22 + 0.5) / 2 ** 22
     return x0, dense
 
 
@@ -269,14 +254,11 @@ def normalise_batch(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 # the training dataset
 
 class FramePairs(torch.utils.data.Dataset):
-    """Training pairs: item idx = two frames of video idx, same crop, same flip, each as (uint8 pixels of the
-    crop window, wy, wx): the bicubic resize to size×size is two small matrices the training step applies on the
-    device (data.model_input), so a worker only decodes. Batch them with collate_fn=collate_crops.
-
-    Randomness is a pure function of (seed, epoch, idx), so a sample does not depend on the number of DataLoader
-    workers and is reproduced after a resume. Call set_epoch(e) before building the epoch's iterator (workers
-    copy the dataset when they start, so with persistent_workers=True a later set_epoch would not reach them).
-    """
+    """Item idx: two frames of video idx, same crop and flip, each as (uint8 crop window, wy, wx): the bicubic
+    resize to size×size is two small matrices applied on the device (model_input), so a worker only decodes.
+    Batch with collate_fn=collate_crops. Randomness is a pure function of (seed, epoch, idx): independent of the
+    worker count and reproduced after a resume. Call set_epoch(e) before building the epoch's iterator (workers
+    copy the dataset when they start, so with persistent_workers=True a later set_epoch would not reach them)."""
 
     def __init__(self, videos, size, clip_gap, seed=0):
         self.videos = [Path(v) for v in videos]
@@ -303,12 +285,9 @@ class FramePairs(torch.utils.data.Dataset):
         return i, j, box, flip
 
     def crop(self, img, box, flip):
-        """The relative window of the frame at its own resolution, and the weights that resize it (Pillow's
-        bicubic) to size×size, the flip folded into wx: -> (uint8 [3, h, w], wy [size, h], wx [size, w]).
-
-        The official code resamples twice (frame -> 224×224, then crop -> 224×224, upsampling the crop); one
-        resample from the original frame shows the same window without that loss of detail.
-        """
+        """The relative window at the frame's own resolution and the Pillow-bicubic weights that resize it to
+        size×size, flip folded into wx: -> (uint8 [3, h, w], wy [size, h], wx [size, w]). The official code
+        resamples twice (frame, then crop, to 224×224); one resample shows the same window without that loss."""
         W, H = img.size
         left, top, w, h = box
         x0, wx = bicubic_weights(W, left * W, (left + w) * W, self.size)
@@ -350,14 +329,9 @@ def saturated_colour(hue):
 
 
 def synthetic_video(seed, n_frames=16, height=96, width=128, n_objects=2):
-    """A small textured video with known objects: (frames uint8 [T,H,W,3], masks uint8 [T,H,W]).
-
-    The background is smooth coloured stripes that pan over time; each object (ellipse, rectangle or blob) has
-    its own colour and stripe/checker texture fixed to its body, moves on a smooth bounded path, rotates and
-    breathes slightly. Objects occlude in a fixed depth order (id k+1 covers id k); masks give the visible owner
-    of each pixel (0 = background). Deterministic in `seed` (anything numpy's default_rng accepts).
-    The whole video in memory; writers use synthetic_frames, which holds one frame at a time.
-    """
+    """A small textured video with known objects: (frames uint8 [T,H,W,3], masks uint8 [T,H,W]): panning
+    stripes behind textured ellipses, rectangles and blobs that move, rotate and breathe; id k+1 occludes id k,
+    masks give each pixel's visible owner (0 = background). Deterministic in `seed` (numpy default_rng's)."""
     frames, masks = zip(*synthetic_frames(seed, n_frames, height, width, n_objects))
     return np.stack(frames), np.stack(masks)
 
@@ -371,13 +345,9 @@ def synthetic_frames(seed, n_frames=16, height=96, width=128, n_objects=2):
     rng = np.random.default_rng(seed)
     # background: three oriented sine waves per channel, evaluated at panned coordinates (a camera pan)
     pan = rng.uniform(0.5, 1.5, 2) * rng.choice([-1.0, 1.0], 2)  # pixels per frame along x and y
-    channels = []
-    for c in range(3):
-        value, waves = rng.uniform(70, 180), []
-        for _ in range(3):
-            angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(0.02, 0.07), rng.uniform(0, 2 * np.pi)
-            waves.append((angle, freq, phase, rng.uniform(8, 20)))
-        channels.append((value, waves))
+    # per channel: a base value and three waves (angle, frequency, phase, amplitude), drawn in that order
+    channels = [(rng.uniform(70, 180), [(rng.uniform(0, np.pi), rng.uniform(0.02, 0.07), rng.uniform(0, 2 * np.pi),
+                                         rng.uniform(8, 20)) for _ in range(3)]) for _ in range(3)]
     hue0 = rng.uniform()
     objects = []
     for k in range(n_objects):
@@ -435,8 +405,7 @@ def synthetic_frames(seed, n_frames=16, height=96, width=128, n_objects=2):
 
 def atomic(path, write):
     """write(tmp) under a temporary name in the same folder, then rename over `path`: no reader ever sees half a
-    file, and a crash leaves none behind. Every file this project writes whole goes through here (train.py's
-    log.jsonl, appended one record at a time, is the one file that is not written whole)."""
+    file, and a crash leaves none behind (train.py's log.jsonl, appended a record at a time, is not written so)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -459,40 +428,23 @@ def write_synthetic_videos(root, n_videos=8, n_frames=16, height=96, width=128, 
     root = prepare_root(root)
     if n_videos < 1:
         raise BadInput(f"synthetic videos: need at least 1 video, got {n_videos}.")
-    folders = []
-    for v in range(n_videos):
-        folder = root / f"video_{v:03d}"
+    folders = [root / f"video_{v:03d}" for v in range(n_videos)]
+    for v, folder in enumerate(folders):
         for t, (frame, _) in enumerate(synthetic_frames((seed, 0, v), n_frames, height, width)):
             atomic(folder / f"{t:05d}.jpg", lambda tmp: Image.fromarray(frame).save(tmp, "JPEG", quality=95))
-        folders.append(folder)
     return folders
 
 
 def davis_palette():
-    """The DAVIS / PASCAL VOC colour map as 768 ints (index 0 black, 1 (128,0,0), 2 (0,128,0), 3 (128,128,0), …).
-
-    Bits 0, 1, 2 of the index go to the top bit of R, G, B; bits 3, 4, 5 to the next bit; and so on.
-    """
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for bit in range(7, -1, -1):
-            r |= (c & 1) << bit
-            g |= ((c >> 1) & 1) << bit
-            b |= ((c >> 2) & 1) << bit
-            c >>= 3
-        palette += [r, g, b]
-    return palette
+    """The DAVIS / PASCAL VOC colour map as 768 ints (index 0 black, 1 (128,0,0), 2 (0,128,0), 3 (128,128,0), …):
+    bits 0, 1, 2 of the index go to the top bit of R, G, B; bits 3, 4, 5 to the next bit; 6, 7 to the third."""
+    return [sum(((index >> (3 * k + c)) & 1) << (7 - k) for k in range(3)) for index in range(256) for c in range(3)]
 
 
 def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
-    """Write a synthetic DAVIS-2017 folder and return it.
-
-    root/ImageSets/2017/val.txt (one sequence name per line), root/JPEGImages/480p/<seq>/00000.jpg … and
-    root/Annotations/480p/<seq>/00000.png … for every frame (palette PNGs, DAVIS palette, pixel = object id).
-    Sequence s has 1 + s % 3 objects.
-    """
+    """Write and return a synthetic DAVIS-2017 folder: ImageSets/2017/val.txt, JPEGImages/480p/<seq>/00000.jpg …,
+    and Annotations/480p/<seq>/00000.png … for every frame (DAVIS palette, pixel = object id); sequence s has
+    1 + s % 3 objects."""
     root = prepare_root(root)
     if n_seqs < 1:
         raise BadInput(f"synthetic DAVIS: need at least 1 sequence, got {n_seqs}.")
@@ -563,12 +515,8 @@ def mat_matrix(buf, order):
 
 
 def read_mat(path):
-    """The numeric variables of a MATLAB v5 MAT-file as {name: numpy array} (MATLAB's shapes and classes).
-
-    Compressed (MATLAB's default) and uncompressed elements, either byte order. Variables of other classes (char,
-    cell, struct, object, sparse) are skipped. A v7.3 (HDF5) file, a truncated file or a non-MAT file is a
-    BadInput naming the file.
-    """
+    """The numeric variables of a MATLAB v5 MAT-file, compressed or not, either byte order, as {name: array}
+    (MATLAB's shapes and classes); other classes are skipped. v7.3 (HDF5), truncated or non-MAT files: BadInput."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
@@ -641,15 +589,11 @@ def jhmdb_video(mat, frames_dir, source):
 
 
 def read_jhmdb(path, split=1, list_order=None):
-    """The JHMDB test videos: [(name "<action>/<video>", frame paths sorted by number, pos_img (2, 15, T))].
-
-    `path` is the JHMDB root (the videos marked 2 in splits/*_test_split<split>.txt) or a list file with one
-    "<mat> <frames dir>" per line (alexandre-eymael/CropMAE downstreams/propagation/jhmdb_vallist.txt order), or
-    "<frames dir> <mat>" (ajabri/videowalk code/data/jhmdb.py order). list_order None detects the order from
-    which column ends in '.mat'; 'mat-first' or 'frames-first' forces it. Relative list paths are taken from the
-    current folder, else from the list's folder. Everything is checked before anything runs: each problem is a
-    BadInput naming the file.
-    """
+    """The JHMDB test videos, all checked: [(name "<action>/<video>", frame paths sorted by number, pos_img)].
+    `path`: the JHMDB root (videos marked 2 in splits/*_test_split<split>.txt) or a list file of "<mat> <frames dir>"
+    lines (alexandre-eymael/CropMAE downstreams/propagation/jhmdb_vallist.txt) or "<frames dir> <mat>" lines
+    (ajabri/videowalk code/data/jhmdb.py); list_order None detects the order by the column ending in '.mat'.
+    Relative list paths are taken from the current folder, else from the list's folder."""
     path = Path(path)
     videos = []
     if path.is_dir():
@@ -666,7 +610,7 @@ def read_jhmdb(path, split=1, list_order=None):
                     raise BadInput(f"{split_file}: line {n} is not '<video>.avi 1|2': {line.strip()!r}.")
                 if fields[1] != '2':
                     continue
-                video = fields[0][:-4] if fields[0].endswith('.avi') else fields[0]
+                video = fields[0].removesuffix('.avi')
                 frames_dir = path / 'Rename_Images' / action / video
                 mat = path / 'joint_positions' / action / video / 'joint_positions.mat'
                 if not frames_dir.is_dir():
@@ -697,7 +641,6 @@ def read_jhmdb(path, split=1, list_order=None):
 
 # results written whole or not at all (atomic)
 
-
 def write_csv(path, header, rows):
     """pandas' to_csv(index=False, float_format="%.3f"), as evaluation_method.py writes it (NaN -> empty)."""
     cell = lambda v: v if isinstance(v, str) else ("" if np.isnan(v) else "%.3f" % v)
@@ -719,13 +662,11 @@ def write_json(path, obj):
 
 # frame 0's JHMDB labels: alexandre-eymael/CropMAE downstreams/propagation/src/data/jhmdb.py
 
-
 def draw_labelmap(h, w, x, y, sigma=0.5):
-    """float64 [h, w]: the unnormalised Gaussian (peak 1) of one joint at grid point (x, y), drawn by the hourglass
-    rule of CropMAE data/jhmdb.py draw_labelmap_np: a (6σ+1)² kernel centred on its cell size//2, pasted with its
-    top-left at (int(x - 3σ), int(y - 3σ)), int() truncating toward zero, clipped to the grid; nothing when the
-    window misses the grid. For σ = 0.5 that is a 4x4 kernel centred on its cell (2, 2): offsets -2..+1, so the
-    peak lands on round-half-up(x) for x >= 1.5 and the -2 row/column exists only up and left."""
+    """float64 [h, w]: the Gaussian (peak 1) of one joint at grid point (x, y) by CropMAE data/jhmdb.py
+    draw_labelmap_np: a (6σ+1)² kernel centred on its cell size//2, top-left at (int(x - 3σ), int(y - 3σ)) (int()
+    truncates toward zero), clipped to the grid. For σ = 0.5: a 4x4 kernel, offsets -2..+1, peak at
+    round-half-up(x) for x >= 1.5."""
     out = np.zeros((h, w))
     left, top = int(x - 3 * sigma), int(y - 3 * sigma)
     right, bottom = int(x + 3 * sigma + 1), int(y + 3 * sigma + 1)  # exclusive
@@ -741,10 +682,9 @@ def draw_labelmap(h, w, x, y, sigma=0.5):
 
 
 def jhmdb_labels(pos_xy, W0, H0, grid=(20, 20), size=(320, 320), patch=16, sigma=0.5):
-    """float32 [16, grid h, grid w]: frame 0's label maps from its joints pos_xy [15, 2] (x, y, 0-based pixels of
-    the W0 x H0 frame, i.e. pos_img - 1): channel 0 = 1 where no joint map is non-zero, channels 1..15 one Gaussian
-    per joint at x * (size W / W0) / patch, y * (size H / H0) / patch (CropMAE data/jhmdb.py JhmdbSet.__getitem__:
-    the frame is stretched to `size` (H, W) and the grid is size / patch; no half-cell offset)."""
+    """float32 [16, grid h, grid w] from frame 0's joints pos_xy [15, 2] (0-based pixels of the W0 x H0 frame):
+    channel 0 = 1 where no joint map is non-zero, then a Gaussian per joint at x * (size W / W0) / patch, likewise
+    y (CropMAE data/jhmdb.py JhmdbSet.__getitem__ stretches the frame to `size`; no half-cell offset)."""
     pos_xy = np.asarray(pos_xy, dtype=np.float64)
     gx = pos_xy[:, 0] * size[1] / W0 / patch
     gy = pos_xy[:, 1] * size[0] / H0 / patch
@@ -755,7 +695,6 @@ def jhmdb_labels(pos_xy, W0, H0, grid=(20, 20), size=(320, 320), patch=16, sigma
 
 # -----------------------------------------------------------------------------
 # DAVIS-2017 and VIP: the evaluation sets, checked before anything is written
-
 
 VIP_CLASSES = ["background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat", "socks", "pants",
                "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm", "left-arm", "right-leg", "left-leg",
@@ -785,12 +724,9 @@ def image_size(path):
 
 def read_davis(davis, scoring=True):
     """Check a DAVIS-2017 folder before anything is written: [(seq, frames, annotations, first annotation)].
-
-    Propagation needs every frame of equal size and a first-frame annotation of that size (DINO's path:
-    Annotations/480p/<seq>/<first frame>.png); scoring needs an annotation for every frame, which is what
-    davis2017-evaluation reads (the sorted PNGs of Annotations/480p/<seq>). So a set is either fully annotated
-    (scored), or annotated on first frames only, like test-dev (propagated, not scored: refused when `scoring`);
-    anything in between is refused before any work, naming the missing files."""
+    Propagation needs equal-size frames and a first-frame annotation (DINO's Annotations/480p/<seq>/<first>.png);
+    scoring needs every frame's (davis2017-evaluation reads the sorted PNGs). So a set is fully annotated (scored)
+    or on first frames only, like test-dev (unscored: refused when `scoring`); anything in between is refused."""
     davis = Path(davis)
     listing = davis / "ImageSets" / "2017" / "val.txt"
     if not listing.is_file():
@@ -824,12 +760,10 @@ def read_davis(davis, scoring=True):
 
 
 def read_vip(path):
-    """Check a VIP set before anything is written: [(video, frames, labels, first label)].
-
-    path: the VIP_Fine folder as distributed (Images/videos<N>/*.jpg, Annotations/Category_ids/videos<N>/*.png,
-    the videos of lists/val_videos.txt), or a CropMAE-style list file (downstreams/propagation/vip_vallist.txt:
-    `<images dir> <labels dir>` per line, relative paths taken from the current folder as CropMAE does). Every
-    frame needs the label of the same name and size; labels hold part ids 0..19, and 255 (void) after frame 0."""
+    """Check a VIP set before anything is written: [(video, frames, labels, first label)]. path: the VIP_Fine
+    folder (Images/videos<N>/*.jpg, Annotations/Category_ids/videos<N>/*.png, lists/val_videos.txt) or a CropMAE
+    list file (downstreams/propagation/vip_vallist.txt: `<images dir> <labels dir>` lines, relative to the current
+    folder). Each frame needs a same-name, same-size label of part ids 0..19 (255, void, after frame 0)."""
     path, listing = Path(path), Path(path) / "lists" / "val_videos.txt"
     if path.is_file():
         pairs = []
@@ -894,10 +828,7 @@ def describe(task, plan):
     their annotations' byte sizes, JHMDB: joint positions), and whether it is the paper's set (`note`: how not)."""
     names = sorted(p[0] for p in plan)
     firsts = [read_ids(p[3], "first-frame annotation") for p in plan] if task != "jhmdb" else []
-    sizes = {}
-    for p in plan:
-        H, W = image_size(p[1][0])
-        sizes[f"{W}x{H}"] = sizes.get(f"{W}x{H}", 0) + 1
+    sizes = dict(Counter("{1}x{0}".format(*image_size(p[1][0])) for p in plan))
     items = sorted(f"{p[0]} " + (hashlib.sha1(p[2].tobytes()).hexdigest() if task == "jhmdb" else
                                  " ".join(str(a.stat().st_size) for a in p[2])) for p in plan)
     out = {"videos": len(plan), "frames": sum(len(p[1]) for p in plan), "resolution": sizes,
@@ -942,23 +873,18 @@ def main(argv=None):
     parser.add_argument('--width', type=at_least(16), default=128)
     parser.add_argument('--seed', type=at_least(0), default=0)
     args = parser.parse_args(argv)
-    shared = {'make_davis', 'make_videos', 'frames', 'height', 'width', 'seed'}
-    if args.make_davis:
-        refuse_unused(parser, args, '--make-davis', shared | {'seqs'})
-    else:
-        refuse_unused(parser, args, '--make-videos', shared | {'videos'})
+    davis = bool(args.make_davis)
+    refuse_unused(parser, args, '--make-davis' if davis else '--make-videos',
+                  {'make_davis', 'make_videos', 'frames', 'height', 'width', 'seed', 'seqs' if davis else 'videos'})
+    n_frames, size = args.frames or (12 if davis else 16), f"{args.height}x{args.width}"
     try:
-        if args.make_davis:
-            n_frames = 12 if args.frames is None else args.frames
+        if davis:
             root = make_davis(args.make_davis, args.seqs, n_frames, args.height, args.width, args.seed)
-            print(f"wrote {args.seqs} synthetic DAVIS-2017 sequences ({n_frames} frames, "
-                  f"{args.height}x{args.width}) to {root}")
+            print(f"wrote {args.seqs} synthetic DAVIS-2017 sequences ({n_frames} frames, {size}) to {root}")
         else:
-            n_frames = 16 if args.frames is None else args.frames
             folders = write_synthetic_videos(args.make_videos, args.videos, n_frames, args.height, args.width,
                                              args.seed)
-            print(f"wrote {len(folders)} synthetic videos ({n_frames} frames, {args.height}x{args.width}) "
-                  f"to {args.make_videos}")
+            print(f"wrote {len(folders)} synthetic videos ({n_frames} frames, {size}) to {args.make_videos}")
     except (BadInput, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
