@@ -1,12 +1,10 @@
 """Data for Co-Settle: video folders, the frame-pair sampler, the shared crop/flip, synthetic data sets.
 
-Training pairs: from one video of `n` frames take two frames `g = int(0.15·n)` apart, give both the same
-random-resized crop and the same horizontal flip, as uint8 (the training step normalises them on the device).
-Where the official code (github.com/yafeng19/Co-Settle, util/video_datasets.py, util/video/*.py) and the paper
-text differ we follow the code, and say so where it happens.
-
-Also here: synthetic videos with ground-truth object masks (for the demo and the evaluator's no-data run), a
-writer of DAVIS-2017 folders in the real layout, the JHMDB reader with a small MATLAB v5 reader, and a CLI:
+Training pairs: two frames `int(0.15·n)` apart in a video of n frames, one random-resized crop and flip for both,
+as uint8 (the training step normalises them on the device). Where the official code (github.com/yafeng19/Co-Settle,
+util/video_datasets.py, util/video/*.py) and the paper differ we follow the code, and say so where it happens.
+Also: synthetic videos with object masks (demo, no-data evaluation), a DAVIS-2017 writer, the DAVIS, VIP and JHMDB
+readers (with a MATLAB v5 reader), result writers, and a CLI:
     python data.py --make-davis DIR [--seqs N --frames N --height H --width W --seed S]
     python data.py --make-videos DIR [--videos N --frames N --height H --width W --seed S]
 (Synthetic VIP and JHMDB sets: `python test_cosettle.py --make-vip DIR` / `--make-jhmdb DIR`.)
@@ -51,7 +49,7 @@ def check_out_dir(path, flag="--out"):
 
 
 # -----------------------------------------------------------------------------
-# finding videos
+# finding videos, and the random choices of one sample
 
 def is_frame(name):
     return name.lower().endswith(FRAME_SUFFIXES)
@@ -112,20 +110,14 @@ def find_videos(path):
         raise BadInput(f"{path}: expected a folder of video folders or a .txt list of them.")
     if not found:
         raise BadInput(f"{path}: holds no folders with frames ({', '.join(FRAME_SUFFIXES)}).")
-
     videos = sorted(folder for folder, n in found if n >= 2)
     skipped = len(found) - len(videos)
     if skipped:
-        missing = " (or missing)" if path.is_file() else ""
         print(f"warning: {path}: skipped {skipped} of {len(found)} video folders with fewer than 2 frames"
-              f"{missing}.", file=sys.stderr)
+              f"{' (or missing)' if path.is_file() else ''}.", file=sys.stderr)
     if not videos:
         raise BadInput(f"{path}: no video folder with at least 2 frames is left after skipping {skipped}.")
     return videos
-
-
-# -----------------------------------------------------------------------------
-# the random choices of one sample
 
 def sample_pair(n, clip_gap, rng):
     """0-based indices (i, j) of a training pair's two frames, as official `sample_two_frames_tuple` draws them
@@ -153,10 +145,7 @@ def random_resized_crop_box(width, height, rng, scale=(0.5, 1.0), ratio=(3 / 4, 
 
 
 # -----------------------------------------------------------------------------
-# decoding, and normalising on the device
-
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)  # what PIL raises
-
+# decoding, resizing and normalising on the device, and the training dataset
 
 def load_rgb(path, draft_size=None):
     """Decode one frame to an RGB PIL image; an unreadable or corrupt file raises BadInput naming it. Alpha is
@@ -174,7 +163,7 @@ def load_rgb(path, draft_size=None):
             if img.mode == 'P':
                 img = img.convert('RGBA')  # PIL warns on P -> RGB when the palette has transparency
             return img.convert('RGB')
-    except DECODE_ERRORS as e:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:  # what PIL raises
         raise BadInput(f"{path}: cannot decode the image ({e}).") from e
 
 
@@ -184,10 +173,9 @@ def to_tensor(img):
 
 
 def bicubic_weights(n, lo, hi, out):
-    """Pillow's BICUBIC resize of the span [lo, hi) of an n-pixel axis to `out` pixels, as a matrix: -> (first
-    source pixel used, weights [out, m] over the m source pixels from there). Pillow's own numbers
-    (src/libImaging/Resample.c precompute_coeffs, normalize_coeffs_8bpc): the box edges in float32, the filter
-    widened by the downscale factor, each row normalised, then rounded to 22-bit fixed point."""
+    """Pillow's BICUBIC resize of the span [lo, hi) of an n-pixel axis to `out` pixels -> (first source pixel used,
+    weights [out, m] over m source pixels from there), by src/libImaging/Resample.c precompute_coeffs: box edges in
+    float32, filter widened by the downscale factor, rows normalised, then rounded to 22-bit fixed point."""
     lo, hi = np.float32(lo), np.float32(hi)
     scale = float(hi - lo) / out
     stretch = max(scale, 1.0)
@@ -209,10 +197,9 @@ def bicubic_weights(n, lo, hi, out):
 
 
 def resample(pixels, wy, wx):
-    """Crops to size×size where they are (the training step's device): uint8 pixels [B, 3, h, w] and
-    bicubic_weights' wy [B, S, h], wx [B, S, w] -> float32 [B, 3, S, S] in 0..255. Pillow's two passes, each
-    rounded to 8 bits as Pillow rounds: equal to Image.resize(BICUBIC, box) but for float32's rounding, which
-    moves ~1 pixel in 70,000 by one level (fp32 matmuls: keep TF32 off, torch's default)."""
+    """uint8 pixels [B, 3, h, w] and bicubic_weights' wy [B, S, h], wx [B, S, w] -> float32 [B, 3, S, S] in 0..255,
+    where they are: Pillow's two passes, each rounded to 8 bits as Pillow does: Image.resize(BICUBIC, box) but for
+    float32 rounding, ~1 pixel in 70,000 off by one level (fp32 matmuls: keep TF32 off, torch's default)."""
     B, _, h, w = pixels.shape
     S = wx.shape[1]
     x = torch.bmm(pixels.to(wx.dtype).view(B, 3 * h, w), wx.transpose(1, 2)).add_(0.5).floor_().clamp_(0, 255)
@@ -236,9 +223,8 @@ def collate_crops(items):
 
 
 def model_input(crops, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """A collated frame batch (pixels, wy, wx) -> normalised float32 [B, 3, S, S] on the device: copied as uint8
-    (a quarter of float32's bytes; pinned by the DataLoader on CUDA, so the copy is queued and the host goes on),
-    then resampled and normalised there."""
+    """A collated batch (pixels, wy, wx) -> normalised float32 [B, 3, S, S] on the device: copied as uint8 (a quarter
+    of float32's bytes; pinned by the DataLoader on CUDA, so the copy is queued), then resampled there."""
     x = resample(*(t.to(device, non_blocking=True) for t in crops))
     return normalise_batch(x, mean, std)
 
@@ -249,16 +235,11 @@ def normalise_batch(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
     return (x.float() / 255 - mean) / std
 
-
-# -----------------------------------------------------------------------------
-# the training dataset
-
 class FramePairs(torch.utils.data.Dataset):
-    """Item idx: two frames of video idx, same crop and flip, each as (uint8 crop window, wy, wx): the bicubic
-    resize to size×size is two small matrices applied on the device (model_input), so a worker only decodes.
-    Batch with collate_fn=collate_crops. Randomness is a pure function of (seed, epoch, idx): independent of the
-    worker count and reproduced after a resume. Call set_epoch(e) before building the epoch's iterator (workers
-    copy the dataset when they start, so with persistent_workers=True a later set_epoch would not reach them)."""
+    """Item idx: two frames of video idx, same crop and flip, each (uint8 crop window, wy, wx): the resize is applied
+    on the device (model_input), so a worker only decodes; batch with collate_fn=collate_crops. Randomness is a
+    function of (seed, epoch, idx) alone: any worker count, same after a resume. Call set_epoch(e) before building
+    the epoch's iterator (workers copy the dataset at start: with persistent_workers a later call misses them)."""
 
     def __init__(self, videos, size, clip_gap, seed=0):
         self.videos = [Path(v) for v in videos]
@@ -281,8 +262,7 @@ class FramePairs(torch.utils.data.Dataset):
         # a fixed fraction of the frame: draw it on a size×size grid the same way and keep it relative.
         left, top, w, h = random_resized_crop_box(self.size, self.size, rng)
         box = (left / self.size, top / self.size, w / self.size, h / self.size)
-        flip = rng.random() < 0.5
-        return i, j, box, flip
+        return i, j, box, rng.random() < 0.5  # the flip
 
     def crop(self, img, box, flip):
         """The relative window at the frame's own resolution and the Pillow-bicubic weights that resize it to
@@ -371,11 +351,9 @@ def synthetic_frames(seed, n_frames=16, height=96, width=128, n_objects=2):
         t = np.full((1, 1), ti, dtype=np.float32)
         bx, by = x + pan[0] * t, y + pan[1] * t
         frame = np.empty((height, width, 3), dtype=np.float32)
-        for c, (value, waves) in enumerate(channels):
-            for angle, freq, phase, amplitude in waves:
-                value = value + amplitude * np.sin(2 * np.pi * freq * (np.cos(angle) * bx + np.sin(angle) * by)
-                                                   + phase)
-            frame[..., c] = value
+        for c, (value, waves) in enumerate(channels):  # sum from `value` on: the wave terms added in order
+            frame[..., c] = sum((amp * np.sin(2 * np.pi * freq * (np.cos(angle) * bx + np.sin(angle) * by) + phase)
+                                 for angle, freq, phase, amp in waves), value)
         mask = np.zeros((height, width), dtype=np.uint8)
         for k, o in enumerate(objects):
             cx = o["c0"][0] + o["amp"][0] * np.sin(2 * np.pi * t / o["period"][0] + o["phase"][0])
@@ -394,10 +372,8 @@ def synthetic_frames(seed, n_frames=16, height=96, width=128, n_objects=2):
                 rim = 1.0 + 0.25 * np.sin(o["lobes"] * np.arctan2(v, u) + o["rim_phase"])
                 inside = np.sqrt((u / rx) ** 2 + (v / ry) ** 2) <= rim
             wavelength, beta = o["wavelength"], o["beta"]
-            if beta is not None:
-                texture = np.sin(2 * np.pi * (np.cos(beta) * u + np.sin(beta) * v) / wavelength)
-            else:
-                texture = np.sin(2 * np.pi * u / wavelength) * np.sin(2 * np.pi * v / wavelength)
+            texture = (np.sin(2 * np.pi * u / wavelength) * np.sin(2 * np.pi * v / wavelength) if beta is None
+                       else np.sin(2 * np.pi * (np.cos(beta) * u + np.sin(beta) * v) / wavelength))
             frame[inside] = o["colour"] * (0.7 + 0.3 * texture[inside])[:, None]
             mask[inside] = k + 1
         yield np.clip(frame + 0.5, 0, 255).astype(np.uint8), mask
@@ -442,17 +418,15 @@ def davis_palette():
 
 
 def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
-    """Write and return a synthetic DAVIS-2017 folder: ImageSets/2017/val.txt, JPEGImages/480p/<seq>/00000.jpg …,
-    and Annotations/480p/<seq>/00000.png … for every frame (DAVIS palette, pixel = object id); sequence s has
-    1 + s % 3 objects."""
+    """Write and return a synthetic DAVIS-2017 folder: ImageSets/2017/val.txt, JPEGImages/480p/<seq>/00000.jpg …, and
+    Annotations/480p/<seq>/00000.png … (DAVIS palette, pixel = object id); sequence s has 1 + s % 3 objects."""
     root = prepare_root(root)
     if n_seqs < 1:
         raise BadInput(f"synthetic DAVIS: need at least 1 sequence, got {n_seqs}.")
     palette = davis_palette()
     names = [f"synth-{s:03d}" for s in range(n_seqs)]
     for s, name in enumerate(names):
-        image_dir = root / 'JPEGImages' / '480p' / name
-        annotation_dir = root / 'Annotations' / '480p' / name
+        image_dir, annotation_dir = (root / top / '480p' / name for top in ('JPEGImages', 'Annotations'))
         # frame by frame: memory stays that of one frame however long the sequences are
         for t, (frame, mask) in enumerate(synthetic_frames((seed, 1, s), n_frames, height, width, 1 + s % 3)):
             atomic(image_dir / f"{t:05d}.jpg", lambda tmp: Image.fromarray(frame).save(tmp, "JPEG", quality=95))
@@ -476,10 +450,8 @@ MAT_LOGICAL, MAT_COMPLEX = 0x200, 0x800  # array-flag bits (class in the low byt
 
 
 def mat_element(buf, p, order):
-    """The data element at buf[p:]: (type, data bytes, position of the next element).
-
-    A tag whose upper 16 bits are non-zero is a small data element: count << 16 | type in 4 bytes, the data in the
-    next 4. Otherwise the tag is (type, count) and the data is padded to a multiple of 8 bytes."""
+    """The data element at buf[p:]: (type, data bytes, position of the next element). A tag with non-zero upper 16
+    bits is a small element (count << 16 | type, data in the next 4 bytes); else (type, count), data padded to 8."""
     if p + 8 > len(buf):
         raise ValueError("element tag past the end")
     word, count = struct.unpack_from(order + 'II', buf, p)
@@ -491,8 +463,7 @@ def mat_element(buf, p, order):
 
 
 def mat_matrix(buf, order):
-    """(name, array) of one miMATRIX element's data; None for classes other than numeric (char, cell, struct,
-    object, sparse...) and for an empty element."""
+    """(name, array) of one miMATRIX element's data; None for an empty element or a non-numeric class."""
     if not buf:
         return None
     _, flags, p = mat_element(buf, 0, order)
@@ -557,8 +528,7 @@ def numbered(paths, folder):
 
 
 def png_frames(folder):
-    """The .png frames of a JHMDB video folder sorted by number (alexandre-eymael/CropMAE
-    downstreams/propagation/src/data/jhmdb.py make_paths keeps '.png' names sorted by int(stem))."""
+    """The .png frames of a JHMDB video folder sorted by number (CropMAE data/jhmdb.py make_paths); [] if none."""
     try:
         names = [n for n in os.listdir(folder) if n.lower().endswith('.png')]
     except OSError:
@@ -589,11 +559,10 @@ def jhmdb_video(mat, frames_dir, source):
 
 
 def read_jhmdb(path, split=1, list_order=None):
-    """The JHMDB test videos, all checked: [(name "<action>/<video>", frame paths sorted by number, pos_img)].
-    `path`: the JHMDB root (videos marked 2 in splits/*_test_split<split>.txt) or a list file of "<mat> <frames dir>"
-    lines (alexandre-eymael/CropMAE downstreams/propagation/jhmdb_vallist.txt) or "<frames dir> <mat>" lines
-    (ajabri/videowalk code/data/jhmdb.py); list_order None detects the order by the column ending in '.mat'.
-    Relative list paths are taken from the current folder, else from the list's folder."""
+    """The JHMDB test videos, checked: [(name "<action>/<video>", frames sorted by number, pos_img)]. `path`: the root
+    (videos marked 2 in splits/*_test_split<split>.txt), or a list of "<mat> <frames dir>" (CropMAE jhmdb_vallist.txt)
+    or "<frames dir> <mat>" lines (ajabri/videowalk code/data/jhmdb.py); list_order None: the '.mat' column decides.
+    Relative list paths: from the current folder, else from the list's folder."""
     path = Path(path)
     videos = []
     if path.is_dir():
@@ -663,10 +632,9 @@ def write_json(path, obj):
 # frame 0's JHMDB labels: alexandre-eymael/CropMAE downstreams/propagation/src/data/jhmdb.py
 
 def draw_labelmap(h, w, x, y, sigma=0.5):
-    """float64 [h, w]: the Gaussian (peak 1) of one joint at grid point (x, y) by CropMAE data/jhmdb.py
-    draw_labelmap_np: a (6σ+1)² kernel centred on its cell size//2, top-left at (int(x - 3σ), int(y - 3σ)) (int()
-    truncates toward zero), clipped to the grid. For σ = 0.5: a 4x4 kernel, offsets -2..+1, peak at
-    round-half-up(x) for x >= 1.5."""
+    """float64 [h, w]: one joint's Gaussian (peak 1) at grid point (x, y) by CropMAE data/jhmdb.py draw_labelmap_np:
+    a (6σ+1)² kernel centred on its cell size//2, top-left at (int(x - 3σ), int(y - 3σ)) (int() truncates toward
+    zero), clipped to the grid. σ = 0.5: a 4x4 kernel, offsets -2..+1, peak at round-half-up(x) for x >= 1.5."""
     out = np.zeros((h, w))
     left, top = int(x - 3 * sigma), int(y - 3 * sigma)
     right, bottom = int(x + 3 * sigma + 1), int(y + 3 * sigma + 1)  # exclusive
@@ -723,10 +691,9 @@ def image_size(path):
 
 
 def read_davis(davis, scoring=True):
-    """Check a DAVIS-2017 folder before anything is written: [(seq, frames, annotations, first annotation)].
-    Propagation needs equal-size frames and a first-frame annotation (DINO's Annotations/480p/<seq>/<first>.png);
-    scoring needs every frame's (davis2017-evaluation reads the sorted PNGs). So a set is fully annotated (scored)
-    or on first frames only, like test-dev (unscored: refused when `scoring`); anything in between is refused."""
+    """Check a DAVIS-2017 folder: [(seq, frames, annotations, first annotation)]. Propagation needs equal-size frames
+    and DINO's Annotations/480p/<seq>/<first>.png; scoring needs every frame's (as davis2017-evaluation). Fully
+    annotated sets are scored, first-frame-only ones (test-dev) refused when `scoring`; anything between, refused."""
     davis = Path(davis)
     listing = davis / "ImageSets" / "2017" / "val.txt"
     if not listing.is_file():
@@ -746,8 +713,7 @@ def read_davis(davis, scoring=True):
             if image_size(f) != size:
                 raise BadInput(f"{f}: frame is {image_size(f)[1]}x{image_size(f)[0]}, its annotation {first.name} "
                                f"is {size[1]}x{size[0]}")
-        missing += [first.parent / (f.stem + ".png") for f in frames[1:]
-                    if not (first.parent / (f.stem + ".png")).is_file()]
+        missing += [a for a in (first.parent / (f.stem + ".png") for f in frames[1:]) if not a.is_file()]
         later += len(frames) - 1
         out.append((seq, frames, anns, first))
     if missing and len(missing) < later:
@@ -760,10 +726,9 @@ def read_davis(davis, scoring=True):
 
 
 def read_vip(path):
-    """Check a VIP set before anything is written: [(video, frames, labels, first label)]. path: the VIP_Fine
-    folder (Images/videos<N>/*.jpg, Annotations/Category_ids/videos<N>/*.png, lists/val_videos.txt) or a CropMAE
-    list file (downstreams/propagation/vip_vallist.txt: `<images dir> <labels dir>` lines, relative to the current
-    folder). Each frame needs a same-name, same-size label of part ids 0..19 (255, void, after frame 0)."""
+    """Check a VIP set: [(video, frames, labels, first label)]. path: VIP_Fine (Images/videos<N>/*.jpg,
+    Annotations/Category_ids/videos<N>/*.png, lists/val_videos.txt) or a CropMAE vip_vallist.txt of `<images dir>
+    <labels dir>` lines (relative to the current folder). Labels: same name and size, part ids 0..19 (255 later)."""
     path, listing = Path(path), Path(path) / "lists" / "val_videos.txt"
     if path.is_file():
         pairs = []
@@ -823,9 +788,8 @@ PAPER_SETS = {
 
 
 def describe(task, plan):
-    """What a plan (read_davis, read_vip, read_jhmdb) holds, for summary.json: video, frame and object (DAVIS),
-    part (VIP) or joint (JHMDB) counts, the frame sizes read, a fingerprint (sha1 of the sorted video names with
-    their annotations' byte sizes, JHMDB: joint positions), and whether it is the paper's set (`note`: how not)."""
+    """A plan (read_davis/read_vip/read_jhmdb) for summary.json: counts, frame sizes, a fingerprint (sha1 of sorted
+    names with annotation byte sizes or JHMDB joints) and whether it is the paper's set (`note`: how not)."""
     names = sorted(p[0] for p in plan)
     firsts = [read_ids(p[3], "first-frame annotation") for p in plan] if task != "jhmdb" else []
     sizes = dict(Counter("{1}x{0}".format(*image_size(p[1][0])) for p in plan))
@@ -867,8 +831,7 @@ def main(argv=None):
     target.add_argument('--make-videos', metavar='DIR', help='write synthetic training videos (frame folders)')
     parser.add_argument('--seqs', type=positive(), default=3, help='DAVIS sequences')
     parser.add_argument('--videos', type=positive(), default=8, help='training videos')
-    parser.add_argument('--frames', type=positive(), default=None, help='frames per video (default 12 DAVIS, '
-                        '16 videos)')
+    parser.add_argument('--frames', type=positive(), help='frames per video (default 12 DAVIS, 16 videos)')
     parser.add_argument('--height', type=at_least(16), default=96)
     parser.add_argument('--width', type=at_least(16), default=128)
     parser.add_argument('--seed', type=at_least(0), default=0)
