@@ -79,16 +79,14 @@ def count_frames(folder):
 
 
 def find_videos(path):
-    """Sorted video folders for training: every folder under the directory `path` that holds frames (Kinetics
-    `class/video/00000.jpg` and flat `video/00000.jpg` alike), or those listed one a line in a .txt (relative to
-    the .txt's folder, not the working directory as in the official code; blank and `#` lines ignored). Folders
-    with fewer than 2 frames are skipped with one warning on stderr."""
+    """Sorted training video folders: every folder under the directory `path` holding frames (Kinetics class/video/
+    or flat video/), or those listed one a line in a .txt (relative to its folder, not the working directory as in
+    the official code; blank and `#` lines ignored). Under 2 frames: skipped, with one warning on stderr."""
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path}: no such file or directory.")
     if path.is_dir():
-        # os.walk reads each directory once with scandir and needs no per-file stat: fine for 240k folders.
-        # followlinks: dataset trees are often assembled from symlinked class folders.
+        # os.walk: one scandir per folder, no per-file stat (fine for 240k folders); followlinks: symlinked classes
         found, n_video_files = [], 0
         for dirpath, _, filenames in os.walk(path, followlinks=True):
             n = sum(1 for name in filenames if is_frame(name))
@@ -120,10 +118,9 @@ def find_videos(path):
     return videos
 
 def sample_pair(n, clip_gap, rng):
-    """0-based indices (i, j) of a training pair's two frames, as official `sample_two_frames_tuple` draws them
-    (the path of the published runs: train.sh passes --use_adapter): g = int(clip_gap·n); if n <= 4 or g < 1,
-    i, j independent uniform on {0..n-1}; else i ~ U{1, ..., n-g-1}, j = i + g. `np.random.randint(1, n - g)`
-    indexes the sorted file list, so frame 0 is never the first frame and j can be the last."""
+    """0-based frames (i, j) of a pair by official `sample_two_frames_tuple` (train.sh passes --use_adapter): g =
+    int(clip_gap·n); if n <= 4 or g < 1, i, j uniform on {0..n-1}; else i ~ U{1..n-g-1}, j = i + g (its 0-based
+    `np.random.randint(1, n - g)`: frame 0 is never the first frame and j can be the last)."""
     g = int(clip_gap * n)
     if n <= 4 or g < 1 or g > n - 2:  # the last case: a gap the clip cannot hold (clip_gap near 1)
         return rng.randint(0, n - 1), rng.randint(0, n - 1)
@@ -148,10 +145,9 @@ def random_resized_crop_box(width, height, rng, scale=(0.5, 1.0), ratio=(3 / 4, 
 # decoding, resizing and normalising on the device, and the training dataset
 
 def load_rgb(path, draft_size=None):
-    """Decode one frame to an RGB PIL image; an unreadable or corrupt file raises BadInput naming it. Alpha is
-    dropped, colours kept as stored, like the official `img.convert("RGB")`; 16-bit grey is scaled to 8 bits (PIL's
-    convert would clip). draft_size: (w, h) the caller still needs; JPEGs are then decoded at 1/2, 1/4 or 1/8
-    scale in the DCT domain when the result stays at least that large (a big speed-up on large frames)."""
+    """One frame as an RGB PIL image (BadInput naming an unreadable file): alpha dropped as the official
+    `img.convert("RGB")` does, 16-bit grey scaled to 8 bits (PIL's convert would clip). draft_size: (w, h) still
+    needed; JPEGs then decode at 1/2, 1/4 or 1/8 scale in the DCT domain while at least that large (much faster)."""
     try:
         with Image.open(path) as img:
             if draft_size is not None:
@@ -174,8 +170,8 @@ def to_tensor(img):
 
 def bicubic_weights(n, lo, hi, out):
     """Pillow's BICUBIC resize of the span [lo, hi) of an n-pixel axis to `out` pixels -> (first source pixel used,
-    weights [out, m] over m source pixels from there), by src/libImaging/Resample.c precompute_coeffs: box edges in
-    float32, filter widened by the downscale factor, rows normalised, then rounded to 22-bit fixed point."""
+    weights [out, m] over m source pixels from there), as src/libImaging/Resample.c precompute_coeffs and
+    normalize_coeffs_8bpc: float32 box edges, filter widened by the downscale, rows normalised, 22-bit fixed point."""
     lo, hi = np.float32(lo), np.float32(hi)
     scale = float(hi - lo) / out
     stretch = max(scale, 1.0)
@@ -323,9 +319,9 @@ def synthetic_frames(seed, n_frames=16, height=96, width=128, n_objects=2):
         raise BadInput(f"synthetic video: need n_frames >= 1, height and width >= 16 and 1..255 objects, "
                        f"got {n_frames}, {height}x{width}, {n_objects}.")
     rng = np.random.default_rng(seed)
-    # background: three oriented sine waves per channel, evaluated at panned coordinates (a camera pan)
-    pan = rng.uniform(0.5, 1.5, 2) * rng.choice([-1.0, 1.0], 2)  # pixels per frame along x and y
-    # per channel: a base value and three waves (angle, frequency, phase, amplitude), drawn in that order
+    # background: per channel a base value and three sine waves (angle, frequency, phase, amplitude) over panned
+    # coordinates (a camera pan, pixels per frame along x and y)
+    pan = rng.uniform(0.5, 1.5, 2) * rng.choice([-1.0, 1.0], 2)
     channels = [(rng.uniform(70, 180), [(rng.uniform(0, np.pi), rng.uniform(0.02, 0.07), rng.uniform(0, 2 * np.pi),
                                          rng.uniform(8, 20)) for _ in range(3)]) for _ in range(3)]
     hue0 = rng.uniform()
@@ -351,7 +347,7 @@ def synthetic_frames(seed, n_frames=16, height=96, width=128, n_objects=2):
         t = np.full((1, 1), ti, dtype=np.float32)
         bx, by = x + pan[0] * t, y + pan[1] * t
         frame = np.empty((height, width, 3), dtype=np.float32)
-        for c, (value, waves) in enumerate(channels):  # sum from `value` on: the wave terms added in order
+        for c, (value, waves) in enumerate(channels):  # value + wave 1 + wave 2 + wave 3, in that order
             frame[..., c] = sum((amp * np.sin(2 * np.pi * freq * (np.cos(angle) * bx + np.sin(angle) * by) + phase)
                                  for angle, freq, phase, amp in waves), value)
         mask = np.zeros((height, width), dtype=np.uint8)
@@ -427,7 +423,6 @@ def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
     names = [f"synth-{s:03d}" for s in range(n_seqs)]
     for s, name in enumerate(names):
         image_dir, annotation_dir = (root / top / '480p' / name for top in ('JPEGImages', 'Annotations'))
-        # frame by frame: memory stays that of one frame however long the sequences are
         for t, (frame, mask) in enumerate(synthetic_frames((seed, 1, s), n_frames, height, width, 1 + s % 3)):
             atomic(image_dir / f"{t:05d}.jpg", lambda tmp: Image.fromarray(frame).save(tmp, "JPEG", quality=95))
             annotation = Image.frombytes('P', (width, height), mask.tobytes())
@@ -439,7 +434,6 @@ def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
 
 # -----------------------------------------------------------------------------
 # JHMDB: MATLAB v5 MAT-files and the dataset layout
-#
 # The format is MathWorks' "MAT-File Format" (v5/v6/v7): a 128-byte header, then data elements. Details checked
 # against scipy/scipy scipy/io/matlab/_mio5.py and _mio5_utils.pyx (small data elements, padding, flags).
 
@@ -573,11 +567,9 @@ def read_jhmdb(path, split=1, list_order=None):
             action = split_file.name[:-len(f"_test_split{split}.txt")]
             for n, line in enumerate(split_file.read_text().splitlines(), 1):
                 fields = line.split()
-                if not fields:
-                    continue
-                if len(fields) != 2 or fields[1] not in ('1', '2'):
+                if fields and (len(fields) != 2 or fields[1] not in ('1', '2')):
                     raise BadInput(f"{split_file}: line {n} is not '<video>.avi 1|2': {line.strip()!r}.")
-                if fields[1] != '2':
+                if fields[1:] != ['2']:  # a blank line, or a training video (1)
                     continue
                 video = fields[0].removesuffix('.avi')
                 frames_dir = path / 'Rename_Images' / action / video
@@ -657,8 +649,7 @@ def jhmdb_labels(pos_xy, W0, H0, grid=(20, 20), size=(320, 320), patch=16, sigma
     gx = pos_xy[:, 0] * size[1] / W0 / patch
     gy = pos_xy[:, 1] * size[0] / H0 / patch
     joints = np.stack([draw_labelmap(grid[0], grid[1], x, y, sigma) for x, y in zip(gx, gy)])
-    background = (joints.sum(0) == 0)[None]
-    return np.concatenate([background, joints]).astype(np.float32)
+    return np.concatenate([(joints.sum(0) == 0)[None], joints]).astype(np.float32)  # channel 0: background
 
 
 # -----------------------------------------------------------------------------
@@ -728,7 +719,7 @@ def read_davis(davis, scoring=True):
 def read_vip(path):
     """Check a VIP set: [(video, frames, labels, first label)]. path: VIP_Fine (Images/videos<N>/*.jpg,
     Annotations/Category_ids/videos<N>/*.png, lists/val_videos.txt) or a CropMAE vip_vallist.txt of `<images dir>
-    <labels dir>` lines (relative to the current folder). Labels: same name and size, part ids 0..19 (255 later)."""
+    <labels dir>` lines (relative to the current folder). Labels: same name and size, ids 0..19 (255 after frame 0)."""
     path, listing = Path(path), Path(path) / "lists" / "val_videos.txt"
     if path.is_file():
         pairs = []
