@@ -1,12 +1,10 @@
 """Data for Co-Settle: video folders, the frame-pair sampler, the shared crop/flip, synthetic data sets.
 
-Training pairs: from one video of `n` frames take two frames `g = int(0.15·n)` apart, give both the same
-random-resized crop and the same horizontal flip, as uint8 (the training step normalises them on the device).
-Where the official code (github.com/yafeng19/Co-Settle, util/video_datasets.py, util/video/*.py) and the paper
-text differ we follow the code, and say so where it happens.
-
-Also here: synthetic videos with ground-truth object masks (for the demo and the evaluator's no-data run), a
-writer of DAVIS-2017 folders in the real layout, the JHMDB reader with a small MATLAB v5 reader, and a CLI:
+Training pairs: two frames `int(0.15·n)` apart in a video of n frames, one random-resized crop and flip for both,
+as uint8 (the training step normalises them on the device). Where the official code (github.com/yafeng19/Co-Settle,
+util/video_datasets.py, util/video/*.py) and the paper differ we follow the code, and say so where it happens.
+Also: synthetic videos with object masks (demo, no-data evaluation), a DAVIS-2017 writer, the DAVIS, VIP and JHMDB
+readers (with a MATLAB v5 reader), result writers, and a CLI:
     python data.py --make-davis DIR [--seqs N --frames N --height H --width W --seed S]
     python data.py --make-videos DIR [--videos N --frames N --height H --width W --seed S]
 (Synthetic VIP and JHMDB sets: `python test_cosettle.py --make-vip DIR` / `--make-jhmdb DIR`.)
@@ -21,6 +19,7 @@ import random
 import struct
 import sys
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,7 @@ def check_out_dir(path, flag="--out"):
 
 
 # -----------------------------------------------------------------------------
-# finding videos
+# finding videos, and the random choices of one sample
 
 def is_frame(name):
     return name.lower().endswith(FRAME_SUFFIXES)
@@ -80,19 +79,14 @@ def count_frames(folder):
 
 
 def find_videos(path):
-    """Video folders for training: every folder under `path` that holds frames, or those listed in a .txt.
-
-    `path` is a directory (searched recursively, so both Kinetics `class/video/00000.jpg` and flat
-    `video/00000.jpg` layouts work) or a .txt file with one folder per line (relative paths are resolved against
-    the .txt's folder, not the working directory as in the official code; blank lines and `#` lines ignored).
-    Folders with fewer than 2 frames are skipped with one warning on stderr. Returns a sorted list of Paths.
-    """
+    """Sorted training video folders: every folder under the directory `path` holding frames (Kinetics class/video/
+    or flat video/), or those listed one a line in a .txt (relative to its folder, not the working directory as in
+    the official code; blank and `#` lines ignored). Under 2 frames: skipped, with one warning on stderr."""
     path = Path(path)
     if not path.exists():
         raise BadInput(f"{path}: no such file or directory.")
     if path.is_dir():
-        # os.walk reads each directory once with scandir and needs no per-file stat: fine for 240k folders.
-        # followlinks: dataset trees are often assembled from symlinked class folders.
+        # os.walk: one scandir per folder, no per-file stat (fine for 240k folders); followlinks: symlinked classes
         found, n_video_files = [], 0
         for dirpath, _, filenames in os.walk(path, followlinks=True):
             n = sum(1 for name in filenames if is_frame(name))
@@ -114,31 +108,19 @@ def find_videos(path):
         raise BadInput(f"{path}: expected a folder of video folders or a .txt list of them.")
     if not found:
         raise BadInput(f"{path}: holds no folders with frames ({', '.join(FRAME_SUFFIXES)}).")
-
     videos = sorted(folder for folder, n in found if n >= 2)
     skipped = len(found) - len(videos)
     if skipped:
-        missing = " (or missing)" if path.is_file() else ""
         print(f"warning: {path}: skipped {skipped} of {len(found)} video folders with fewer than 2 frames"
-              f"{missing}.", file=sys.stderr)
+              f"{' (or missing)' if path.is_file() else ''}.", file=sys.stderr)
     if not videos:
         raise BadInput(f"{path}: no video folder with at least 2 frames is left after skipping {skipped}.")
     return videos
 
-
-# -----------------------------------------------------------------------------
-# the random choices of one sample
-
 def sample_pair(n, clip_gap, rng):
-    """0-based indices (i, j) of a training pair's two frames, as the official code draws them.
-
-    Official `sample_two_frames_tuple` (the path the published runs take: train.sh passes --use_adapter):
-      g = int(clip_gap·n); if n <= 4 or g < 1: i, j independent uniform on {0..n-1} (may coincide, any order);
-      else i ~ U{1, ..., n-g-1}, j = i + g.
-    Those indices are already 0-based (`np.random.randint(1, n - g)` into the sorted file list), so frame 0 is
-    never the first frame and j can be the last frame. (The unused non-adapter `sample_two_frames` falls back
-    when n <= 2 or g <= 1 instead.)
-    """
+    """0-based frames (i, j) of a pair by official `sample_two_frames_tuple` (train.sh passes --use_adapter): g =
+    int(clip_gap·n); if n <= 4 or g < 1, i, j uniform on {0..n-1}; else i ~ U{1..n-g-1}, j = i + g (its 0-based
+    `np.random.randint(1, n - g)`: frame 0 is never the first frame and j can be the last)."""
     g = int(clip_gap * n)
     if n <= 4 or g < 1 or g > n - 2:  # the last case: a gap the clip cannot hold (clip_gap near 1)
         return rng.randint(0, n - 1), rng.randint(0, n - 1)
@@ -147,13 +129,9 @@ def sample_pair(n, clip_gap, rng):
 
 
 def random_resized_crop_box(width, height, rng, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
-    """(left, top, crop_w, crop_h) of a random-resized crop, the official way (util/video/image_utils.py `RRC`).
-
-    The official crop is the BYOL/TF variant, not torchvision's 10-attempt loop: one draw of area fraction
-    U(scale) and log-uniform aspect ratio, w = round(sqrt(area·r)), h = round(sqrt(area/r)), each clamped to
-    the image, then a uniform position. On a square image (the official code crops a 224×224 frame) the clamped
-    box keeps its area fraction in `scale` and its ratio in `ratio`.
-    """
+    """(left, top, crop_w, crop_h) of a random-resized crop as official util/video/image_utils.py `RRC` draws it:
+    the BYOL/TF variant, not torchvision's 10-attempt loop: one area fraction U(scale), a log-uniform ratio,
+    w = round(sqrt(area·r)), h = round(sqrt(area/r)) clamped to the image, then a uniform position."""
     area = width * height * rng.uniform(scale[0], scale[1])
     aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
     crop_w = max(1, min(int(round(math.sqrt(area * aspect))), width))
@@ -164,20 +142,12 @@ def random_resized_crop_box(width, height, rng, scale=(0.5, 1.0), ratio=(3 / 4, 
 
 
 # -----------------------------------------------------------------------------
-# decoding, and normalising on the device
-
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)  # what PIL raises
-
+# decoding, resizing and normalising on the device, and the training dataset
 
 def load_rgb(path, draft_size=None):
-    """Decode one frame to an RGB PIL image; an unreadable or corrupt file raises BadInput naming it.
-
-    Modes: alpha (LA, RGBA, PA, P with transparency) is dropped, colours kept as stored (no compositing), like
-    the official `img.convert("RGB")`; 16-bit grey (I;16*, I) is scaled to 8 bits (PIL's convert would clip);
-    CMYK, L and the rest go through PIL's convert.
-    draft_size: (w, h) the caller still needs; JPEGs are then decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
-    when the result stays at least that large (a big speed-up on large frames, no effect on small ones).
-    """
+    """One frame as an RGB PIL image (BadInput naming an unreadable file): alpha dropped as the official
+    `img.convert("RGB")` does, 16-bit grey scaled to 8 bits (PIL's convert would clip). draft_size: (w, h) still
+    needed; JPEGs then decode at 1/2, 1/4 or 1/8 scale in the DCT domain while at least that large (much faster)."""
     try:
         with Image.open(path) as img:
             if draft_size is not None:
@@ -189,7 +159,7 @@ def load_rgb(path, draft_size=None):
             if img.mode == 'P':
                 img = img.convert('RGBA')  # PIL warns on P -> RGB when the palette has transparency
             return img.convert('RGB')
-    except DECODE_ERRORS as e:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:  # what PIL raises
         raise BadInput(f"{path}: cannot decode the image ({e}).") from e
 
 
@@ -199,10 +169,9 @@ def to_tensor(img):
 
 
 def bicubic_weights(n, lo, hi, out):
-    """Pillow's BICUBIC resize of the span [lo, hi) of an n-pixel axis to `out` pixels, as a matrix: -> (first
-    source pixel used, weights [out, m] over the m source pixels from there). Pillow's own numbers
-    (src/libImaging/Resample.c precompute_coeffs, normalize_coeffs_8bpc): the box edges in float32, the filter
-    widened by the downscale factor, each row normalised, then rounded to 22-bit fixed point."""
+    """Pillow's BICUBIC resize of the span [lo, hi) of an n-pixel axis to `out` pixels -> (first source pixel used,
+    weights [out, m] over m source pixels from there), as src/libImaging/Resample.c precompute_coeffs and
+    normalize_coeffs_8bpc: float32 box edges, filter widened by the downscale, rows normalised, 22-bit fixed point."""
     lo, hi = np.float32(lo), np.float32(hi)
     scale = float(hi - lo) / out
     stretch = max(scale, 1.0)
@@ -213,21 +182,20 @@ def bicubic_weights(n, lo, hi, out):
     taps = first[:, None] + np.arange(int(np.ceil(support)) * 2 + 1)  # each row's window, as Pillow's ksize
     d = np.abs((taps - centre[:, None] + 0.5) * (1.0 / stretch))
     w = np.where(d < 1, (1.5 * d - 2.5) * d * d + 1, np.where(d < 2, (((d - 5) * d + 8) * d - 4) * -0.5, 0.0))
-    w *= taps < last[:, None]
+    keep = taps < last[:, None]
+    w *= keep
     w /= w.sum(1, keepdims=True)
     x0 = int(first[0])
     dense = np.zeros((out, int(last[-1]) - x0), np.float32)
-    rows = np.arange(out)[:, None].repeat(taps.shape[1], 1)
-    keep = taps < last[:, None]
-    dense[rows[keep], taps[keep] - x0] = np.sign(w[keep]) * np.floor(np.abs(w[keep]) * 2 ** 22 + 0.5) / 2 ** 22
+    rows, cols = np.nonzero(keep)
+    dense[rows, taps[rows, cols] - x0] = np.sign(w[keep]) * np.floor(np.abs(w[keep]) * 2 ** 22 + 0.5) / 2 ** 22
     return x0, dense
 
 
 def resample(pixels, wy, wx):
-    """Crops to size×size where they are (the training step's device): uint8 pixels [B, 3, h, w] and
-    bicubic_weights' wy [B, S, h], wx [B, S, w] -> float32 [B, 3, S, S] in 0..255. Pillow's two passes, each
-    rounded to 8 bits as Pillow rounds: equal to Image.resize(BICUBIC, box) but for float32's rounding, which
-    moves ~1 pixel in 70,000 by one level (fp32 matmuls: keep TF32 off, torch's default)."""
+    """uint8 pixels [B, 3, h, w] and bicubic_weights' wy [B, S, h], wx [B, S, w] -> float32 [B, 3, S, S] in 0..255,
+    where they are: Pillow's two passes, each rounded to 8 bits as Pillow does: Image.resize(BICUBIC, box) but for
+    float32 rounding, ~1 pixel in 70,000 off by one level (fp32 matmuls: keep TF32 off, torch's default)."""
     B, _, h, w = pixels.shape
     S = wx.shape[1]
     x = torch.bmm(pixels.to(wx.dtype).view(B, 3 * h, w), wx.transpose(1, 2)).add_(0.5).floor_().clamp_(0, 255)
@@ -251,9 +219,8 @@ def collate_crops(items):
 
 
 def model_input(crops, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """A collated frame batch (pixels, wy, wx) -> normalised float32 [B, 3, S, S] on the device: copied as uint8
-    (a quarter of float32's bytes; pinned by the DataLoader on CUDA, so the copy is queued and the host goes on),
-    then resampled and normalised there."""
+    """A collated batch (pixels, wy, wx) -> normalised float32 [B, 3, S, S] on the device: copied as uint8 (a quarter
+    of float32's bytes; pinned by the DataLoader on CUDA, so the copy is queued), then resampled there."""
     x = resample(*(t.to(device, non_blocking=True) for t in crops))
     return normalise_batch(x, mean, std)
 
@@ -264,19 +231,11 @@ def normalise_batch(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
     return (x.float() / 255 - mean) / std
 
-
-# -----------------------------------------------------------------------------
-# the training dataset
-
 class FramePairs(torch.utils.data.Dataset):
-    """Training pairs: item idx = two frames of video idx, same crop, same flip, each as (uint8 pixels of the
-    crop window, wy, wx): the bicubic resize to size×size is two small matrices the training step applies on the
-    device (data.model_input), so a worker only decodes. Batch them with collate_fn=collate_crops.
-
-    Randomness is a pure function of (seed, epoch, idx), so a sample does not depend on the number of DataLoader
-    workers and is reproduced after a resume. Call set_epoch(e) before building the epoch's iterator (workers
-    copy the dataset when they start, so with persistent_workers=True a later set_epoch would not reach them).
-    """
+    """Item idx: two frames of video idx, same crop and flip, each (uint8 crop window, wy, wx): the resize is applied
+    on the device (model_input), so a worker only decodes; batch with collate_fn=collate_crops. Randomness is a
+    function of (seed, epoch, idx) alone: any worker count, same after a resume. Call set_epoch(e) before building
+    the epoch's iterator (workers copy the dataset at start: with persistent_workers a later call misses them)."""
 
     def __init__(self, videos, size, clip_gap, seed=0):
         self.videos = [Path(v) for v in videos]
@@ -299,16 +258,12 @@ class FramePairs(torch.utils.data.Dataset):
         # a fixed fraction of the frame: draw it on a size×size grid the same way and keep it relative.
         left, top, w, h = random_resized_crop_box(self.size, self.size, rng)
         box = (left / self.size, top / self.size, w / self.size, h / self.size)
-        flip = rng.random() < 0.5
-        return i, j, box, flip
+        return i, j, box, rng.random() < 0.5  # the flip
 
     def crop(self, img, box, flip):
-        """The relative window of the frame at its own resolution, and the weights that resize it (Pillow's
-        bicubic) to size×size, the flip folded into wx: -> (uint8 [3, h, w], wy [size, h], wx [size, w]).
-
-        The official code resamples twice (frame -> 224×224, then crop -> 224×224, upsampling the crop); one
-        resample from the original frame shows the same window without that loss of detail.
-        """
+        """The relative window at the frame's own resolution and the Pillow-bicubic weights that resize it to
+        size×size, flip folded into wx: -> (uint8 [3, h, w], wy [size, h], wx [size, w]). The official code
+        resamples twice (frame, then crop, to 224×224); one resample shows the same window without that loss."""
         W, H = img.size
         left, top, w, h = box
         x0, wx = bicubic_weights(W, left * W, (left + w) * W, self.size)
@@ -350,14 +305,9 @@ def saturated_colour(hue):
 
 
 def synthetic_video(seed, n_frames=16, height=96, width=128, n_objects=2):
-    """A small textured video with known objects: (frames uint8 [T,H,W,3], masks uint8 [T,H,W]).
-
-    The background is smooth coloured stripes that pan over time; each object (ellipse, rectangle or blob) has
-    its own colour and stripe/checker texture fixed to its body, moves on a smooth bounded path, rotates and
-    breathes slightly. Objects occlude in a fixed depth order (id k+1 covers id k); masks give the visible owner
-    of each pixel (0 = background). Deterministic in `seed` (anything numpy's default_rng accepts).
-    The whole video in memory; writers use synthetic_frames, which holds one frame at a time.
-    """
+    """A small textured video with known objects: (frames uint8 [T,H,W,3], masks uint8 [T,H,W]): panning
+    stripes behind textured ellipses, rectangles and blobs that move, rotate and breathe; id k+1 occludes id k,
+    masks give each pixel's visible owner (0 = background). Deterministic in `seed` (numpy default_rng's)."""
     frames, masks = zip(*synthetic_frames(seed, n_frames, height, width, n_objects))
     return np.stack(frames), np.stack(masks)
 
@@ -369,15 +319,11 @@ def synthetic_frames(seed, n_frames=16, height=96, width=128, n_objects=2):
         raise BadInput(f"synthetic video: need n_frames >= 1, height and width >= 16 and 1..255 objects, "
                        f"got {n_frames}, {height}x{width}, {n_objects}.")
     rng = np.random.default_rng(seed)
-    # background: three oriented sine waves per channel, evaluated at panned coordinates (a camera pan)
-    pan = rng.uniform(0.5, 1.5, 2) * rng.choice([-1.0, 1.0], 2)  # pixels per frame along x and y
-    channels = []
-    for c in range(3):
-        value, waves = rng.uniform(70, 180), []
-        for _ in range(3):
-            angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(0.02, 0.07), rng.uniform(0, 2 * np.pi)
-            waves.append((angle, freq, phase, rng.uniform(8, 20)))
-        channels.append((value, waves))
+    # background: per channel a base value and three sine waves (angle, frequency, phase, amplitude) over panned
+    # coordinates (a camera pan, pixels per frame along x and y)
+    pan = rng.uniform(0.5, 1.5, 2) * rng.choice([-1.0, 1.0], 2)
+    channels = [(rng.uniform(70, 180), [(rng.uniform(0, np.pi), rng.uniform(0.02, 0.07), rng.uniform(0, 2 * np.pi),
+                                         rng.uniform(8, 20)) for _ in range(3)]) for _ in range(3)]
     hue0 = rng.uniform()
     objects = []
     for k in range(n_objects):
@@ -401,11 +347,9 @@ def synthetic_frames(seed, n_frames=16, height=96, width=128, n_objects=2):
         t = np.full((1, 1), ti, dtype=np.float32)
         bx, by = x + pan[0] * t, y + pan[1] * t
         frame = np.empty((height, width, 3), dtype=np.float32)
-        for c, (value, waves) in enumerate(channels):
-            for angle, freq, phase, amplitude in waves:
-                value = value + amplitude * np.sin(2 * np.pi * freq * (np.cos(angle) * bx + np.sin(angle) * by)
-                                                   + phase)
-            frame[..., c] = value
+        for c, (value, waves) in enumerate(channels):  # value + wave 1 + wave 2 + wave 3, in that order
+            frame[..., c] = sum((amp * np.sin(2 * np.pi * freq * (np.cos(angle) * bx + np.sin(angle) * by) + phase)
+                                 for angle, freq, phase, amp in waves), value)
         mask = np.zeros((height, width), dtype=np.uint8)
         for k, o in enumerate(objects):
             cx = o["c0"][0] + o["amp"][0] * np.sin(2 * np.pi * t / o["period"][0] + o["phase"][0])
@@ -424,10 +368,8 @@ def synthetic_frames(seed, n_frames=16, height=96, width=128, n_objects=2):
                 rim = 1.0 + 0.25 * np.sin(o["lobes"] * np.arctan2(v, u) + o["rim_phase"])
                 inside = np.sqrt((u / rx) ** 2 + (v / ry) ** 2) <= rim
             wavelength, beta = o["wavelength"], o["beta"]
-            if beta is not None:
-                texture = np.sin(2 * np.pi * (np.cos(beta) * u + np.sin(beta) * v) / wavelength)
-            else:
-                texture = np.sin(2 * np.pi * u / wavelength) * np.sin(2 * np.pi * v / wavelength)
+            texture = (np.sin(2 * np.pi * u / wavelength) * np.sin(2 * np.pi * v / wavelength) if beta is None
+                       else np.sin(2 * np.pi * (np.cos(beta) * u + np.sin(beta) * v) / wavelength))
             frame[inside] = o["colour"] * (0.7 + 0.3 * texture[inside])[:, None]
             mask[inside] = k + 1
         yield np.clip(frame + 0.5, 0, 255).astype(np.uint8), mask
@@ -435,8 +377,7 @@ def synthetic_frames(seed, n_frames=16, height=96, width=128, n_objects=2):
 
 def atomic(path, write):
     """write(tmp) under a temporary name in the same folder, then rename over `path`: no reader ever sees half a
-    file, and a crash leaves none behind. Every file this project writes whole goes through here (train.py's
-    log.jsonl, appended one record at a time, is the one file that is not written whole)."""
+    file, and a crash leaves none behind (train.py's log.jsonl, appended a record at a time, is not written so)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -459,49 +400,29 @@ def write_synthetic_videos(root, n_videos=8, n_frames=16, height=96, width=128, 
     root = prepare_root(root)
     if n_videos < 1:
         raise BadInput(f"synthetic videos: need at least 1 video, got {n_videos}.")
-    folders = []
-    for v in range(n_videos):
-        folder = root / f"video_{v:03d}"
+    folders = [root / f"video_{v:03d}" for v in range(n_videos)]
+    for v, folder in enumerate(folders):
         for t, (frame, _) in enumerate(synthetic_frames((seed, 0, v), n_frames, height, width)):
             atomic(folder / f"{t:05d}.jpg", lambda tmp: Image.fromarray(frame).save(tmp, "JPEG", quality=95))
-        folders.append(folder)
     return folders
 
 
 def davis_palette():
-    """The DAVIS / PASCAL VOC colour map as 768 ints (index 0 black, 1 (128,0,0), 2 (0,128,0), 3 (128,128,0), …).
-
-    Bits 0, 1, 2 of the index go to the top bit of R, G, B; bits 3, 4, 5 to the next bit; and so on.
-    """
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for bit in range(7, -1, -1):
-            r |= (c & 1) << bit
-            g |= ((c >> 1) & 1) << bit
-            b |= ((c >> 2) & 1) << bit
-            c >>= 3
-        palette += [r, g, b]
-    return palette
+    """The DAVIS / PASCAL VOC colour map as 768 ints (index 0 black, 1 (128,0,0), 2 (0,128,0), 3 (128,128,0), …):
+    bits 0, 1, 2 of the index go to the top bit of R, G, B; bits 3, 4, 5 to the next bit; 6, 7 to the third."""
+    return [sum(((index >> (3 * k + c)) & 1) << (7 - k) for k in range(3)) for index in range(256) for c in range(3)]
 
 
 def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
-    """Write a synthetic DAVIS-2017 folder and return it.
-
-    root/ImageSets/2017/val.txt (one sequence name per line), root/JPEGImages/480p/<seq>/00000.jpg … and
-    root/Annotations/480p/<seq>/00000.png … for every frame (palette PNGs, DAVIS palette, pixel = object id).
-    Sequence s has 1 + s % 3 objects.
-    """
+    """Write and return a synthetic DAVIS-2017 folder: ImageSets/2017/val.txt, JPEGImages/480p/<seq>/00000.jpg …, and
+    Annotations/480p/<seq>/00000.png … (DAVIS palette, pixel = object id); sequence s has 1 + s % 3 objects."""
     root = prepare_root(root)
     if n_seqs < 1:
         raise BadInput(f"synthetic DAVIS: need at least 1 sequence, got {n_seqs}.")
     palette = davis_palette()
     names = [f"synth-{s:03d}" for s in range(n_seqs)]
     for s, name in enumerate(names):
-        image_dir = root / 'JPEGImages' / '480p' / name
-        annotation_dir = root / 'Annotations' / '480p' / name
-        # frame by frame: memory stays that of one frame however long the sequences are
+        image_dir, annotation_dir = (root / top / '480p' / name for top in ('JPEGImages', 'Annotations'))
         for t, (frame, mask) in enumerate(synthetic_frames((seed, 1, s), n_frames, height, width, 1 + s % 3)):
             atomic(image_dir / f"{t:05d}.jpg", lambda tmp: Image.fromarray(frame).save(tmp, "JPEG", quality=95))
             annotation = Image.frombytes('P', (width, height), mask.tobytes())
@@ -513,7 +434,6 @@ def make_davis(root, n_seqs=3, n_frames=12, height=96, width=128, seed=0):
 
 # -----------------------------------------------------------------------------
 # JHMDB: MATLAB v5 MAT-files and the dataset layout
-#
 # The format is MathWorks' "MAT-File Format" (v5/v6/v7): a 128-byte header, then data elements. Details checked
 # against scipy/scipy scipy/io/matlab/_mio5.py and _mio5_utils.pyx (small data elements, padding, flags).
 
@@ -524,10 +444,8 @@ MAT_LOGICAL, MAT_COMPLEX = 0x200, 0x800  # array-flag bits (class in the low byt
 
 
 def mat_element(buf, p, order):
-    """The data element at buf[p:]: (type, data bytes, position of the next element).
-
-    A tag whose upper 16 bits are non-zero is a small data element: count << 16 | type in 4 bytes, the data in the
-    next 4. Otherwise the tag is (type, count) and the data is padded to a multiple of 8 bytes."""
+    """The data element at buf[p:]: (type, data bytes, position of the next element). A tag with non-zero upper 16
+    bits is a small element (count << 16 | type, data in the next 4 bytes); else (type, count), data padded to 8."""
     if p + 8 > len(buf):
         raise ValueError("element tag past the end")
     word, count = struct.unpack_from(order + 'II', buf, p)
@@ -539,8 +457,7 @@ def mat_element(buf, p, order):
 
 
 def mat_matrix(buf, order):
-    """(name, array) of one miMATRIX element's data; None for classes other than numeric (char, cell, struct,
-    object, sparse...) and for an empty element."""
+    """(name, array) of one miMATRIX element's data; None for an empty element or a non-numeric class."""
     if not buf:
         return None
     _, flags, p = mat_element(buf, 0, order)
@@ -563,12 +480,8 @@ def mat_matrix(buf, order):
 
 
 def read_mat(path):
-    """The numeric variables of a MATLAB v5 MAT-file as {name: numpy array} (MATLAB's shapes and classes).
-
-    Compressed (MATLAB's default) and uncompressed elements, either byte order. Variables of other classes (char,
-    cell, struct, object, sparse) are skipped. A v7.3 (HDF5) file, a truncated file or a non-MAT file is a
-    BadInput naming the file.
-    """
+    """The numeric variables of a MATLAB v5 MAT-file, compressed or not, either byte order, as {name: array}
+    (MATLAB's shapes and classes); other classes are skipped. v7.3 (HDF5), truncated or non-MAT files: BadInput."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
@@ -609,8 +522,7 @@ def numbered(paths, folder):
 
 
 def png_frames(folder):
-    """The .png frames of a JHMDB video folder sorted by number (alexandre-eymael/CropMAE
-    downstreams/propagation/src/data/jhmdb.py make_paths keeps '.png' names sorted by int(stem))."""
+    """The .png frames of a JHMDB video folder sorted by number (CropMAE data/jhmdb.py make_paths); [] if none."""
     try:
         names = [n for n in os.listdir(folder) if n.lower().endswith('.png')]
     except OSError:
@@ -641,15 +553,10 @@ def jhmdb_video(mat, frames_dir, source):
 
 
 def read_jhmdb(path, split=1, list_order=None):
-    """The JHMDB test videos: [(name "<action>/<video>", frame paths sorted by number, pos_img (2, 15, T))].
-
-    `path` is the JHMDB root (the videos marked 2 in splits/*_test_split<split>.txt) or a list file with one
-    "<mat> <frames dir>" per line (alexandre-eymael/CropMAE downstreams/propagation/jhmdb_vallist.txt order), or
-    "<frames dir> <mat>" (ajabri/videowalk code/data/jhmdb.py order). list_order None detects the order from
-    which column ends in '.mat'; 'mat-first' or 'frames-first' forces it. Relative list paths are taken from the
-    current folder, else from the list's folder. Everything is checked before anything runs: each problem is a
-    BadInput naming the file.
-    """
+    """The JHMDB test videos, checked: [(name "<action>/<video>", frames sorted by number, pos_img)]. `path`: the root
+    (videos marked 2 in splits/*_test_split<split>.txt), or a list of "<mat> <frames dir>" (CropMAE jhmdb_vallist.txt)
+    or "<frames dir> <mat>" lines (ajabri/videowalk code/data/jhmdb.py); list_order None: the '.mat' column decides.
+    Relative list paths: from the current folder, else from the list's folder."""
     path = Path(path)
     videos = []
     if path.is_dir():
@@ -660,13 +567,11 @@ def read_jhmdb(path, split=1, list_order=None):
             action = split_file.name[:-len(f"_test_split{split}.txt")]
             for n, line in enumerate(split_file.read_text().splitlines(), 1):
                 fields = line.split()
-                if not fields:
-                    continue
-                if len(fields) != 2 or fields[1] not in ('1', '2'):
+                if fields and (len(fields) != 2 or fields[1] not in ('1', '2')):
                     raise BadInput(f"{split_file}: line {n} is not '<video>.avi 1|2': {line.strip()!r}.")
-                if fields[1] != '2':
+                if fields[1:] != ['2']:  # a blank line, or a training video (1)
                     continue
-                video = fields[0][:-4] if fields[0].endswith('.avi') else fields[0]
+                video = fields[0].removesuffix('.avi')
                 frames_dir = path / 'Rename_Images' / action / video
                 mat = path / 'joint_positions' / action / video / 'joint_positions.mat'
                 if not frames_dir.is_dir():
@@ -697,7 +602,6 @@ def read_jhmdb(path, split=1, list_order=None):
 
 # results written whole or not at all (atomic)
 
-
 def write_csv(path, header, rows):
     """pandas' to_csv(index=False, float_format="%.3f"), as evaluation_method.py writes it (NaN -> empty)."""
     cell = lambda v: v if isinstance(v, str) else ("" if np.isnan(v) else "%.3f" % v)
@@ -719,13 +623,10 @@ def write_json(path, obj):
 
 # frame 0's JHMDB labels: alexandre-eymael/CropMAE downstreams/propagation/src/data/jhmdb.py
 
-
 def draw_labelmap(h, w, x, y, sigma=0.5):
-    """float64 [h, w]: the unnormalised Gaussian (peak 1) of one joint at grid point (x, y), drawn by the hourglass
-    rule of CropMAE data/jhmdb.py draw_labelmap_np: a (6σ+1)² kernel centred on its cell size//2, pasted with its
-    top-left at (int(x - 3σ), int(y - 3σ)), int() truncating toward zero, clipped to the grid; nothing when the
-    window misses the grid. For σ = 0.5 that is a 4x4 kernel centred on its cell (2, 2): offsets -2..+1, so the
-    peak lands on round-half-up(x) for x >= 1.5 and the -2 row/column exists only up and left."""
+    """float64 [h, w]: one joint's Gaussian (peak 1) at grid point (x, y) by CropMAE data/jhmdb.py draw_labelmap_np:
+    a (6σ+1)² kernel centred on its cell size//2, top-left at (int(x - 3σ), int(y - 3σ)) (int() truncates toward
+    zero), clipped to the grid. σ = 0.5: a 4x4 kernel, offsets -2..+1, peak at round-half-up(x) for x >= 1.5."""
     out = np.zeros((h, w))
     left, top = int(x - 3 * sigma), int(y - 3 * sigma)
     right, bottom = int(x + 3 * sigma + 1), int(y + 3 * sigma + 1)  # exclusive
@@ -741,21 +642,18 @@ def draw_labelmap(h, w, x, y, sigma=0.5):
 
 
 def jhmdb_labels(pos_xy, W0, H0, grid=(20, 20), size=(320, 320), patch=16, sigma=0.5):
-    """float32 [16, grid h, grid w]: frame 0's label maps from its joints pos_xy [15, 2] (x, y, 0-based pixels of
-    the W0 x H0 frame, i.e. pos_img - 1): channel 0 = 1 where no joint map is non-zero, channels 1..15 one Gaussian
-    per joint at x * (size W / W0) / patch, y * (size H / H0) / patch (CropMAE data/jhmdb.py JhmdbSet.__getitem__:
-    the frame is stretched to `size` (H, W) and the grid is size / patch; no half-cell offset)."""
+    """float32 [16, grid h, grid w] from frame 0's joints pos_xy [15, 2] (0-based pixels of the W0 x H0 frame):
+    channel 0 = 1 where no joint map is non-zero, then a Gaussian per joint at x * (size W / W0) / patch, likewise
+    y (CropMAE data/jhmdb.py JhmdbSet.__getitem__ stretches the frame to `size`; no half-cell offset)."""
     pos_xy = np.asarray(pos_xy, dtype=np.float64)
     gx = pos_xy[:, 0] * size[1] / W0 / patch
     gy = pos_xy[:, 1] * size[0] / H0 / patch
     joints = np.stack([draw_labelmap(grid[0], grid[1], x, y, sigma) for x, y in zip(gx, gy)])
-    background = (joints.sum(0) == 0)[None]
-    return np.concatenate([background, joints]).astype(np.float32)
+    return np.concatenate([(joints.sum(0) == 0)[None], joints]).astype(np.float32)  # channel 0: background
 
 
 # -----------------------------------------------------------------------------
 # DAVIS-2017 and VIP: the evaluation sets, checked before anything is written
-
 
 VIP_CLASSES = ["background", "hat", "hair", "sun-glasses", "upper-clothes", "dress", "coat", "socks", "pants",
                "gloves", "scarf", "skirt", "torso-skin", "face", "right-arm", "left-arm", "right-leg", "left-leg",
@@ -784,13 +682,9 @@ def image_size(path):
 
 
 def read_davis(davis, scoring=True):
-    """Check a DAVIS-2017 folder before anything is written: [(seq, frames, annotations, first annotation)].
-
-    Propagation needs every frame of equal size and a first-frame annotation of that size (DINO's path:
-    Annotations/480p/<seq>/<first frame>.png); scoring needs an annotation for every frame, which is what
-    davis2017-evaluation reads (the sorted PNGs of Annotations/480p/<seq>). So a set is either fully annotated
-    (scored), or annotated on first frames only, like test-dev (propagated, not scored: refused when `scoring`);
-    anything in between is refused before any work, naming the missing files."""
+    """Check a DAVIS-2017 folder: [(seq, frames, annotations, first annotation)]. Propagation needs equal-size frames
+    and DINO's Annotations/480p/<seq>/<first>.png; scoring needs every frame's (as davis2017-evaluation). Fully
+    annotated sets are scored, first-frame-only ones (test-dev) refused when `scoring`; anything between, refused."""
     davis = Path(davis)
     listing = davis / "ImageSets" / "2017" / "val.txt"
     if not listing.is_file():
@@ -810,8 +704,7 @@ def read_davis(davis, scoring=True):
             if image_size(f) != size:
                 raise BadInput(f"{f}: frame is {image_size(f)[1]}x{image_size(f)[0]}, its annotation {first.name} "
                                f"is {size[1]}x{size[0]}")
-        missing += [first.parent / (f.stem + ".png") for f in frames[1:]
-                    if not (first.parent / (f.stem + ".png")).is_file()]
+        missing += [a for a in (first.parent / (f.stem + ".png") for f in frames[1:]) if not a.is_file()]
         later += len(frames) - 1
         out.append((seq, frames, anns, first))
     if missing and len(missing) < later:
@@ -824,12 +717,9 @@ def read_davis(davis, scoring=True):
 
 
 def read_vip(path):
-    """Check a VIP set before anything is written: [(video, frames, labels, first label)].
-
-    path: the VIP_Fine folder as distributed (Images/videos<N>/*.jpg, Annotations/Category_ids/videos<N>/*.png,
-    the videos of lists/val_videos.txt), or a CropMAE-style list file (downstreams/propagation/vip_vallist.txt:
-    `<images dir> <labels dir>` per line, relative paths taken from the current folder as CropMAE does). Every
-    frame needs the label of the same name and size; labels hold part ids 0..19, and 255 (void) after frame 0."""
+    """Check a VIP set: [(video, frames, labels, first label)]. path: VIP_Fine (Images/videos<N>/*.jpg,
+    Annotations/Category_ids/videos<N>/*.png, lists/val_videos.txt) or a CropMAE vip_vallist.txt of `<images dir>
+    <labels dir>` lines (relative to the current folder). Labels: same name and size, ids 0..19 (255 after frame 0)."""
     path, listing = Path(path), Path(path) / "lists" / "val_videos.txt"
     if path.is_file():
         pairs = []
@@ -889,15 +779,11 @@ PAPER_SETS = {
 
 
 def describe(task, plan):
-    """What a plan (read_davis, read_vip, read_jhmdb) holds, for summary.json: video, frame and object (DAVIS),
-    part (VIP) or joint (JHMDB) counts, the frame sizes read, a fingerprint (sha1 of the sorted video names with
-    their annotations' byte sizes, JHMDB: joint positions), and whether it is the paper's set (`note`: how not)."""
+    """A plan (read_davis/read_vip/read_jhmdb) for summary.json: counts, frame sizes, a fingerprint (sha1 of sorted
+    names with annotation byte sizes or JHMDB joints) and whether it is the paper's set (`note`: how not)."""
     names = sorted(p[0] for p in plan)
     firsts = [read_ids(p[3], "first-frame annotation") for p in plan] if task != "jhmdb" else []
-    sizes = {}
-    for p in plan:
-        H, W = image_size(p[1][0])
-        sizes[f"{W}x{H}"] = sizes.get(f"{W}x{H}", 0) + 1
+    sizes = dict(Counter("{1}x{0}".format(*image_size(p[1][0])) for p in plan))
     items = sorted(f"{p[0]} " + (hashlib.sha1(p[2].tobytes()).hexdigest() if task == "jhmdb" else
                                  " ".join(str(a.stat().st_size) for a in p[2])) for p in plan)
     out = {"videos": len(plan), "frames": sum(len(p[1]) for p in plan), "resolution": sizes,
@@ -936,29 +822,23 @@ def main(argv=None):
     target.add_argument('--make-videos', metavar='DIR', help='write synthetic training videos (frame folders)')
     parser.add_argument('--seqs', type=positive(), default=3, help='DAVIS sequences')
     parser.add_argument('--videos', type=positive(), default=8, help='training videos')
-    parser.add_argument('--frames', type=positive(), default=None, help='frames per video (default 12 DAVIS, '
-                        '16 videos)')
+    parser.add_argument('--frames', type=positive(), help='frames per video (default 12 DAVIS, 16 videos)')
     parser.add_argument('--height', type=at_least(16), default=96)
     parser.add_argument('--width', type=at_least(16), default=128)
     parser.add_argument('--seed', type=at_least(0), default=0)
     args = parser.parse_args(argv)
-    shared = {'make_davis', 'make_videos', 'frames', 'height', 'width', 'seed'}
-    if args.make_davis:
-        refuse_unused(parser, args, '--make-davis', shared | {'seqs'})
-    else:
-        refuse_unused(parser, args, '--make-videos', shared | {'videos'})
+    davis = bool(args.make_davis)
+    refuse_unused(parser, args, '--make-davis' if davis else '--make-videos',
+                  {'make_davis', 'make_videos', 'frames', 'height', 'width', 'seed', 'seqs' if davis else 'videos'})
+    n_frames, size = args.frames or (12 if davis else 16), f"{args.height}x{args.width}"
     try:
-        if args.make_davis:
-            n_frames = 12 if args.frames is None else args.frames
+        if davis:
             root = make_davis(args.make_davis, args.seqs, n_frames, args.height, args.width, args.seed)
-            print(f"wrote {args.seqs} synthetic DAVIS-2017 sequences ({n_frames} frames, "
-                  f"{args.height}x{args.width}) to {root}")
+            print(f"wrote {args.seqs} synthetic DAVIS-2017 sequences ({n_frames} frames, {size}) to {root}")
         else:
-            n_frames = 16 if args.frames is None else args.frames
             folders = write_synthetic_videos(args.make_videos, args.videos, n_frames, args.height, args.width,
                                              args.seed)
-            print(f"wrote {len(folders)} synthetic videos ({n_frames} frames, {args.height}x{args.width}) "
-                  f"to {args.make_videos}")
+            print(f"wrote {len(folders)} synthetic videos ({n_frames} frames, {size}) to {args.make_videos}")
     except (BadInput, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
