@@ -169,9 +169,10 @@ def to_tensor(img):
 
 
 def bicubic_weights(n, lo, hi, out):
-    """Pillow's BICUBIC resize of the span [lo, hi) of an n-pixel axis to `out` pixels -> (first source pixel used,
-    weights [out, m] over m source pixels from there), as src/libImaging/Resample.c precompute_coeffs and
-    normalize_coeffs_8bpc: float32 box edges, filter widened by the downscale, rows normalised, 22-bit fixed point."""
+    """Pillow's BICUBIC resize of the span [lo, hi) of an n-pixel axis to `out` pixels, as src/libImaging/Resample.c
+    precompute_coeffs and normalize_coeffs_8bpc compute it (float32 box edges, filter widened by the downscale, rows
+    normalised, 22-bit fixed point) -> (first source pixel used, m source pixels used, each output's first tap
+    [out] counted from there, tap weights [out, K]): a banded [out, m] matrix, a few kB instead of ~300."""
     lo, hi = np.float32(lo), np.float32(hi)
     scale = float(hi - lo) / out
     stretch = max(scale, 1.0)
@@ -182,21 +183,24 @@ def bicubic_weights(n, lo, hi, out):
     taps = first[:, None] + np.arange(int(np.ceil(support)) * 2 + 1)  # each row's window, as Pillow's ksize
     d = np.abs((taps - centre[:, None] + 0.5) * (1.0 / stretch))
     w = np.where(d < 1, (1.5 * d - 2.5) * d * d + 1, np.where(d < 2, (((d - 5) * d + 8) * d - 4) * -0.5, 0.0))
-    keep = taps < last[:, None]
-    w *= keep
-    w /= w.sum(1, keepdims=True)
+    w *= taps < last[:, None]
+    w = np.sign(w) * np.floor(np.abs(w / w.sum(1, keepdims=True)) * 2 ** 22 + 0.5) / 2 ** 22
     x0 = int(first[0])
-    dense = np.zeros((out, int(last[-1]) - x0), np.float32)
-    rows, cols = np.nonzero(keep)
-    dense[rows, taps[rows, cols] - x0] = np.sign(w[keep]) * np.floor(np.abs(w[keep]) * 2 ** 22 + 0.5) / 2 ** 22
-    return x0, dense
+    return x0, int(last[-1]) - x0, torch.from_numpy(first - x0), torch.from_numpy(w.astype(np.float32))
+
+
+def banded(first, taps, m):
+    """[..., out] first taps and [..., out, K] weights -> the dense [..., out, m] matrix (taps past m weigh 0)."""
+    idx = (first[..., None] + torch.arange(taps.shape[-1], device=taps.device)).clamp_(max=m - 1)
+    return torch.zeros(*taps.shape[:-1], m, dtype=taps.dtype, device=taps.device).scatter_add_(-1, idx, taps)
 
 
 def resample(pixels, wy, wx):
-    """uint8 pixels [B, 3, h, w] and bicubic_weights' wy [B, S, h], wx [B, S, w] -> float32 [B, 3, S, S] in 0..255,
-    where they are: Pillow's two passes, each rounded to 8 bits as Pillow does: Image.resize(BICUBIC, box) but for
-    float32 rounding, ~1 pixel in 70,000 off by one level (fp32 matmuls: keep TF32 off, torch's default)."""
+    """uint8 pixels [B, 3, h, w] and banded weights wy = (first [B, S], taps [B, S, K]) and wx likewise ->
+    float32 [B, 3, S, S] in 0..255, where they are: Pillow's two passes, each rounded to 8 bits as Pillow does, so
+    Image.resize(BICUBIC, box) but for float32 rounding, ~1 pixel in 70,000 off by one level (keep TF32 off)."""
     B, _, h, w = pixels.shape
+    wy, wx = banded(*wy, h), banded(*wx, w)
     S = wx.shape[1]
     x = torch.bmm(pixels.to(wx.dtype).view(B, 3 * h, w), wx.transpose(1, 2)).add_(0.5).floor_().clamp_(0, 255)
     x = torch.bmm(wy, x.view(B, 3, h, S).transpose(1, 2).reshape(B, h, 3 * S)).add_(0.5).floor_().clamp_(0, 255)
@@ -204,25 +208,26 @@ def resample(pixels, wy, wx):
 
 
 def collate_crops(items):
-    """DataLoader collate for FramePairs: per frame of the pair, the crops zero-padded to the batch's largest
-    (their weights are zero there) -> [(pixels, wy, wx) of frame 1, (pixels, wy, wx) of frame 2]."""
-    out = []
-    for crops in zip(*items):
-        h, w = max(c[0].shape[1] for c in crops), max(c[0].shape[2] for c in crops)
-        pixels = torch.zeros(len(crops), 3, h, w, dtype=torch.uint8)
-        wy = torch.zeros(len(crops), crops[0][1].shape[0], h)
-        wx = torch.zeros(len(crops), crops[0][2].shape[0], w)
-        for k, (p, y, x) in enumerate(crops):
-            pixels[k, :, :p.shape[1], :p.shape[2]], wy[k, :, :y.shape[1]], wx[k, :, :x.shape[1]] = p, y, x
-        out.append((pixels, wy, wx))
-    return out
+    """DataLoader collate for FramePairs: per frame of the pair, the crops zero-padded to the batch's largest and the
+    tap weights to the most taps -> [(pixels, (first_y, taps_y), (first_x, taps_x)) of frame 1, the same of frame 2]."""
+    def pad(ts, dtype=torch.float32):  # zero-pad tensors of one rank to the largest, and stack them
+        out = torch.zeros(len(ts), *(max(sizes) for sizes in zip(*(t.shape for t in ts))), dtype=dtype)
+        for k, t in enumerate(ts):
+            out[(k, *map(slice, t.shape))] = t
+        return out
+    batch = []
+    for crops in zip(*items):  # frame 1's crops, then frame 2's
+        pixels, wy, wx = zip(*crops)
+        batch.append((pad(pixels, torch.uint8), *((torch.stack(f), pad(k)) for f, k in (zip(*wy), zip(*wx)))))
+    return batch
 
 
 def model_input(crops, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """A collated batch (pixels, wy, wx) -> normalised float32 [B, 3, S, S] on the device: copied as uint8 (a quarter
-    of float32's bytes; pinned by the DataLoader on CUDA, so the copy is queued), then resampled there."""
-    x = resample(*(t.to(device, non_blocking=True) for t in crops))
-    return normalise_batch(x, mean, std)
+    """A collated batch (pixels, wy, wx) -> normalised float32 [B, 3, S, S] on the device: copied as uint8 pixels and
+    banded weights (pinned by the DataLoader on CUDA, so the copy is queued), then resampled there."""
+    pixels, wy, wx = crops
+    to = lambda t: t.to(device, non_blocking=True)
+    return normalise_batch(resample(to(pixels), tuple(map(to, wy)), tuple(map(to, wx))), mean, std)
 
 
 def normalise_batch(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -260,16 +265,19 @@ class FramePairs(torch.utils.data.Dataset):
         box = (left / self.size, top / self.size, w / self.size, h / self.size)
         return i, j, box, rng.random() < 0.5  # the flip
 
-    def crop(self, img, box, flip):
-        """The relative window at the frame's own resolution and the Pillow-bicubic weights that resize it to
-        size×size, flip folded into wx: -> (uint8 [3, h, w], wy [size, h], wx [size, w]). The official code
-        resamples twice (frame, then crop, to 224×224); one resample shows the same window without that loss."""
+    def crop(self, img, box, flip, weights):
+        """The relative window at the frame's own resolution and the banded Pillow-bicubic weights that resize it
+        to size×size, the flip folded into wx: -> (uint8 [3, h, w], wy, wx). The official code resamples twice
+        (frame, then crop, to 224×224); one resample shows the same window without that loss. `weights` keeps
+        them by frame size: both frames of a clip share them."""
         W, H = img.size
         left, top, w, h = box
-        x0, wx = bicubic_weights(W, left * W, (left + w) * W, self.size)
-        y0, wy = bicubic_weights(H, top * H, (top + h) * H, self.size)
-        pixels = to_tensor(img.crop((x0, y0, x0 + wx.shape[1], y0 + wy.shape[1])))
-        return pixels, torch.from_numpy(wy), torch.from_numpy(np.ascontiguousarray(wx[::-1]) if flip else wx)
+        if img.size not in weights:
+            wx = bicubic_weights(W, left * W, (left + w) * W, self.size)
+            weights[img.size] = bicubic_weights(H, top * H, (top + h) * H, self.size), \
+                wx[:2] + ((wx[2].flip(0), wx[3].flip(0)) if flip else wx[2:])
+        (y0, n, *wy), (x0, m, *wx) = weights[img.size]
+        return to_tensor(img.crop((x0, y0, x0 + m, y0 + n))), tuple(wy), tuple(wx)
 
     def load(self, idx):
         names = frame_names(self.videos[idx])  # a Path per frame of a 300-frame video would cost ~1 ms a clip
@@ -279,7 +287,8 @@ class FramePairs(torch.utils.data.Dataset):
         # Decode only frames i and j (the official code also decodes i-1 and j-1 and never uses them). The
         # draft size keeps the crop at least size×size after JPEG DCT-domain downscaling.
         draft_size = (math.ceil(self.size / box[2]), math.ceil(self.size / box[3]))
-        return tuple(self.crop(load_rgb(self.videos[idx] / names[t], draft_size), box, flip) for t in (i, j))
+        weights = {}
+        return tuple(self.crop(load_rgb(self.videos[idx] / names[t], draft_size), box, flip, weights) for t in (i, j))
 
     def __getitem__(self, idx):
         if not 0 <= idx < len(self.videos):

@@ -91,11 +91,11 @@ def write_video(folder, frames, suffix='.png'):
 
 
 class Pairs(data.FramePairs):
-    """FramePairs whose items are the two frames as the training step has them before normalising: each crop
+    """FramePairs whose items are the two frames as the training step has them before normalising: collated and
     resampled (data.resample, on the CPU) to uint8 [3, size, size]."""
 
     def __getitem__(self, idx):
-        return tuple(data.resample(*(t[None] for t in crop))[0].to(torch.uint8) for crop in super().__getitem__(idx))
+        return tuple(data.resample(*crops)[0].to(torch.uint8) for crops in data.collate_crops([super().__getitem__(idx)]))
 
 
 def pairs(videos, size, **kw):
@@ -389,11 +389,11 @@ def test_resample_is_pillows_bicubic_box_resize():
         S = (224, 17)[trial % 2]
         ref = img.resize((S, S), Image.BICUBIC, box=box)
         ref = np.asarray(ref.transpose(Image.FLIP_LEFT_RIGHT) if trial % 4 == 1 else ref).transpose(2, 0, 1)
-        x0, wx = data.bicubic_weights(W, box[0], box[2], S)
-        y0, wy = data.bicubic_weights(H, box[1], box[3], S)
-        wx = wx[::-1] if trial % 4 == 1 else wx
-        crop = torch.from_numpy(np.asarray(img)[y0:y0 + wy.shape[1], x0:x0 + wx.shape[1]].transpose(2, 0, 1).copy())
-        out = data.resample(crop[None], *(torch.from_numpy(v.copy())[None].double() for v in (wy, wx)))[0]
+        x0, m, *wx = data.bicubic_weights(W, box[0], box[2], S)
+        y0, n, *wy = data.bicubic_weights(H, box[1], box[3], S)
+        wx = [v.flip(0) for v in wx] if trial % 4 == 1 else wx
+        crop = torch.from_numpy(np.asarray(img)[y0:y0 + n, x0:x0 + m].transpose(2, 0, 1).copy())
+        out = data.resample(crop[None], *((f[None], k[None].double()) for f, k in (wy, wx)))[0]
         assert np.array_equal(out.numpy(), ref), trial
 
 
