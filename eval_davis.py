@@ -1,8 +1,6 @@
-"""Label propagation for the paper's three dense benchmarks (Table 1), frozen baseline vs + Co-Settle.
-
-The first frame's labels are carried through every frame by feature affinities, with (or without, for the
-frozen baseline) the trained projection on top of the frozen encoder's patch tokens. DAVIS-2017: object masks,
-davis2017-evaluation's J&F. VIP: semantic parts, the official mIoU. JHMDB: 15 joints, PCK.
+"""Label propagation for the paper's three dense benchmarks (Table 1), frozen baseline vs + Co-Settle: the first
+frame's labels carried through every frame by feature affinities. DAVIS-2017: object masks, J&F. VIP: semantic
+parts, mIoU. JHMDB: 15 joints, PCK.
 
     python eval_davis.py --weights W.pth [--ckpt C.pth] [--compare] --davis DAVIS/ --vip VIP_Fine/ --jhmdb JHMDB/
     python eval_davis.py --weights dino+ours/checkpoint-4.pth --compare --davis DAVIS/   # the authors' file
@@ -11,12 +9,9 @@ davis2017-evaluation's J&F. VIP: semantic parts, the official mIoU. JHMDB: 15 jo
     python eval_davis.py --bench                                # s/frame of each pipeline, peak memory
     python eval_davis.py --table ckpts/ --davis DAVIS/ --vip VIP_Fine/ --jhmdb JHMDB/   # all of Table 1
 
-Two propagation algorithms: CRW's as CropMAE runs it (alexandre-eymael/CropMAE downstreams/propagation, the
-code the authors' T-CoRe evaluates with, and the settings the paper states), and DINO's
-(facebookresearch/dino eval_video_segmentation.py). Both extract features in batches, keep their context on the
-device and select top-k there (one host transfer per batch). The J&F re-implements
-davisvideochallenge/davis2017-evaluation (metrics.py, evaluation.py, utils.py, evaluation_method.py) with
-torch/numpy and agrees to the last bit.
+Two propagation algorithms, batched on the device: CRW's as CropMAE runs it (alexandre-eymael/CropMAE
+downstreams/propagation, what the authors' T-CoRe evaluates with) and DINO's (facebookresearch/dino
+eval_video_segmentation.py). The J&F re-implements davisvideochallenge/davis2017-evaluation to the last bit.
 """
 import argparse
 import math
@@ -80,9 +75,8 @@ HEADLINE = {"davis": ("DAVIS J&F", "J&F-Mean"), "vip": ("VIP mIoU", "mIoU"),  # 
 
 
 def paper_row(family, task, measured, unlike=None):
-    """One line, frozen -> + Co-Settle in %: what we measured (a pair of fractions) beside the paper's pair for
-    `family`, e.g. 'DAVIS J&F   measured 63.0 -> 64.1   paper (dino, ViT-B/16) 63.2 -> 64.2', unless `unlike`
-    says why the measurement is not like for like."""
+    """One line, frozen -> + Co-Settle in %: the measured pair of fractions beside the paper's pair for `family`,
+    unless `unlike` says why the measurement is not like for like."""
     ours = f"{HEADLINE[task][0]:14s} measured {100 * measured[0]:.1f} -> {100 * measured[1]:.1f} " \
            f"({100 * (measured[1] - measured[0]):+.1f})"
     if unlike:
@@ -108,21 +102,16 @@ def protocol_params(protocol, **overrides):
 
 
 def target_size(H, W, params):
-    """(th, tw) an H x W frame is resized to. A (height, width) size is used as it is (CropMAE's fixed
-    crop_size, whatever the orientation). One number is a rule: dino, read_frame's short side -> size and the
-    other side floored to a multiple of 64 (854x480 -> 832x480; for square frames DINO's read_frame and read_seg
-    disagree, 480x448 vs 448x480, we use read_frame's); crw, CropMAE vos.py's long side -> size and the other
-    floored to a multiple of 64 (1280x720 -> 880x448)."""
+    """(th, tw) an H x W frame is resized to. A (height, width) size is used as it is (CropMAE's crop_size). One
+    number is a rule, the other side floored to a multiple of 64: dino, read_frame's short side -> size (854x480 ->
+    832x480; on square frames DINO's read_frame and read_seg disagree, 480x448 vs 448x480: we use read_frame's);
+    crw, CropMAE vos.py's long side -> size (1280x720 -> 880x448)."""
     s = params["size"]
     if not np.isscalar(s):
         return tuple(s)
     if params["algorithm"] == "dino":
         return (int((s * H / W) // 64 * 64), s) if H > W else (s, int((s * W / H) // 64 * 64))
     return (int(int(H * s / W) // 64 * 64), s) if W > H else (s, int(int(W * s / H) // 64 * 64))
-
-
-# -----------------------------------------------------------------------------
-# Files: writing without ever leaving half a file
 
 
 def write_png(path, ids, mode="P"):
@@ -137,21 +126,11 @@ def write_png(path, ids, mode="P"):
 # The VIP metric: HCPLab-SYSU/ATEN evaluate/test_parsing.py (CropMAE src/eval/eval_vip.py) with numpy
 
 
-def vip_metrics(hist):
-    """From the 20x20 confusion matrix (rows ground truth): per-class IoU, mIoU = nan-mean over the 20 classes
-    (background included; a class absent from both is 0/0 = NaN and dropped), pixel accuracy, mean class
-    accuracy (nan-mean) and frequency-weighted IoU, all as fractions."""
-    correct, gt, pred = np.diag(hist), hist.sum(1), hist.sum(0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou, acc = correct / (gt + pred - correct), correct / gt
-        freq = gt / hist.sum()
-    return {"mIoU": float(np.nanmean(iou)), "IoU": iou.tolist(), "pixel_accuracy": float(correct.sum() / hist.sum()),
-            "mean_accuracy": float(np.nanmean(acc)), "fwIoU": float((freq[freq > 0] * iou[freq > 0]).sum())}
-
-
 def score_vip(plan, results, verbose=True):
-    """One confusion matrix pooled over every frame (frame 0 included) of every video; predictions at another
-    size are brought to the label's with PIL NEAREST, as eval_vip.py does. Returns vip_metrics."""
+    """One 20x20 confusion matrix (rows ground truth) pooled over every frame (frame 0 included) of every video;
+    predictions at another size are brought to the label's with PIL NEAREST, as eval_vip.py does. Returns, as
+    fractions, per-class IoU, mIoU = nan-mean over the 20 classes (background included; a class absent from both is
+    0/0 = NaN and dropped), pixel accuracy, mean class accuracy (nan-mean) and frequency-weighted IoU."""
     results, n = Path(results), len(VIP_CLASSES)
     hist = np.zeros((n, n), np.int64)
     for video, _, anns, _ in plan:
@@ -165,15 +144,17 @@ def score_vip(plan, results, verbose=True):
                 raise BadInput(f"{res_path}: part id {res.max()}, VIP has ids 0..{n - 1}")
             valid = gt < n
             hist += np.bincount(n * gt[valid] + res[valid], minlength=n * n).reshape(n, n)
-    m = vip_metrics(hist)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        class_acc = np.diag(hist) / hist.sum(1)
+    correct, gt, pred = np.diag(hist), hist.sum(1), hist.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou, acc = correct / (gt + pred - correct), correct / gt
+        freq = gt / hist.sum()
+    m = {"mIoU": float(np.nanmean(iou)), "IoU": iou.tolist(), "pixel_accuracy": float(correct.sum() / hist.sum()),
+         "mean_accuracy": float(np.nanmean(acc)), "fwIoU": float((freq[freq > 0] * iou[freq > 0]).sum())}
     if verbose:
         print(f"{results}: VIP mIoU {m['mIoU']:.4f}, pixel accuracy {m['pixel_accuracy']:.4f}, mean accuracy "
               f"{m['mean_accuracy']:.4f}, fwIoU {m['fwIoU']:.4f}\n  {'class':15s} {'IoU':>7s} {'acc':>7s}")
         for c in range(n):
-            print(f"  {c:2d} {VIP_CLASSES[c]:12s} {m['IoU'][c]:7.4f} {class_acc[c]:7.4f}")
+            print(f"  {c:2d} {VIP_CLASSES[c]:12s} {m['IoU'][c]:7.4f} {acc[c]:7.4f}")
     return m
 
 
@@ -197,10 +178,8 @@ def seg2bmap(seg):
 
 
 def dilate_disk(b, r):
-    """cv2.dilate(b, skimage.morphology.disk(r)) on bool [..., H, W]: OR over offsets dx^2 + dy^2 <= r^2.
-
-    The disk is a stack of rows; row dy spans |dx| <= isqrt(r^2 - dy^2). Each row's horizontal dilation is a
-    box test on a cumulative sum (O(1) per pixel), then shifted by dy: O(r) per pixel instead of O(r^2)."""
+    """cv2.dilate(b, skimage.morphology.disk(r)) on bool [..., H, W]: OR over offsets dx^2 + dy^2 <= r^2. Row dy of
+    the disk spans |dx| <= isqrt(r^2 - dy^2): a box test on a cumulative sum, shifted by dy (O(r) per pixel)."""
     W = b.shape[-1]
     cs = F.pad(b.to(torch.int32).cumsum(-1), (1, 0))  # cs[..., x] = number of set pixels left of x
     x = torch.arange(W, device=b.device)
@@ -332,10 +311,9 @@ JHMDB_JOINTS = ("neck", "belly", "face", "r-shoulder", "l-shoulder", "r-hip", "l
 
 
 def keypoints_from_maps(maps, topk=5):
-    """float64 [T, 15, 2]: (x, y) in grid cells from propagated maps [T, 16, h, w] (torch or numpy; channel 0 is
-    the background and is dropped). CropMAE utils/test_utils.py process_pose: the top-k cells of each joint map
-    (flattened row-major; ties here go to the lower index) weighted by their values normalised to sum 1; (-1, -1)
-    where the whole map sums to 0."""
+    """float64 [T, 15, 2]: (x, y) in grid cells from maps [T, 16, h, w] (channel 0, the background, dropped). CropMAE
+    utils/test_utils.py process_pose: the top-k cells of each joint map (row-major; ties go to the lower index)
+    weighted by their values normalised to sum 1; (-1, -1) where the whole map sums to 0."""
     maps = maps.detach().cpu().numpy() if torch.is_tensor(maps) else np.asarray(maps)
     T, C, h, w = maps.shape
     flat = maps[:, 1:].reshape(T, C - 1, h * w).astype(np.float64)
@@ -360,17 +338,12 @@ def keypoints_to_pixels(kps, W0, H0, grid=(20, 20)):
 
 
 def pck(preds, gts, sizes, alphas=PCK_ALPHAS, grid=(20, 20)):
-    """PCK as CropMAE eval/eval_pck.py computes it, over all videos.
-
-    preds: per video [T, 15, 2] (x, y) in grid cells (keypoints_from_maps), T >= T_gt; gts: per video pos_img
-    (2, 15, T_gt) as read from the .mat (1-based; 1 is subtracted here); sizes: per video (W0, H0).
-    A joint is visible iff its predicted x >= 0; frame 0 is skipped; the reference of frame k is 0.6 x the
-    diagonal of the tight box of frame k's visible GT joints; correct iff distance / reference <= alpha
-    (a one-point box gives inf or nan: scored, never correct, as upstream).
-    Returns {'PCK@0.1': fraction, ... (mean over the 15 joints of the per-joint fraction), 'per_joint':
-    {'PCK@0.1': [15 fractions], ...}, 'count': [15 scored (joint, frame) pairs]}. A joint never scored is NaN in
-    per_joint and left out of the mean (upstream divides by zero there).
-    """
+    """PCK as CropMAE eval/eval_pck.py computes it, over all videos. preds: per video [T >= T_gt, 15, 2] grid cells
+    (keypoints_from_maps); gts: per video the .mat's 1-based pos_img (2, 15, T_gt); sizes: per video (W0, H0).
+    A joint is visible iff its predicted x >= 0; frame 0 is skipped; correct iff distance <= alpha x 0.6 x the
+    diagonal of the box of frame k's visible GT joints (a one-point box: scored, never correct, as upstream).
+    Returns {'PCK@0.1': mean over the 15 joints, ..., 'per_joint': {'PCK@0.1': [15], ...}, 'count': [15 scored
+    (joint, frame) pairs]}; a joint never scored is NaN in per_joint and left out of the mean (upstream: 0/0)."""
     dists = [[] for _ in range(15)]
     for pred, gt, (W0, H0) in zip(preds, gts, sizes):
         gt = np.asarray(gt, dtype=np.float64).transpose(2, 1, 0) - 1.0  # [T_gt, 15, 2], 0-based
@@ -400,10 +373,9 @@ def pck(preds, gts, sizes, alphas=PCK_ALPHAS, grid=(20, 20)):
 
 
 def draw_skeleton(rgb, kps, width=4):
-    """uint8 [H, W, 3]: a copy of rgb with the 15-joint tree drawn (CropMAE utils/test_utils.py vis_pose: each
-    joint joined to its parent by a line in the joint's colour; skipped when either end has a coordinate that int()
-    makes negative, so -1 joints are not drawn). kps [15, 2] (x, y) in rgb's pixels. Upstream draws 8-px lines on
-    the 320x320 input; `width` is ours."""
+    """A copy of rgb with the 15-joint tree drawn (CropMAE utils/test_utils.py vis_pose: each joint joined to its
+    parent in the joint's colour, unless an end has a coordinate int() makes negative); kps [15, 2] (x, y) in rgb's
+    pixels. Upstream draws 8-px lines on the 320x320 input; `width` is ours."""
     image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
     pen = ImageDraw.Draw(image)
     points = [(int(x), int(y)) for x, y in np.asarray(kps, dtype=np.float64)]
@@ -421,8 +393,7 @@ _windows = {}
 
 
 def outside_window(h, w, radius, device):
-    """Bool [N, N]: key NOT within |di|, |dj| <= radius of the query (the complement of DINO's
-    restrict_neighborhood, built with one broadcast comparison instead of four Python loops, cached per grid)."""
+    """Bool [N, N]: key NOT within |di|, |dj| <= radius of the query (DINO's restrict_neighborhood's complement)."""
     key = (h, w, radius, str(device))
     if key not in _windows:
         i, j = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
@@ -440,9 +411,8 @@ def within_radius(h, w, radius, device):
 
 
 def chunk_scores(device):
-    """How many scores a propagation step computes at once (queries x keys): 64 MB of them on a CPU, as the CPU
-    results were checked with; 1 GB on a GPU, where each chunk costs ~20 kernel launches (ViT-S/8 at 480x880: 52
-    chunks a frame at 64 MB, 4 at 1 GB)."""
+    """How many scores (queries x keys) a propagation step computes at once: 64 MB on a CPU, as the CPU results were
+    checked with; 1 GB on a GPU, where each chunk costs ~20 kernel launches (ViT-S/8 at 480x880: 4 chunks a frame)."""
     return 1 << (24 if device.type == "cpu" else 28)
 
 
@@ -454,9 +424,8 @@ def norm_mask(x):
 
 
 class Propagation:
-    """DINO's propagation for one video: the queue (first frame + the `context` previous soft predictions) as
-    a ring buffer of L2-normalised features and label maps on the device. Call with the next frame's features
-    [h, w, D]; returns its soft labels [K, h, w]."""
+    """DINO's propagation for one video: the queue (first frame + the `context` previous soft predictions) as a ring
+    buffer on the device. Call with the next frame's features [h, w, D]; returns its soft labels [K, h, w]."""
 
     def __init__(self, feat0, labels0, params):
         h, w, C = feat0.shape
@@ -507,7 +476,6 @@ class CRWPropagation:
     """CRW's propagation as CropMAE runs it (src/test.py test(), src/utils/test_utils.py context_index_bank and
     mem_efficient_batched_affinity), for one video. Call with frame t's features [h, w, D], t = 1, 2, ...;
     returns its soft labels [C, h, w], which are also fed back as the labels of frame t.
-
     The reference pads the video with n = `context` copies of frame 0 and gives target t the first frame (the
     long-memory slot, never spatially restricted) plus the n previous padded positions (restricted to cells at
     Euclidean distance < radius), i.e. frame 0 appears 1 + max(0, n + 1 - t) times, and real frames
@@ -570,14 +538,14 @@ CORES = {"dino": Propagation, "crw": CRWPropagation}  # the propagation core of 
 
 
 def load_frame(path, size, mean, std, quantise=True):
-    """RGB frame -> normalised [3, th, tw], resized bilinearly without antialiasing. quantise: round to uint8
-    after the resize, as DINO's cv2.resize of a uint8 image does (CropMAE resizes the float image: no rounding)."""
+    """RGB frame -> normalise()d [3, th, tw]."""
     x = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).float()
     return normalise(x, size, mean, std, quantise)
 
 
 def normalise(x, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, quantise=True):
-    """[3, H, W] float in 0..255 -> resized to `size` and (x/255 - mean) / std normalised."""
+    """[3, H, W] float in 0..255 -> resized to `size` bilinearly without antialiasing, (x/255 - mean) / std.
+    quantise: round to uint8 after the resize, as DINO's cv2.resize of a uint8 image does (CropMAE does not)."""
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
         x = x.round().clamp(0, 255) if quantise else x
@@ -608,9 +576,8 @@ def nearest(ids, size):
 
 
 def crw_labels(path, ann, size, grid):
-    """CropMAE vos.py: the first-frame label resized to the processing size with OpenCV's nearest rule, one channel
-    per id present there, one-hot, then bilinearly (no antialias) down to the grid: for a factor of 16 each cell
-    is the mean of the 2x2 pixels at the patch centre. Returns (ids in channel order, labels [C, h, w]).
+    """CropMAE vos.py: the first-frame label resized to the processing size with OpenCV's nearest rule, one-hot over
+    the ids present there, bilinearly (no antialias) down to the grid. Returns (ids in channel order, [C, h, w]).
     CropMAE reads labels with cv2.imread, so its channels are the distinct BGR colours sorted (np.unique): for
     palette PNGs that is palette order, not id order; it only decides exact argmax ties, and we keep it."""
     small = nearest(ann, size).numpy()
@@ -625,10 +592,8 @@ def crw_labels(path, ann, size, grid):
 
 
 def soft_maps(frames, labels0, size, embed, heads, params, device, batch_size=8):
-    """Propagate labels0 [C, h, w] through `frames` with every head: yields (t0, {name: soft labels [b, C, h, w]})
-    per batch of frames t0 .. t0 + b - 1 (frame 0's map is labels0). embed: normalised frames [B, 3, th, tw] ->
-    features [B, h, w, D]; heads: {name: module applied to those features, or None}. One encoder forward per
-    batch feeds every head."""
+    """Propagate labels0 [C, h, w] through `frames` with every head (None: the features as they are), one forward a
+    batch for all: yields (t0, {name: soft labels [b, C, h, w]}) per batch t0 .. t0 + b - 1 (frame 0's is labels0)."""
     core = CORES[params["algorithm"]]
     props = {}
     for b0 in range(0, len(frames), batch_size):
@@ -655,12 +620,10 @@ def grid_size(H, W, params, patch, where):
 
 
 def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overlay=False, verbose=True, vip=False):
-    """Propagate every video of `plan` (read_davis or read_vip) and write id PNGs to outs[name]/<video>/<frame>.png
-    at the annotation's size. Returns the number of frames.
-    dino: ×patch bilinear, min-max per channel, argmax, PIL NEAREST back; frame 0 is the annotation itself.
-    crw (CropMAE src/utils/test_utils.py dump_predictions): bilinear to the processing size, argmax, the id of
-    that channel; back to the annotation's size with OpenCV's nearest (DAVIS: src/eval/convert_davis.py) or PIL's
-    (VIP: src/eval/eval_vip.py); frame 0 is written too, as its grid labels come back through the same path."""
+    """Propagate every video of `plan` (read_davis or read_vip), write id PNGs to outs[name]/<video>/<frame>.png at
+    the annotation's size (read_out, then dino: PIL NEAREST, frame 0 the annotation itself; crw: OpenCV's nearest for
+    DAVIS, CropMAE src/eval/convert_davis.py, PIL's for VIP, src/eval/eval_vip.py; frame 0 through the same path).
+    Returns the number of frames."""
     dino, n_frames = params["algorithm"] == "dino", 0
     for seq, frames, _, first in plan:
         ann = read_ids(first, "first-frame annotation")
@@ -697,11 +660,9 @@ def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overl
 
 
 def track(plan, embed, heads, outs, params, patch, device, batch_size=8, overlay=False, verbose=True):
-    """JHMDB (CropMAE src/test.py on src/data/jhmdb.py): every video's frames stretched to the processing size,
-    frame 0's joints as Gaussian maps plus a background channel, propagated, each frame's joints read out as the
-    top-5 weighted cell of their map. Writes outs[name]/<action>/<video>.npy, float (T, 15, 2) of (x, y) in
-    0-based original pixels, -1 where a map is empty; returns ({name: [keypoints in grid cells per video]},
-    number of frames)."""
+    """JHMDB (CropMAE src/test.py on src/data/jhmdb.py): frame 0's joints as maps (data.jhmdb_labels), propagated,
+    read out by keypoints_from_maps. Writes outs[name]/<action>/<video>.npy, (T, 15, 2) (x, y) in 0-based original
+    pixels (-1: empty map); returns ({name: [keypoints in grid cells per video]}, number of frames)."""
     preds, n_frames = {name: [] for name in heads}, 0
     for video, frames, pos in plan:
         H0, W0 = image_size(frames[0])
@@ -727,10 +688,11 @@ def track(plan, embed, heads, outs, params, patch, device, batch_size=8, overlay
     return preds, n_frames
 
 
-def score_jhmdb(plan, preds, grid, where, verbose=True):
-    """PCK (pck()) of the grid keypoints `preds` against the plan's ground truth, printed per joint under `where`
-    (the results folder)."""
-    m = pck(preds, [pos for _, _, pos in plan], [image_size(frames[0])[::-1] for _, frames, _ in plan], grid=grid)
+def score_jhmdb(plan, preds, params, patch, where, verbose=True):
+    """pck() of the grid keypoints `preds` against the plan's ground truth, printed under `where` (results folder)."""
+    th, tw = grid_size(*params["size"], params, patch, "JHMDB")  # a fixed size: 320x320
+    m = pck(preds, [pos for _, _, pos in plan], [image_size(frames[0])[::-1] for _, frames, _ in plan],
+            grid=(th // patch, tw // patch))
     if verbose:
         print(f"{where}: JHMDB " + ", ".join(f"PCK@{a:g} {m[f'PCK@{a:g}']:.4f}" for a in PCK_ALPHAS))
         print("  per joint PCK@0.1: " + " ".join(f"{JHMDB_JOINTS[j]} {v:.3f}"
@@ -781,19 +743,14 @@ def checked(fn, what, stride=None):
 
 def run(features, stride, tasks, out_dir, heads=None, protocol="paper", device=None, batch_size=8, overlay=False,
         verbose=True, vip_size=None, jhmdb_split=1, jhmdb_order=None, **overrides):
-    """Propagate with any encoder on each task and score it: {name: {task: metrics or None, "data": {task: what
-    it was computed on (data.describe) and the settings}}}, also each head's summary.json.
-
-    features: normalised frames [B, 3, H, W] on `device` (H, W multiples of `stride`) -> float features
-    [B, H / stride, W / stride, D] on the same device. heads: {name: None (the features as they are) or a function
-    of them}, all fed by one forward; default {"model": None}. tasks: {"davis": DAVIS-2017 folder, "vip": VIP_Fine
-    folder or list file, "jhmdb": JHMDB folder (split `jhmdb_split`'s test videos) or list file (data.read_jhmdb)};
-    {"davis": None} runs on a synthetic DAVIS set in a temporary folder. `protocol` is DAVIS's (VIP and JHMDB
-    always run CropMAE's pipeline); overrides (topk, context, radius, temperature, size, mean, std) apply to every
-    task. Outputs go to out_dir, with a <name>/ level when there are several heads and a <task>/ level when there
-    are several tasks.
-    DAVIS metrics are None when the set has only first-frame annotations (test-dev): masks written, not scored.
-    device: default CUDA when there is one."""
+    """Propagate with any encoder on each task and score it: {name: {task: metrics, or None for a DAVIS set with
+    first-frame annotations only, "data": {task: data.describe of the set, and the settings}}}, also each head's
+    summary.json, under out_dir[/<name> when several heads][/<task> when several tasks].
+    features: normalised frames [B, 3, H, W] on `device` (default CUDA if any) -> floats [B, H / stride, W / stride,
+    D]. heads: {name: None (the features as they are) or a function of them}, all fed by one forward. tasks:
+    {"davis": DAVIS-2017 folder (None: a synthetic one), "vip": VIP_Fine folder or list file, "jhmdb": JHMDB folder
+    or list file (data.read_jhmdb)}. `protocol` is DAVIS's (VIP and JHMDB run CropMAE's pipeline); overrides (topk,
+    context, radius, temperature, size, mean, std) apply to every task."""
     heads = {"model": None} if heads is None else heads
     if not callable(features) or not (isinstance(stride, int) and stride > 0):
         raise BadInput(f"run() needs a callable feature function and a positive whole stride, got "
@@ -835,9 +792,7 @@ def run(features, stride, tasks, out_dir, heads=None, protocol="paper", device=N
             print(f"{task}: {n} frames in {dt:.1f} s: {n / dt:.2f} frames/s ({len(heads)} head(s) per forward)")
         for name in heads:
             if task == "jhmdb":
-                size = grid_size(*params[task]["size"], params[task], stride, "JHMDB")  # fixed: 320x320
-                results[name][task] = score_jhmdb(plan, preds[name], (size[0] // stride, size[1] // stride),
-                                                  outs[name], verbose)
+                results[name][task] = score_jhmdb(plan, preds[name], params[task], stride, outs[name], verbose)
             elif task == "vip":
                 results[name][task] = score_vip(plan, outs[name], verbose)
             elif any(len(anns) < len(frames) for _, frames, anns, _ in plan):  # e.g. test-dev: first frames only
@@ -851,8 +806,6 @@ def run(features, stride, tasks, out_dir, heads=None, protocol="paper", device=N
         results[name]["data"] = sets
         write_json(root[name] / "summary.json", results[name])
     return results
-
-
 
 
 def compare(encoder, projection, tasks, out_dir, protocol="paper", **overrides):
@@ -883,10 +836,9 @@ def unlike(d):
 
 
 def table_1(root, tasks, out_dir, protocol="paper", native_stats=False, device=None, **overrides):
-    """The paper's Table 1 from a folder of the authors' files as downloaded: each <family>+ours/checkpoint*.pth
-    under `root` (one '+ Ours' file holds the frozen encoder and its adapter: the base files are not needed) is
-    run frozen and + Co-Settle on `tasks` into out_dir/<family> by compare(), unless its summary.json is there
-    already. Prints the table, measured beside published, in markdown; writes out_dir/table.json."""
+    """The paper's Table 1 from the authors' files as downloaded: each <family>+ours/checkpoint*.pth under `root`
+    (frozen encoder and adapter in one file) is compare()d on `tasks` into out_dir/<family>, unless its summary.json
+    is there already. Prints the table, measured beside published, in markdown; writes out_dir/table.json."""
     found = {}
     for folder in sorted(p for p in Path(root).rglob("*+ours") if p.is_dir()):
         family, files = folder.name[:-len("+ours")], sorted(folder.glob("checkpoint*.pth"))
@@ -1060,11 +1012,9 @@ def peak_memory(device, fn):
 
 
 def bench(encoder, device, n_frames=10):
-    """Seconds per frame of each pipeline, the encoder forward and the propagation apart, on the same in-memory
-    frames: the propagation is timed at its steady state (a full context: for CRW frames 21.. of a 25-frame
-    sequence whose features repeat the n encoded frames); wall clock, and CPU seconds, which do not move when other
-    processes load the machine. First, the peak memory of the paper propagation over 25 and then 75 more frames at
-    854x480, each frame's output dropped as it comes. (`python test_cosettle.py --bench-dino` times DINO's own
+    """The peak memory of the paper propagation over 25, then 75 more frames at 854x480; then seconds per frame of
+    each pipeline, the encoder forward and the propagation apart (at its steady state, a full context, on features
+    repeating the n encoded frames), wall clock and CPU. (`python test_cosettle.py --bench-dino` times DINO's own
     per-frame loop against ours.)"""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
@@ -1118,9 +1068,6 @@ def bench(encoder, device, n_frames=10):
     return results
 
 
-# -----------------------------------------------------------------------------
-
-
 def size_arg(text):
     h, _, w = text.partition("x")
     if not (h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0):
@@ -1132,16 +1079,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", help="encoder checkpoint (default: a seeded random ViT-S/16)")
     parser.add_argument("--family", choices=FAMILIES, help="force the checkpoint family instead of detecting it")
-    parser.add_argument("--native-stats", action="store_true",
-                        help="normalise with the family's own mean/std (CLIP, BLIP) instead of ImageNet's")
-    parser.add_argument("--ckpt", help="train.py checkpoint with the trained projection, or an official "
-                        "'+ Ours' checkpoint (its adapter)")
+    parser.add_argument("--native-stats", action="store_true", help="normalise with the family's mean/std (CLIP, BLIP)")
+    parser.add_argument("--ckpt", help="the trained projection: a train.py checkpoint, or an official '+ Ours' one")
     parser.add_argument("--davis", help="DAVIS-2017 folder (with no task given: a synthetic one, temporary)")
     parser.add_argument("--vip", help="VIP_Fine folder, or a list file of '<images dir> <labels dir>' lines")
     parser.add_argument("--jhmdb", help="JHMDB folder (Rename_Images, joint_positions, splits), or a list file of "
                         "'<mat> <frames dir>' lines (CropMAE's order; CRW's reverse order is detected)")
-    parser.add_argument("--jhmdb-split", type=int, choices=(1, 2, 3), help="the test split of a JHMDB folder "
-                        "(default 1)")
+    parser.add_argument("--jhmdb-split", type=int, choices=(1, 2, 3), help="a JHMDB folder's test split (default 1)")
     parser.add_argument("--vip-size", type=size_arg, help="HxW for VIP instead of CropMAE's long side 880 rule "
                         "(the paper's text says 480x880)")
     parser.add_argument("--out", default="results", help="where the results and summary.json go")
@@ -1164,26 +1108,23 @@ def main(argv=None):
     parser.add_argument("--bench", action="store_true", help="frames/s of each pipeline, the encoder's s/frame and "
                         "what the propagation adds to it, peak memory (--weights, or a random ViT-S/16)")
     args = parser.parse_args(argv)
-    if args.masks:
-        refuse_unused(parser, args, "--masks", {"masks", "davis", "vip"})
-    elif args.tradeoff:
-        refuse_unused(parser, args, "--tradeoff", {"tradeoff", "videos", "weights", "family", "native_stats", "ckpt",
-                                                   "batch_size"})
-    elif args.bench:
-        refuse_unused(parser, args, "--bench", {"bench", "weights", "family"})
+    given = {t: getattr(args, t) for t in ("davis", "vip", "jhmdb") if getattr(args, t)}
+    reads = {"masks": {"davis", "vip"}, "bench": {"weights", "family"},  # what each mode reads besides its flag
+             "tradeoff": {"videos", "weights", "family", "native_stats", "ckpt", "batch_size"}}
+    mode = next((m for m in reads if getattr(args, m)), None)
+    if mode:
+        refuse_unused(parser, args, f"--{mode}", reads[mode] | {mode})
     else:
-        tasks_given = {t for t in ("davis", "vip", "jhmdb") if getattr(args, t)}
-        mode = "--table" if args.table else f"evaluating {', '.join(sorted(tasks_given)) or 'DAVIS'}"
-        refuse_unused(parser, args, mode, set(vars(args)) - {"videos"}
+        refuse_unused(parser, args, "--table" if args.table else f"evaluating {', '.join(sorted(given)) or 'DAVIS'}",
+                      set(vars(args)) - {"videos"}
                       - ({"weights", "family", "ckpt", "compare"} if args.table else set())
-                      - ({"protocol"} if tasks_given and "davis" not in tasks_given else set())  # DAVIS's protocol
+                      - ({"protocol"} if given and "davis" not in given else set())  # DAVIS's protocol
                       - ({"vip_size"} if not args.vip else set())
                       - ({"jhmdb_split"} if not args.jhmdb or Path(args.jhmdb).is_file() else set()))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, tasks = torch.device("cuda" if torch.cuda.is_available() else "cpu"), given or {"davis": None}
     try:
-        tasks = {t: getattr(args, t) for t in ("davis", "vip", "jhmdb") if getattr(args, t)} or {"davis": None}
         if args.masks:
-            if tasks == {"davis": None} or len(tasks) > 1 or args.jhmdb:
+            if len(given) != 1 or args.jhmdb:
                 raise BadInput("--masks needs one of --davis or --vip (the ground truth to score against)")
             task, plan = ("vip", read_vip(args.vip)) if args.vip else ("davis", read_davis(args.davis))
             m = score_vip(plan, args.masks) if args.vip else score(args.davis, args.masks, device)[0]
@@ -1194,10 +1135,10 @@ def main(argv=None):
         if not (args.tradeoff or args.bench):
             check_out_dir(args.out)  # before the encoder loads, not after its first batch
         kw = dict(device=device, batch_size=args.batch_size, overlay=args.overlay, vip_size=args.vip_size,
-                  jhmdb_split=args.jhmdb_split or 1, topk=args.topk,
-                  context=args.context, radius=args.radius, temperature=args.temperature)
+                  jhmdb_split=args.jhmdb_split or 1, topk=args.topk, context=args.context, radius=args.radius,
+                  temperature=args.temperature)
         if args.table:
-            if tasks == {"davis": None}:
+            if not given:
                 raise BadInput("--table needs the sets to evaluate on: --davis, --vip and/or --jhmdb")
             table_1(args.table, tasks, args.out, args.protocol, args.native_stats, **kw)
             return 0
