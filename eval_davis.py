@@ -60,14 +60,10 @@ PALETTE = np.array(davis_palette(), dtype=np.uint8).reshape(256, 3)
 
 # The paper's Table 1, ViT-B/16, in % (the same numbers as the "Checkpoints" table of yafeng19/Co-Settle
 # README.md): family: (VIP mIoU, DAVIS-2017 J&F mean, JHMDB PCK@0.1) of the frozen encoder, then + Co-Settle.
-TABLE_1 = {"mae": ((29.3, 52.4, 41.6), (33.8, 59.6, 48.4)),
-           "ijepa": ((31.5, 53.9, 42.6), (35.3, 58.7, 44.4)),
-           "clip": ((38.1, 54.9, 36.9), (39.2, 58.3, 40.6)),
-           "blip": ((37.6, 58.8, 35.1), (39.6, 62.0, 38.9)),
-           "mocov3": ((38.8, 62.6, 43.6), (39.8, 62.9, 45.3)),
-           "ibot": ((39.6, 64.6, 45.7), (40.8, 65.1, 46.1)),
-           "dino": ((39.1, 63.2, 44.4), (39.8, 64.2, 46.2)),
-           "dinov2": ((38.4, 63.1, 46.6), (39.9, 63.7, 47.3))}
+TABLE_1 = {"mae": ((29.3, 52.4, 41.6), (33.8, 59.6, 48.4)), "ijepa": ((31.5, 53.9, 42.6), (35.3, 58.7, 44.4)),
+           "clip": ((38.1, 54.9, 36.9), (39.2, 58.3, 40.6)), "blip": ((37.6, 58.8, 35.1), (39.6, 62.0, 38.9)),
+           "mocov3": ((38.8, 62.6, 43.6), (39.8, 62.9, 45.3)), "ibot": ((39.6, 64.6, 45.7), (40.8, 65.1, 46.1)),
+           "dino": ((39.1, 63.2, 44.4), (39.8, 64.2, 46.2)), "dinov2": ((38.4, 63.1, 46.6), (39.9, 63.7, 47.3))}
 PUBLISHED = {family: {variant: dict(zip(("vip", "davis", "jhmdb"), row)) for variant, row in
                       zip(("baseline", "cosettle"), rows)} for family, rows in TABLE_1.items()}
 HEADLINE = {"davis": ("DAVIS J&F", "J&F-Mean"), "vip": ("VIP mIoU", "mIoU"),  # each task's Table 1 number
@@ -283,14 +279,11 @@ def score(davis, results, device="cpu", verbose=True):
     write_csv(results / "global_results-val.csv", METRICS, [list(glob.values())])
     write_csv(results / "per-sequence_results-val.csv", ["Sequence", "J-Mean", "F-Mean"], rows)
     if verbose:
-        print(f"{results}: global results (val)\n" + table([glob]))
+        print(f"{results}: global results (val)\n  " + " ".join(f"{k:>9s}" for k in METRICS) + "\n  "
+              + " ".join(f"{glob[k]:9.3f}" for k in METRICS))
         print("per sequence\n" + "\n".join(f"  {name:30s} J {jm:.3f}  F {fm:.3f}" for name, jm, fm in rows))
     return glob, rows
 
-
-def table(rows):
-    return "\n".join(["  " + " ".join(f"{k:>9s}" for k in METRICS)] +
-                     ["  " + " ".join(f"{r[k]:9.3f}" for k in METRICS) for r in rows])
 
 
 # -----------------------------------------------------------------------------
@@ -389,38 +382,17 @@ def draw_skeleton(rgb, kps, width=4):
 # -----------------------------------------------------------------------------
 # Label propagation: DINO's algorithm and CRW's (as CropMAE runs it), batched and on the device
 
-_windows = {}
-
-
-def outside_window(h, w, radius, device):
-    """Bool [N, N]: key NOT within |di|, |dj| <= radius of the query (DINO's restrict_neighborhood's complement)."""
-    key = (h, w, radius, str(device))
-    if key not in _windows:
-        i, j = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        i, j = i.flatten(), j.flatten()
-        _windows[key] = ((i[:, None] - i[None]).abs() > radius) | ((j[:, None] - j[None]).abs() > radius)
-    return _windows[key]
-
-
-def within_radius(h, w, radius, device):
-    """Bool [N, N]: Euclidean distance between the two cells < radius (CropMAE src/utils/__init__.py
-    MaskedAttention.make: sqrt of the float squared distance, strict <)."""
+def offsets(h, w, device):
+    """[N, N] row and column offsets between the cells of an h x w grid (row-major): query cells x key cells."""
     i, j = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     i, j = i.flatten(), j.flatten()
-    return ((i[:, None] - i[None]) ** 2 + (j[:, None] - j[None]) ** 2).float() ** 0.5 < radius
+    return i[:, None] - i[None], j[:, None] - j[None]
 
 
 def chunk_scores(device):
     """How many scores (queries x keys) a propagation step computes at once: 64 MB on a CPU, as the CPU results were
     checked with; 1 GB on a GPU, where each chunk costs ~20 kernel launches (ViT-S/8 at 480x880: 4 chunks a frame)."""
     return 1 << (24 if device.type == "cpu" else 28)
-
-
-def norm_mask(x):
-    """DINO's norm_mask on [..., K, H, W]: channels whose max is > 0 are min-max scaled to [0, 1] (a constant
-    positive channel becomes NaN there too, and torch.max then picks it)."""
-    mn, mx = x.amin((-2, -1), keepdim=True), x.amax((-2, -1), keepdim=True)
-    return torch.where(mx > 0, (x - mn) / (mx - mn), x)
 
 
 class Propagation:
@@ -435,7 +407,8 @@ class Propagation:
         self.labels = torch.zeros(1 + n, h * w, K, device=feat0.device)
         self.feats[0] = F.normalize(feat0.reshape(h * w, C).float(), dim=1)
         self.labels[0] = labels0.reshape(K, h * w).T
-        self.outside = outside_window(h, w, params["radius"], feat0.device) if params["radius"] > 0 else None
+        di, dj, r = *offsets(h, w, feat0.device), params["radius"]  # keys outside DINO's restrict_neighborhood
+        self.outside = ((di.abs() > r) | (dj.abs() > r)) if r > 0 else None
 
     def __call__(self, feat):
         h, w, N, K, n = self.h, self.w, self.h * self.w, self.labels.shape[2], self.feats.shape[0] - 1
@@ -468,7 +441,10 @@ def read_out(soft, params, patch, size):
     per channel, argmax. crw (CropMAE src/utils/test_utils.py dump_predictions): bilinear to the size, argmax."""
     if params["algorithm"] == "dino":
         up = F.interpolate(soft, scale_factor=patch, mode="bilinear", align_corners=False, recompute_scale_factor=False)
-        return norm_mask(up).max(1).indices
+        # DINO's norm_mask: channels whose max is > 0 min-max scaled to [0, 1] (a constant positive channel becomes
+        # NaN there too, and torch.max then picks it)
+        mn, mx = up.amin((-2, -1), keepdim=True), up.amax((-2, -1), keepdim=True)
+        return torch.where(mx > 0, (up - mn) / (mx - mn), up).max(1).indices
     return F.interpolate(soft, size=size, mode="bilinear", align_corners=False).argmax(1)
 
 
@@ -493,9 +469,11 @@ class CRWPropagation:
         self.label0 = labels0.reshape(C, N).T.float()
         self.feats = torch.zeros(n, N, D, device=feat0.device)  # ring of the n latest real frames t >= 1
         self.labels = torch.zeros(n, N, C, device=feat0.device)
-        # [queries, keys]: 0 within the radius, -inf outside (added to the scores, as the reference adds -1e10)
-        self.bias = torch.zeros(N, N, device=feat0.device).masked_fill_(
-            ~within_radius(h, w, params["radius"], feat0.device), -math.inf)
+        # [queries, keys]: 0 within the Euclidean radius, -inf outside (added to the scores, as the reference adds
+        # -1e10; CropMAE src/utils/__init__.py MaskedAttention.make: sqrt of the float squared distance, strict <)
+        di, dj = offsets(h, w, feat0.device)
+        within = (di ** 2 + dj ** 2).float() ** 0.5 < params["radius"]
+        self.bias = torch.zeros(N, N, device=feat0.device).masked_fill_(~within, -math.inf)
 
     def __call__(self, feat):
         (C, h, w), N, n, t = self.shape, self.shape[1] * self.shape[2], self.params["context"], self.t
@@ -535,12 +513,6 @@ class CRWPropagation:
 
 
 CORES = {"dino": Propagation, "crw": CRWPropagation}  # the propagation core of each protocol's algorithm
-
-
-def load_frame(path, size, mean, std, quantise=True):
-    """RGB frame -> normalise()d [3, th, tw]."""
-    x = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).float()
-    return normalise(x, size, mean, std, quantise)
 
 
 def normalise(x, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, quantise=True):
@@ -597,7 +569,8 @@ def soft_maps(frames, labels0, size, embed, heads, params, device, batch_size=8)
     core = CORES[params["algorithm"]]
     props = {}
     for b0 in range(0, len(frames), batch_size):
-        x = torch.stack([load_frame(f, size, params["mean"], params["std"], params["algorithm"] == "dino")
+        x = torch.stack([normalise(torch.from_numpy(np.array(load_rgb(f))).permute(2, 0, 1).float(), size,
+                                   params["mean"], params["std"], params["algorithm"] == "dino")
                          for f in frames[b0:b0 + batch_size]])
         with torch.no_grad():
             base = embed(x.to(device))
@@ -1042,7 +1015,6 @@ def bench(encoder, device, n_frames=10):
               + (" (bounded in the length)" if bounded else ""))
         setups = [("DAVIS dino", PROTOCOLS["dino"], (480, 854), 3), ("DAVIS paper", PROTOCOLS["paper"], (480, 854), 3),
                   ("VIP", VIP, (720, 1280), 8), ("JHMDB", JHMDB, (240, 320), 16)]
-        results = {}
         for task, params, (H, W), K in setups:
             th, tw = grid_size(H, W, params, patch, "bench")
             video, masks = synthetic_video(0, n_frames, th, tw, n_objects=2)
@@ -1064,8 +1036,6 @@ def bench(encoder, device, n_frames=10):
             print(f"  {task:12s} {tw}x{th}: {1 / (enc[0] + core_t[0]):6.2f} frames/s; encoder {enc[0]:6.3f} s/frame, "
                   f"propagation + read-out {core_t[0]:6.3f} s/frame: it adds {adds[0]:.0f}% to the encoder's wall "
                   f"time ({adds[1]:.0f}% of its CPU time)")
-            results[task] = dict(encoder=enc[0], propagation=core_t[0])
-    return results
 
 
 def size_arg(text):
