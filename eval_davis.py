@@ -285,13 +285,9 @@ def score(davis, results, device="cpu", verbose=True):
     return glob, rows
 
 
-
 # -----------------------------------------------------------------------------
-# JHMDB: keypoints as heatmaps, PCK
-# alexandre-eymael/CropMAE downstreams/propagation/src/: data/jhmdb.py (labels: data.jhmdb_labels),
-# utils/test_utils.py (read-out, drawing), eval/eval_pck.py (metric). Keypoints are (x, y); maps are [C, h, w]
-# with channel 0 the background.
-
+# JHMDB (alexandre-eymael/CropMAE downstreams/propagation/src/): keypoints (x, y) as heatmaps [C, h, w] with channel
+# 0 the background (data.jhmdb_labels), PCK.
 # parent of each joint in CropMAE utils/test_utils.py vis_pose: face, shoulders -> neck; neck <-> belly; hips ->
 # belly; elbows -> shoulders; wrists -> elbows; knees -> hips; ankles -> knees
 JHMDB_PARENTS = (1, 0, 0, 0, 0, 1, 1, 3, 4, 5, 6, 7, 8, 9, 10)
@@ -450,16 +446,14 @@ def read_out(soft, params, patch, size):
 
 class CRWPropagation:
     """CRW's propagation as CropMAE runs it (src/test.py test(), src/utils/test_utils.py context_index_bank and
-    mem_efficient_batched_affinity), for one video. Call with frame t's features [h, w, D], t = 1, 2, ...;
-    returns its soft labels [C, h, w], which are also fed back as the labels of frame t.
-    The reference pads the video with n = `context` copies of frame 0 and gives target t the first frame (the
-    long-memory slot, never spatially restricted) plus the n previous padded positions (restricted to cells at
-    Euclidean distance < radius), i.e. frame 0 appears 1 + max(0, n + 1 - t) times, and real frames
-    max(1, t - n) .. t - 1 once each. It then takes the top-k of cos / T over all those slots jointly and
-    softmaxes them. Copies of frame 0 have identical scores and labels, so here each frame is scored once: the
-    top-k of every distinct slot (frame 0 unrestricted, frame 0 within the radius carrying its n + 1 - t copies,
-    each real frame within the radius) are merged, each candidate taken min(copies, what is left of k) times, and
-    a candidate taken c times weighs c exp(s / T) in the softmax."""
+    mem_efficient_batched_affinity), for one video. Call with frame t's features [h, w, D], t = 1, 2, ...; returns
+    its soft labels [C, h, w], also fed back as frame t's labels. The reference pads the video with n = `context`
+    copies of frame 0 and gives target t the first frame (the long-memory slot, unrestricted) plus the n previous
+    padded positions (cells at Euclidean distance < radius only), so frame 0 comes 1 + max(0, n + 1 - t) times, real
+    frames max(1, t - n) .. t - 1 once each; then softmax over the top-k of cos / T of all slots jointly. Copies of
+    frame 0 score alike, so here the top-k of each distinct slot (frame 0 unrestricted, frame 0 within the radius
+    carrying its n + 1 - t copies, each real frame) are merged, each candidate taken min(copies, what is left of k)
+    times, and a candidate taken c times weighs c exp(s / T) in the softmax."""
 
     def __init__(self, feat0, labels0, params):
         h, w, D = feat0.shape
@@ -623,9 +617,8 @@ def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overl
                         m = np.array(Image.fromarray(m).resize((W, H), Image.NEAREST))
                     write_png(outs[name] / seq / f"{frames[t].stem}.png", m, mode="L" if vip else "P")
                     if t in show:
-                        pic = blend(frames[t], m)
-                        write_png(outs[name] / "overlays" / seq / f"{frames[t].stem}.png",
-                                  legend(pic, m) if vip else pic, mode="RGB")
+                        write_png(outs[name] / "overlays" / seq / f"{frames[t].stem}.png", blend(frames[t], m, vip),
+                                  mode="RGB")
         n_frames += len(frames)
         if verbose:
             print(f"  {seq}: {len(frames)} frames at {tw}x{th}, {labels0.shape[0]} labels on the {w}x{h} grid")
@@ -673,15 +666,13 @@ def score_jhmdb(plan, preds, params, patch, where, verbose=True):
     return m
 
 
-def blend(frame, ids):
-    """The image with each label's palette colour laid over it at 50%, background untouched."""
+def blend(frame, ids, key=False):
+    """The image with each label's palette colour laid over it at 50%, background untouched; key (VIP): one swatch
+    and name per part class present, in a strip under the picture."""
     img = np.asarray(load_rgb(frame), dtype=np.float32)
-    out = np.where(ids[..., None] > 0, 0.5 * img + 0.5 * PALETTE[ids], img)
-    return out.round().astype(np.uint8)
-
-
-def legend(pic, ids):
-    """A VIP overlay with a key: one swatch and name per part class present, in a strip under the picture."""
+    pic = np.where(ids[..., None] > 0, 0.5 * img + 0.5 * PALETTE[ids], img).round().astype(np.uint8)
+    if not key:
+        return pic
     present = [int(i) for i in np.unique(ids) if 0 < i < len(VIP_CLASSES)]
     rows = max(1, len(present))
     out = Image.new("RGB", (pic.shape[1], pic.shape[0] + 12 * rows + 4), (255, 255, 255))
