@@ -34,25 +34,19 @@ from data import (VIP_CLASSES, atomic, check_out_dir, davis_palette, describe, f
                   list_frames, load_rgb, make_davis, read_davis, read_ids, read_jhmdb, read_vip, save_npy,
                   synthetic_video, write_csv, write_json)
 
-# Two protocols for DAVIS, one propagation loop. Sizes: a (height, width) pair is fixed; one number is a rule.
-# paper: the pipeline behind the paper's Table 1 (it follows SiamMAE/CropMAE/RSP's protocol): CropMAE's
-#   label propagation (alexandre-eymael/CropMAE downstreams/propagation/src/test.py, as T-CoRe, the authors'
-#   previous paper, runs it: yafeng19/T-CORE scripts/eval.sh with the defaults of downstreams/propagation/util.py):
-#   frames resized to 480x880 in float (no uint8 rounding), std 0.229, CRW's propagation (CRWPropagation below):
-#   first frame + 20 short-term slots padded with copies of frame 0, Euclidean radius 20 on the short-term slots
-#   only, top-7 jointly, softmax of cos / 0.7, soft predictions fed back.
-# dino: facebookresearch/dino eval_video_segmentation.py exactly: short side 480, long side floored to a
-#   multiple of 64, std 0.228, first frame + 7 previous soft predictions, square window |di|,|dj| <= 12, top-5
-#   jointly over all context frames, weights exp(cos / 0.1) normalised, per-channel min-max before the argmax.
+# Two protocols for DAVIS, one propagation loop (the README details both). Sizes: a (height, width) pair is fixed;
+# one number is a rule (target_size). paper: the pipeline behind Table 1, CropMAE's label propagation
+# (alexandre-eymael/CropMAE downstreams/propagation, the defaults of its util.py) as the authors' T-CoRe runs it
+# (yafeng19/T-CORE scripts/eval.sh): 480x880 in float, CRWPropagation, soft predictions fed back. dino:
+# facebookresearch/dino eval_video_segmentation.py exactly (Propagation, min-max per channel before the argmax).
 PROTOCOLS = {
     "paper": dict(algorithm="crw", size=(480, 880), mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=7, context=20,
                   radius=20, temperature=0.7),
     "dino": dict(algorithm="dino", size=480, mean=IMAGENET_MEAN, std=(0.228, 0.224, 0.225), topk=5, context=7,
                  radius=12, temperature=0.1),
 }
-# VIP and JHMDB always run CropMAE's pipeline (its util.py defaults): VIP with top-10 and `crop_size [880]`, i.e.
-# long side 880 and short side floored to a multiple of 64 (448x880 for 16:9 frames; the paper text says 480x880,
-# --vip-size 480x880 gives that); JHMDB with every frame stretched to 320x320 (a 20x20 grid at patch 16).
+# VIP and JHMDB always run CropMAE's pipeline: VIP with top-10 and `crop_size [880]` (448x880 for 16:9 frames; the
+# paper's text says 480x880: --vip-size), JHMDB with every frame stretched to 320x320 (a 20x20 grid at patch 16).
 VIP = dict(PROTOCOLS["paper"], size=880, topk=10)
 JHMDB = dict(PROTOCOLS["paper"], size=(320, 320))
 METRICS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
@@ -176,7 +170,7 @@ def seg2bmap(seg):
 def dilate_disk(b, r):
     """cv2.dilate(b, skimage.morphology.disk(r)) on bool [..., H, W]: OR over offsets dx^2 + dy^2 <= r^2. Row dy of
     the disk spans |dx| <= isqrt(r^2 - dy^2): a box test on a cumulative sum, shifted by dy (O(r) per pixel)."""
-    W = b.shape[-1]
+    H, W = b.shape[-2:]
     cs = F.pad(b.to(torch.int32).cumsum(-1), (1, 0))  # cs[..., x] = number of set pixels left of x
     x = torch.arange(W, device=b.device)
     rows = {}
@@ -184,14 +178,12 @@ def dilate_disk(b, r):
         hi, lo = (x + w + 1).clamp(max=W), (x - w).clamp(min=0)
         rows[w] = (cs[..., hi] - cs[..., lo]) > 0
     out = torch.zeros_like(b)
-    H = b.shape[-2]
-    for dy in range(-r, r + 1):
+    for dy in range(-min(r, H - 1), min(r, H - 1) + 1):  # a shift by H rows or more leaves the image
         row = rows[math.isqrt(r * r - dy * dy)]
-        if abs(dy) < H:
-            if dy >= 0:
-                out[..., :H - dy, :] |= row[..., dy:, :]
-            else:
-                out[..., -dy:, :] |= row[..., :H + dy, :]
+        if dy >= 0:
+            out[..., :H - dy, :] |= row[..., dy:, :]
+        else:
+            out[..., -dy:, :] |= row[..., :H + dy, :]
     return out
 
 
@@ -327,12 +319,10 @@ def keypoints_to_pixels(kps, W0, H0, grid=(20, 20)):
 
 
 def pck(preds, gts, sizes, alphas=PCK_ALPHAS, grid=(20, 20)):
-    """PCK as CropMAE eval/eval_pck.py computes it, over all videos. preds: per video [T >= T_gt, 15, 2] grid cells
-    (keypoints_from_maps); gts: per video the .mat's 1-based pos_img (2, 15, T_gt); sizes: per video (W0, H0).
-    A joint is visible iff its predicted x >= 0; frame 0 is skipped; correct iff distance <= alpha x 0.6 x the
-    diagonal of the box of frame k's visible GT joints (a one-point box: scored, never correct, as upstream).
-    Returns {'PCK@0.1': mean over the 15 joints, ..., 'per_joint': {'PCK@0.1': [15], ...}, 'count': [15 scored
-    (joint, frame) pairs]}; a joint never scored is NaN in per_joint and left out of the mean (upstream: 0/0)."""
+    """PCK as CropMAE eval/eval_pck.py computes it (README), over all videos of preds (per video [T >= T_gt, 15, 2]
+    grid cells), gts (the .mat's 1-based pos_img (2, 15, T_gt)) and sizes ((W0, H0)): {'PCK@0.1': mean over the 15
+    joints, ..., 'per_joint': {'PCK@0.1': [15], ...}, 'count': [15 scored (joint, frame) pairs]}; a joint never
+    scored is NaN in per_joint and left out of the mean (upstream: 0/0); a one-point box: scored, never correct."""
     dists = [[] for _ in range(15)]
     for pred, gt, (W0, H0) in zip(preds, gts, sizes):
         gt = np.asarray(gt, dtype=np.float64).transpose(2, 1, 0) - 1.0  # [T_gt, 15, 2], 0-based
@@ -482,18 +472,14 @@ class CRWPropagation:
         for a in range(0, N, step):
             qa, bias = q[a:a + step], self.bias[a:a + step]
             s0 = qa @ self.key0.T
-            cands = [s0.topk(kk, dim=1)]  # the long-memory slot: unrestricted, once
-            counts = [1]
+            cands = [(*s0.topk(kk, dim=1), 1)]  # (scores, key ids, copies): the long-memory slot, unrestricted, once
             if copies:
-                cands.append((s0 + bias).topk(kk, dim=1))
-                counts.append(copies)
+                cands.append((*(s0 + bias).topk(kk, dim=1), copies))
             if r:
                 vals, idx = torch.baddbmm(bias, qa.expand(r, -1, -1), self.feats[:r].transpose(1, 2)).topk(kk, dim=2)
-                cands.append((vals.permute(1, 0, 2).flatten(1), (idx + offset).permute(1, 0, 2).flatten(1)))
-                counts.append(1)
-            vals = torch.cat([v for v, _ in cands], 1)
-            idx = torch.cat([i for _, i in cands], 1)
-            count = torch.cat([torch.full_like(v, c) for (v, _), c in zip(cands, counts)], 1)
+                cands.append((vals.permute(1, 0, 2).flatten(1), (idx + offset).permute(1, 0, 2).flatten(1), 1))
+            vals, idx = torch.cat([v for v, _, _ in cands], 1), torch.cat([i for _, i, _ in cands], 1)
+            count = torch.cat([torch.full_like(v, c) for v, _, c in cands], 1)
             count = count.masked_fill(vals == -math.inf, 0)  # outside the radius: never a candidate
             vals, order = vals.topk(min(k, vals.shape[1]), dim=1)
             c, idx = count.gather(1, order), idx.gather(1, order)
@@ -560,8 +546,7 @@ def crw_labels(path, ann, size, grid):
 def soft_maps(frames, labels0, size, embed, heads, params, device, batch_size=8):
     """Propagate labels0 [C, h, w] through `frames` with every head (None: the features as they are), one forward a
     batch for all: yields (t0, {name: soft labels [b, C, h, w]}) per batch t0 .. t0 + b - 1 (frame 0's is labels0)."""
-    core = CORES[params["algorithm"]]
-    props = {}
+    core, props = CORES[params["algorithm"]], {}
     for b0 in range(0, len(frames), batch_size):
         x = torch.stack([normalise(torch.from_numpy(np.array(load_rgb(f))).permute(2, 0, 1).float(), size,
                                    params["mean"], params["std"], params["algorithm"] == "dino")
@@ -598,12 +583,8 @@ def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overl
         H, W = ann.shape
         th, tw = grid_size(H, W, params, patch, frames[0])
         h, w = th // patch, tw // patch
-        if dino:
-            ids, labels0 = np.arange(256, dtype=np.uint8), first_labels(ann, h, w)
-        else:
-            ids, labels0 = crw_labels(first, ann, (th, tw), (h, w))
-        lookup = torch.from_numpy(ids.astype(np.uint8)).to(device)
-        labels0 = labels0.to(device)
+        ids, labels0 = (np.arange(256), first_labels(ann, h, w)) if dino else crw_labels(first, ann, (th, tw), (h, w))
+        lookup, labels0 = torch.from_numpy(ids.astype(np.uint8)).to(device), labels0.to(device)
         show = set(np.linspace(0, len(frames) - 1, 4).round().astype(int).tolist()) if overlay else set()
         for b0, maps in soft_maps(frames, labels0, (th, tw), embed, heads, params, device, batch_size):
             for name, soft in maps.items():
@@ -707,14 +688,12 @@ def checked(fn, what, stride=None):
 
 def run(features, stride, tasks, out_dir, heads=None, protocol="paper", device=None, batch_size=8, overlay=False,
         verbose=True, vip_size=None, jhmdb_split=1, jhmdb_order=None, **overrides):
-    """Propagate with any encoder on each task and score it: {name: {task: metrics, or None for a DAVIS set with
-    first-frame annotations only, "data": {task: data.describe of the set, and the settings}}}, also each head's
-    summary.json, under out_dir[/<name> when several heads][/<task> when several tasks].
-    features: normalised frames [B, 3, H, W] on `device` (default CUDA if any) -> floats [B, H / stride, W / stride,
-    D]. heads: {name: None (the features as they are) or a function of them}, all fed by one forward. tasks:
-    {"davis": DAVIS-2017 folder (None: a synthetic one), "vip": VIP_Fine folder or list file, "jhmdb": JHMDB folder
-    or list file (data.read_jhmdb)}. `protocol` is DAVIS's (VIP and JHMDB run CropMAE's pipeline); overrides (topk,
-    context, radius, temperature, size, mean, std) apply to every task."""
+    """Propagate with any feature function (normalised frames [B, 3, H, W] -> [B, H / stride, W / stride, D], README
+    "Any encoder") and heads on it ({name: None or a function of the features}, one forward for all) on each task
+    ({"davis": DAVIS-2017 folder or None for a synthetic one, "vip", "jhmdb": folder or list file}); score and write
+    each head's summary.json under out_dir[/<name>][/<task>] when several. Returns {name: {task: metrics (None: DAVIS
+    with first-frame annotations only), "data": {task: data.describe and settings}}}. `protocol` is DAVIS's;
+    overrides (topk, context, radius, temperature, size, mean, std) apply to every task."""
     heads = {"model": None} if heads is None else heads
     if not callable(features) or not (isinstance(stride, int) and stride > 0):
         raise BadInput(f"run() needs a callable feature function and a positive whole stride, got "
@@ -986,10 +965,6 @@ def bench(encoder, device, n_frames=10):
     print(f"bench: {n_frames} synthetic frames, {encoder.family} ViT width {a['embed_dim']} patch {patch}, {name}, "
           f"torch {torch.__version__}")
 
-    def timed(fn, frames):  # once, cold (a propagation has state): -> (out, (wall, cpu) per frame)
-        wall, cpu, out = timeit(fn, warmup=0, iters=1, device=device.type)
-        return out, (wall / frames, cpu / frames)
-
     with torch.no_grad():
         h, w = 480 // patch, 880 // patch
         g = torch.Generator(device=device).manual_seed(0)
@@ -1013,7 +988,10 @@ def bench(encoder, device, n_frames=10):
                                        params["std"]) for f in video]).to(device)
             labels0 = F.one_hot(torch.from_numpy(masks[0][::patch, ::patch]).long() % K, K).permute(2, 0, 1).float()
             embed(x[:2])  # warm-up
-            feats, enc = timed(lambda: torch.cat([embed(x[i:i + 8]) for i in range(0, len(x), 8)]), n_frames)
+            # each timed once, cold (a propagation has state): (wall, cpu) seconds a frame
+            *enc, feats = timeit(lambda: torch.cat([embed(x[i:i + 8]) for i in range(0, len(x), 8)]), warmup=0,
+                                 iters=1, device=device.type)
+            enc = [s / n_frames for s in enc]
             warm = params["context"] + 1
             prop = CORES[params["algorithm"]](feats[0], labels0.to(device), params)
             for t in range(1, warm):
@@ -1022,7 +1000,7 @@ def bench(encoder, device, n_frames=10):
             def steady():
                 soft = torch.stack([prop(feats[t % n_frames]) for t in range(warm, warm + 4)])
                 return read_out(soft, params, patch, (th, tw)).cpu()
-            _, core_t = timed(steady, 4)
+            core_t = [s / 4 for s in timeit(steady, warmup=0, iters=1, device=device.type)[:2]]
             adds = [100 * c / e for e, c in zip(enc, core_t)]
             print(f"  {task:12s} {tw}x{th}: {1 / (enc[0] + core_t[0]):6.2f} frames/s; encoder {enc[0]:6.3f} s/frame, "
                   f"propagation + read-out {core_t[0]:6.3f} s/frame: it adds {adds[0]:.0f}% to the encoder's wall "
