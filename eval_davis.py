@@ -228,19 +228,17 @@ def db_statistics(values):
 
 
 def score(davis, results, device="cpu", verbose=True):
-    """evaluation.py DAVISEvaluation('semi-supervised', 'val').evaluate + evaluation_method.py: objects are ids
-    1..max of the first ground-truth frame (void 255 counted as background, as davis.py does), the first and
-    last frames are not scored, every object is a row, global numbers are means over all objects. Writes the
-    two CSVs into `results` and returns (global dict, [(name, J-Mean, F-Mean)])."""
+    """evaluation.py DAVISEvaluation('semi-supervised', 'val').evaluate + evaluation_method.py: objects are ids 1..max
+    of the first ground-truth frame (void 255 is background, as davis.py), first and last frames not scored, means
+    over all objects. Writes the two CSVs into `results`; returns (global dict, [(name, J-Mean, F-Mean)])."""
     results = Path(results)
     plan = read_davis(davis)
-    wanted = [(seq, a.stem) for seq, _, anns, _ in plan for a in anns[1:-1]]
-    missing = [f"{seq}/{stem}.png" for seq, stem in wanted if not (results / seq / f"{stem}.png").is_file()]
+    missing = [f"{seq}/{a.stem}.png" for seq, _, anns, _ in plan for a in anns[1:-1]
+               if not (results / seq / f"{a.stem}.png").is_file()]
     if missing:
         raise BadInput(f"{results}: {len(missing)} result frames missing: {', '.join(missing[:5])}"
                        f"{', ...' if len(missing) > 5 else ''}")
-    stats = {k: [] for k in ("JM", "JR", "JD", "FM", "FR", "FD")}
-    rows = []
+    stats, rows = {k: [] for k in ("JM", "JR", "JD", "FM", "FR", "FD")}, []
     for seq, _, anns, _ in plan:
         gt0 = read_ids(anns[0], "ground truth")
         n = int(np.where(gt0 == 255, 0, gt0).max())
@@ -298,8 +296,7 @@ def keypoints_from_maps(maps, topk=5):
     maps = maps.detach().cpu().numpy() if torch.is_tensor(maps) else np.asarray(maps)
     T, C, h, w = maps.shape
     flat = maps[:, 1:].reshape(T, C - 1, h * w).astype(np.float64)
-    k = min(topk, h * w)
-    ids = np.argsort(-flat, axis=-1, kind='stable')[..., :k]
+    ids = np.argsort(-flat, axis=-1, kind='stable')[..., :topk]
     vals = np.take_along_axis(flat, ids, axis=-1)
     empty = flat.sum(-1) == 0
     with np.errstate(invalid='ignore', divide='ignore'):
@@ -513,9 +510,8 @@ def first_labels(ann, h, w):
 
 
 def nearest_index(n_in, n_out, device="cpu"):
-    """OpenCV's INTER_NEAREST along one axis (imgproc resize.cpp resizeNN): source pixel floor(dst * (1 / (out /
-    in))) in double precision, at most in - 1. torch's 'nearest' computes in float32 and lands on the pixel before
-    wherever dst * in / out is an integer that float32 misses (1024 -> 880: columns 55, 110, 220, 440)."""
+    """OpenCV's INTER_NEAREST along one axis (imgproc resize.cpp resizeNN): source floor(dst * (1 / (out / in))) in
+    double, at most in - 1 (torch's float32 'nearest' picks the pixel before at exact integers: 1024 -> 880)."""
     i = np.minimum(np.floor(np.arange(n_out) * (1.0 / (n_out / n_in))), n_in - 1).astype(np.int64)
     return torch.from_numpy(i).to(device)
 
@@ -552,8 +548,7 @@ def soft_maps(frames, labels0, size, embed, heads, params, device, batch_size=8)
                                    params["mean"], params["std"], params["algorithm"] == "dino")
                          for f in frames[b0:b0 + batch_size]])
         with torch.no_grad():
-            base = embed(x.to(device))
-            out = {}
+            base, out = embed(x.to(device)), {}
             for name, head in heads.items():
                 feats = base if head is None else head(base)
                 if b0 == 0:
@@ -572,10 +567,9 @@ def grid_size(H, W, params, patch, where):
 
 
 def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overlay=False, verbose=True, vip=False):
-    """Propagate every video of `plan` (read_davis or read_vip), write id PNGs to outs[name]/<video>/<frame>.png at
-    the annotation's size (read_out, then dino: PIL NEAREST, frame 0 the annotation itself; crw: OpenCV's nearest for
-    DAVIS, CropMAE src/eval/convert_davis.py, PIL's for VIP, src/eval/eval_vip.py; frame 0 through the same path).
-    Returns the number of frames."""
+    """Propagate every video of `plan` (read_davis or read_vip) into id PNGs outs[name]/<video>/<frame>.png at the
+    annotation's size (after read_out, dino: PIL NEAREST, frame 0 the annotation itself; crw: OpenCV's nearest for
+    DAVIS, CropMAE src/eval/convert_davis.py, PIL's for VIP, src/eval/eval_vip.py). Returns the number of frames."""
     dino, n_frames = params["algorithm"] == "dino", 0
     for seq, frames, _, first in plan:
         ann = read_ids(first, "first-frame annotation")
@@ -752,9 +746,8 @@ def run(features, stride, tasks, out_dir, heads=None, protocol="paper", device=N
 
 
 def compare(encoder, projection, tasks, out_dir, protocol="paper", **overrides):
-    """Baseline and + Co-Settle on the same frames (one encoder forward feeds both): {'baseline': {task:
-    metrics}, 'cosettle': {...}, 'difference': {task: cosettle - baseline}}, also written to out_dir/summary.json.
-    tasks: as run()'s, or a DAVIS folder (None: synthetic)."""
+    """Baseline and + Co-Settle from one encoder forward: {'baseline': {task: metrics}, 'cosettle': {...}, 'difference':
+    {task: cosettle - baseline}}, also out_dir/summary.json. tasks: run()'s, or a DAVIS folder (None: synthetic)."""
     tasks = tasks if isinstance(tasks, dict) else {"davis": tasks}
     overrides["device"] = overrides.get("device") or next(encoder.parameters()).device
     m = run(encoder_embed(encoder), encoder.patch_size, tasks, out_dir, {"baseline": None, "cosettle": projection},
@@ -956,9 +949,8 @@ def peak_memory(device, fn):
 
 def bench(encoder, device, n_frames=10):
     """The peak memory of the paper propagation over 25, then 75 more frames at 854x480; then seconds per frame of
-    each pipeline, the encoder forward and the propagation apart (at its steady state, a full context, on features
-    repeating the n encoded frames), wall clock and CPU. (`python test_cosettle.py --bench-dino` times DINO's own
-    per-frame loop against ours.)"""
+    each pipeline, the encoder and the propagation (at its steady state: a full context) apart, wall clock and CPU.
+    (`python test_cosettle.py --bench-dino` times DINO's own per-frame loop against ours.)"""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     embed, patch, a = encoder_embed(encoder), encoder.patch_size, encoder.arch
