@@ -92,10 +92,9 @@ def protocol_params(protocol, **overrides):
 
 
 def target_size(H, W, params):
-    """(th, tw) an H x W frame is resized to. A (height, width) size is used as it is (CropMAE's crop_size). One
-    number is a rule, the other side floored to a multiple of 64: dino, read_frame's short side -> size (854x480 ->
-    832x480; on square frames DINO's read_frame and read_seg disagree, 480x448 vs 448x480: we use read_frame's);
-    crw, CropMAE vos.py's long side -> size (1280x720 -> 880x448)."""
+    """(th, tw) for an H x W frame: a (height, width) size as it is; one number, the other side floored to a multiple
+    of 64: dino, read_frame's short side -> size (854x480 -> 832x480; on square frames DINO's read_frame and read_seg
+    disagree, 480x448 vs 448x480: we use read_frame's); crw, CropMAE vos.py's long side (1280x720 -> 880x448)."""
     s = params["size"]
     if not np.isscalar(s):
         return tuple(s)
@@ -113,14 +112,14 @@ def write_png(path, ids, mode="P"):
 
 
 # -----------------------------------------------------------------------------
-# The VIP metric: HCPLab-SYSU/ATEN evaluate/test_parsing.py (CropMAE src/eval/eval_vip.py) with numpy
+# The metrics: VIP's, HCPLab-SYSU/ATEN evaluate/test_parsing.py (CropMAE src/eval/eval_vip.py), with numpy;
+# DAVIS's, davis2017-evaluation (semi-supervised), with torch
 
 
 def score_vip(plan, results, verbose=True):
-    """One 20x20 confusion matrix (rows ground truth) pooled over every frame (frame 0 included) of every video;
-    predictions at another size are brought to the label's with PIL NEAREST, as eval_vip.py does. Returns, as
-    fractions, per-class IoU, mIoU = nan-mean over the 20 classes (background included; a class absent from both is
-    0/0 = NaN and dropped), pixel accuracy, mean class accuracy (nan-mean) and frequency-weighted IoU."""
+    """The official metric (README) from one confusion matrix over every frame of every video, predictions at another
+    size brought to the label's with PIL NEAREST as eval_vip.py does: {IoU per class, mIoU, pixel_accuracy,
+    mean_accuracy, fwIoU} as fractions; a class absent from both prediction and truth: NaN, left out of the means."""
     results, n = Path(results), len(VIP_CLASSES)
     hist = np.zeros((n, n), np.int64)
     for video, _, anns, _ in plan:
@@ -146,10 +145,6 @@ def score_vip(plan, results, verbose=True):
         for c in range(n):
             print(f"  {c:2d} {VIP_CLASSES[c]:12s} {m['IoU'][c]:7.4f} {acc[c]:7.4f}")
     return m
-
-
-# -----------------------------------------------------------------------------
-# The metric: davis2017-evaluation (semi-supervised), written with torch
 
 
 def seg2bmap(seg):
@@ -290,9 +285,8 @@ JHMDB_JOINTS = ("neck", "belly", "face", "r-shoulder", "l-shoulder", "r-hip", "l
 
 
 def keypoints_from_maps(maps, topk=5):
-    """float64 [T, 15, 2]: (x, y) in grid cells from maps [T, 16, h, w] (channel 0, the background, dropped). CropMAE
-    utils/test_utils.py process_pose: the top-k cells of each joint map (row-major; ties go to the lower index)
-    weighted by their values normalised to sum 1; (-1, -1) where the whole map sums to 0."""
+    """float64 [T, 15, 2] (x, y) grid cells from maps [T, 16, h, w] (channel 0: background), CropMAE test_utils.py
+    process_pose: the value-weighted mean of each map's top-k cells (ties: lower index); (-1, -1) for an empty map."""
     maps = maps.detach().cpu().numpy() if torch.is_tensor(maps) else np.asarray(maps)
     T, C, h, w = maps.shape
     flat = maps[:, 1:].reshape(T, C - 1, h * w).astype(np.float64)
@@ -524,10 +518,9 @@ def nearest(ids, size):
 
 
 def crw_labels(path, ann, size, grid):
-    """CropMAE vos.py: the first-frame label resized to the processing size with OpenCV's nearest rule, one-hot over
-    the ids present there, bilinearly (no antialias) down to the grid. Returns (ids in channel order, [C, h, w]).
-    CropMAE reads labels with cv2.imread, so its channels are the distinct BGR colours sorted (np.unique): for
-    palette PNGs that is palette order, not id order; it only decides exact argmax ties, and we keep it."""
+    """CropMAE vos.py's first-frame labels (README): (ids in channel order, [C, h, w]). CropMAE reads labels with
+    cv2.imread, so its channels are the distinct BGR colours sorted (np.unique): for palette PNGs that is palette
+    order, not id order; it only decides exact argmax ties, and we keep it."""
     small = nearest(ann, size).numpy()
     with Image.open(path) as img:
         pal = np.array(img.getpalette() or [], dtype=np.int64).reshape(-1, 3) if img.mode == "P" else None
