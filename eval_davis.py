@@ -9,9 +9,8 @@ parts, mIoU. JHMDB: 15 joints, PCK.
     python eval_davis.py --bench                                # s/frame of each pipeline, peak memory
     python eval_davis.py --table ckpts/ --davis DAVIS/ --vip VIP_Fine/ --jhmdb JHMDB/   # all of Table 1
 
-Two propagation algorithms, batched on the device: CRW's as CropMAE runs it (alexandre-eymael/CropMAE
-downstreams/propagation, what the authors' T-CoRe evaluates with) and DINO's (facebookresearch/dino
-eval_video_segmentation.py). The J&F re-implements davisvideochallenge/davis2017-evaluation to the last bit.
+Two propagation algorithms: CRW's as CropMAE runs it (alexandre-eymael/CropMAE downstreams/propagation, what the
+authors' T-CoRe evaluates with) and DINO's. The J&F re-implements davis2017-evaluation to the last bit.
 """
 import argparse
 import math
@@ -39,12 +38,10 @@ from data import (VIP_CLASSES, atomic, check_out_dir, davis_palette, describe, f
 # (alexandre-eymael/CropMAE downstreams/propagation, the defaults of its util.py) as the authors' T-CoRe runs it
 # (yafeng19/T-CORE scripts/eval.sh): 480x880 in float, CRWPropagation, soft predictions fed back. dino:
 # facebookresearch/dino eval_video_segmentation.py exactly (Propagation, min-max per channel before the argmax).
-PROTOCOLS = {
-    "paper": dict(algorithm="crw", size=(480, 880), mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=7, context=20,
-                  radius=20, temperature=0.7),
-    "dino": dict(algorithm="dino", size=480, mean=IMAGENET_MEAN, std=(0.228, 0.224, 0.225), topk=5, context=7,
-                 radius=12, temperature=0.1),
-}
+PROTOCOLS = {"paper": dict(algorithm="crw", size=(480, 880), mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=7, context=20,
+                           radius=20, temperature=0.7),
+             "dino": dict(algorithm="dino", size=480, mean=IMAGENET_MEAN, std=(0.228, 0.224, 0.225), topk=5,
+                          context=7, radius=12, temperature=0.1)}
 # VIP and JHMDB always run CropMAE's pipeline: VIP with top-10 and `crop_size [880]` (448x880 for 16:9 frames; the
 # paper's text says 480x880: --vip-size), JHMDB with every frame stretched to 320x320 (a 20x20 grid at patch 16).
 VIP = dict(PROTOCOLS["paper"], size=880, topk=10)
@@ -642,8 +639,7 @@ def blend(frame, ids, key=False):
     if not key:
         return pic
     present = [int(i) for i in np.unique(ids) if 0 < i < len(VIP_CLASSES)]
-    rows = max(1, len(present))
-    out = Image.new("RGB", (pic.shape[1], pic.shape[0] + 12 * rows + 4), (255, 255, 255))
+    out = Image.new("RGB", (pic.shape[1], pic.shape[0] + 12 * max(1, len(present)) + 4), (255, 255, 255))
     out.paste(Image.fromarray(pic))
     draw = ImageDraw.Draw(out)
     for r, i in enumerate(present):
