@@ -493,9 +493,8 @@ def normalise(x, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, quantise=True):
 
 
 def first_labels(ann, h, w):
-    """DINO: first-frame ids -> one-hot [K, h, w] on the feature grid: PIL NEAREST resize of the id image, K = max
-    id + 1 after the resize (read_seg + to_one_hot). Void (255) is background here; DINO would make it a 256th
-    label that propagates and then fails the evaluation."""
+    """DINO's read_seg + to_one_hot: first-frame ids PIL NEAREST to the grid, one-hot [K, h, w], K = max id + 1 there.
+    Void (255) is background here; DINO would make it a 256th label that propagates and then fails the evaluation."""
     small = np.array(Image.fromarray(np.where(ann == 255, 0, ann).astype(np.uint8)).resize((w, h), Image.NEAREST))
     return F.one_hot(torch.from_numpy(small).long()).permute(2, 0, 1).float()
 
@@ -745,11 +744,10 @@ def compare(encoder, projection, tasks, out_dir, protocol="paper", **overrides):
     write_json(Path(out_dir) / "summary.json", m)
     if overrides.get("verbose", True):
         print("frozen -> + Co-Settle, measured and as published (the paper's Table 1)")
-        for task in tasks:
-            if m["baseline"][task] is not None:
-                key = HEADLINE[task][1]
-                print(paper_row(encoder.family, task, (m["baseline"][task][key], m["cosettle"][task][key]),
-                                unlike(m["baseline"]["data"][task])))
+        for task in (t for t in tasks if m["baseline"][t] is not None):
+            key = HEADLINE[task][1]
+            print(paper_row(encoder.family, task, (m["baseline"][task][key], m["cosettle"][task][key]),
+                            unlike(m["baseline"]["data"][task])))
     return m
 
 
