@@ -171,11 +171,8 @@ def dilate_disk(b, r):
         rows[w] = (cs[..., hi] - cs[..., lo]) > 0
     out = torch.zeros_like(b)
     for dy in range(-min(r, H - 1), min(r, H - 1) + 1):  # a shift by H rows or more leaves the image
-        row = rows[math.isqrt(r * r - dy * dy)]
-        if dy >= 0:
-            out[..., :H - dy, :] |= row[..., dy:, :]
-        else:
-            out[..., -dy:, :] |= row[..., :H + dy, :]
+        up, down = max(dy, 0), max(-dy, 0)  # output row y takes row y + dy of the horizontal dilation
+        out[..., down:H - up, :] |= rows[math.isqrt(r * r - dy * dy)][..., up:H - down, :]
     return out
 
 
