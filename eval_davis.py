@@ -33,11 +33,10 @@ from data import (VIP_CLASSES, atomic, check_out_dir, davis_palette, describe, f
                   list_frames, load_rgb, make_davis, read_davis, read_ids, read_jhmdb, read_vip, save_npy,
                   synthetic_video, write_csv, write_json)
 
-# Two protocols for DAVIS, one propagation loop (the README details both). Sizes: a (height, width) pair is fixed;
-# one number is a rule (target_size). paper: the pipeline behind Table 1, CropMAE's label propagation
-# (alexandre-eymael/CropMAE downstreams/propagation, the defaults of its util.py) as the authors' T-CoRe runs it
-# (yafeng19/T-CORE scripts/eval.sh): 480x880 in float, CRWPropagation, soft predictions fed back. dino:
-# facebookresearch/dino eval_video_segmentation.py exactly (Propagation, min-max per channel before the argmax).
+# Two protocols for DAVIS (the README details both). paper, behind Table 1: CRWPropagation, CropMAE's label
+# propagation (alexandre-eymael/CropMAE downstreams/propagation, its util.py defaults) as the authors' T-CoRe runs it
+# (yafeng19/T-CORE scripts/eval.sh). dino: Propagation, facebookresearch/dino eval_video_segmentation.py exactly.
+# Sizes: a (height, width) pair is fixed; one number is a rule (target_size).
 PROTOCOLS = {"paper": dict(algorithm="crw", size=(480, 880), mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=7, context=20,
                            radius=20, temperature=0.7),
              "dino": dict(algorithm="dino", size=480, mean=IMAGENET_MEAN, std=(0.228, 0.224, 0.225), topk=5,
