@@ -1,8 +1,6 @@
-"""Label propagation for the paper's three dense benchmarks (Table 1), frozen baseline vs + Co-Settle.
-
-The first frame's labels are carried through every frame by feature affinities, with (or without, for the
-frozen baseline) the trained projection on top of the frozen encoder's patch tokens. DAVIS-2017: object masks,
-davis2017-evaluation's J&F. VIP: semantic parts, the official mIoU. JHMDB: 15 joints, PCK.
+"""Label propagation for the paper's three dense benchmarks (Table 1), frozen baseline vs + Co-Settle: the first
+frame's labels carried through every frame by feature affinities. DAVIS-2017: object masks, J&F. VIP: semantic
+parts, mIoU. JHMDB: 15 joints, PCK.
 
     python eval_davis.py --weights W.pth [--ckpt C.pth] [--compare] --davis DAVIS/ --vip VIP_Fine/ --jhmdb JHMDB/
     python eval_davis.py --weights dino+ours/checkpoint-4.pth --compare --davis DAVIS/   # the authors' file
@@ -11,12 +9,8 @@ davis2017-evaluation's J&F. VIP: semantic parts, the official mIoU. JHMDB: 15 jo
     python eval_davis.py --bench                                # s/frame of each pipeline, peak memory
     python eval_davis.py --table ckpts/ --davis DAVIS/ --vip VIP_Fine/ --jhmdb JHMDB/   # all of Table 1
 
-Two propagation algorithms: CRW's as CropMAE runs it (alexandre-eymael/CropMAE downstreams/propagation, the
-code the authors' T-CoRe evaluates with, and the settings the paper states), and DINO's
-(facebookresearch/dino eval_video_segmentation.py). Both extract features in batches, keep their context on the
-device and select top-k there (one host transfer per batch). The J&F re-implements
-davisvideochallenge/davis2017-evaluation (metrics.py, evaluation.py, utils.py, evaluation_method.py) with
-torch/numpy and agrees to the last bit.
+Two propagation algorithms: CRW's as CropMAE runs it (alexandre-eymael/CropMAE downstreams/propagation, what the
+authors' T-CoRe evaluates with) and DINO's. The J&F re-implements davis2017-evaluation to the last bit.
 """
 import argparse
 import math
@@ -39,25 +33,16 @@ from data import (VIP_CLASSES, atomic, check_out_dir, davis_palette, describe, f
                   list_frames, load_rgb, make_davis, read_davis, read_ids, read_jhmdb, read_vip, save_npy,
                   synthetic_video, write_csv, write_json)
 
-# Two protocols for DAVIS, one propagation loop. Sizes: a (height, width) pair is fixed; one number is a rule.
-# paper: the pipeline behind the paper's Table 1 (it follows SiamMAE/CropMAE/RSP's protocol): CropMAE's
-#   label propagation (alexandre-eymael/CropMAE downstreams/propagation/src/test.py, as T-CoRe, the authors'
-#   previous paper, runs it: yafeng19/T-CORE scripts/eval.sh with the defaults of downstreams/propagation/util.py):
-#   frames resized to 480x880 in float (no uint8 rounding), std 0.229, CRW's propagation (CRWPropagation below):
-#   first frame + 20 short-term slots padded with copies of frame 0, Euclidean radius 20 on the short-term slots
-#   only, top-7 jointly, softmax of cos / 0.7, soft predictions fed back.
-# dino: facebookresearch/dino eval_video_segmentation.py exactly: short side 480, long side floored to a
-#   multiple of 64, std 0.228, first frame + 7 previous soft predictions, square window |di|,|dj| <= 12, top-5
-#   jointly over all context frames, weights exp(cos / 0.1) normalised, per-channel min-max before the argmax.
-PROTOCOLS = {
-    "paper": dict(algorithm="crw", size=(480, 880), mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=7, context=20,
-                  radius=20, temperature=0.7),
-    "dino": dict(algorithm="dino", size=480, mean=IMAGENET_MEAN, std=(0.228, 0.224, 0.225), topk=5, context=7,
-                 radius=12, temperature=0.1),
-}
-# VIP and JHMDB always run CropMAE's pipeline (its util.py defaults): VIP with top-10 and `crop_size [880]`, i.e.
-# long side 880 and short side floored to a multiple of 64 (448x880 for 16:9 frames; the paper text says 480x880,
-# --vip-size 480x880 gives that); JHMDB with every frame stretched to 320x320 (a 20x20 grid at patch 16).
+# Two protocols for DAVIS (the README details both). paper, behind Table 1: CRWPropagation, CropMAE's label
+# propagation (alexandre-eymael/CropMAE downstreams/propagation, its util.py defaults) as the authors' T-CoRe runs it
+# (yafeng19/T-CORE scripts/eval.sh). dino: Propagation, facebookresearch/dino eval_video_segmentation.py exactly.
+# Sizes: a (height, width) pair is fixed; one number is a rule (target_size).
+PROTOCOLS = {"paper": dict(algorithm="crw", size=(480, 880), mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=7, context=20,
+                           radius=20, temperature=0.7),
+             "dino": dict(algorithm="dino", size=480, mean=IMAGENET_MEAN, std=(0.228, 0.224, 0.225), topk=5,
+                          context=7, radius=12, temperature=0.1)}
+# VIP and JHMDB always run CropMAE's pipeline: VIP with top-10 and `crop_size [880]` (448x880 for 16:9 frames; the
+# paper's text says 480x880: --vip-size), JHMDB with every frame stretched to 320x320 (a 20x20 grid at patch 16).
 VIP = dict(PROTOCOLS["paper"], size=880, topk=10)
 JHMDB = dict(PROTOCOLS["paper"], size=(320, 320))
 METRICS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
@@ -65,14 +50,10 @@ PALETTE = np.array(davis_palette(), dtype=np.uint8).reshape(256, 3)
 
 # The paper's Table 1, ViT-B/16, in % (the same numbers as the "Checkpoints" table of yafeng19/Co-Settle
 # README.md): family: (VIP mIoU, DAVIS-2017 J&F mean, JHMDB PCK@0.1) of the frozen encoder, then + Co-Settle.
-TABLE_1 = {"mae": ((29.3, 52.4, 41.6), (33.8, 59.6, 48.4)),
-           "ijepa": ((31.5, 53.9, 42.6), (35.3, 58.7, 44.4)),
-           "clip": ((38.1, 54.9, 36.9), (39.2, 58.3, 40.6)),
-           "blip": ((37.6, 58.8, 35.1), (39.6, 62.0, 38.9)),
-           "mocov3": ((38.8, 62.6, 43.6), (39.8, 62.9, 45.3)),
-           "ibot": ((39.6, 64.6, 45.7), (40.8, 65.1, 46.1)),
-           "dino": ((39.1, 63.2, 44.4), (39.8, 64.2, 46.2)),
-           "dinov2": ((38.4, 63.1, 46.6), (39.9, 63.7, 47.3))}
+TABLE_1 = {"mae": ((29.3, 52.4, 41.6), (33.8, 59.6, 48.4)), "ijepa": ((31.5, 53.9, 42.6), (35.3, 58.7, 44.4)),
+           "clip": ((38.1, 54.9, 36.9), (39.2, 58.3, 40.6)), "blip": ((37.6, 58.8, 35.1), (39.6, 62.0, 38.9)),
+           "mocov3": ((38.8, 62.6, 43.6), (39.8, 62.9, 45.3)), "ibot": ((39.6, 64.6, 45.7), (40.8, 65.1, 46.1)),
+           "dino": ((39.1, 63.2, 44.4), (39.8, 64.2, 46.2)), "dinov2": ((38.4, 63.1, 46.6), (39.9, 63.7, 47.3))}
 PUBLISHED = {family: {variant: dict(zip(("vip", "davis", "jhmdb"), row)) for variant, row in
                       zip(("baseline", "cosettle"), rows)} for family, rows in TABLE_1.items()}
 HEADLINE = {"davis": ("DAVIS J&F", "J&F-Mean"), "vip": ("VIP mIoU", "mIoU"),  # each task's Table 1 number
@@ -80,9 +61,8 @@ HEADLINE = {"davis": ("DAVIS J&F", "J&F-Mean"), "vip": ("VIP mIoU", "mIoU"),  # 
 
 
 def paper_row(family, task, measured, unlike=None):
-    """One line, frozen -> + Co-Settle in %: what we measured (a pair of fractions) beside the paper's pair for
-    `family`, e.g. 'DAVIS J&F   measured 63.0 -> 64.1   paper (dino, ViT-B/16) 63.2 -> 64.2', unless `unlike`
-    says why the measurement is not like for like."""
+    """One line, frozen -> + Co-Settle in %: the measured pair of fractions beside the paper's pair for `family`,
+    unless `unlike` says why the measurement is not like for like."""
     ours = f"{HEADLINE[task][0]:14s} measured {100 * measured[0]:.1f} -> {100 * measured[1]:.1f} " \
            f"({100 * (measured[1] - measured[0]):+.1f})"
     if unlike:
@@ -108,21 +88,15 @@ def protocol_params(protocol, **overrides):
 
 
 def target_size(H, W, params):
-    """(th, tw) an H x W frame is resized to. A (height, width) size is used as it is (CropMAE's fixed
-    crop_size, whatever the orientation). One number is a rule: dino, read_frame's short side -> size and the
-    other side floored to a multiple of 64 (854x480 -> 832x480; for square frames DINO's read_frame and read_seg
-    disagree, 480x448 vs 448x480, we use read_frame's); crw, CropMAE vos.py's long side -> size and the other
-    floored to a multiple of 64 (1280x720 -> 880x448)."""
+    """(th, tw) for an H x W frame: a (height, width) size as it is; one number, the other side floored to a multiple
+    of 64: dino, read_frame's short side -> size (854x480 -> 832x480; on square frames DINO's read_frame and read_seg
+    disagree, 480x448 vs 448x480: we use read_frame's); crw, CropMAE vos.py's long side (1280x720 -> 880x448)."""
     s = params["size"]
     if not np.isscalar(s):
         return tuple(s)
     if params["algorithm"] == "dino":
         return (int((s * H / W) // 64 * 64), s) if H > W else (s, int((s * W / H) // 64 * 64))
     return (int(int(H * s / W) // 64 * 64), s) if W > H else (s, int(int(W * s / H) // 64 * 64))
-
-
-# -----------------------------------------------------------------------------
-# Files: writing without ever leaving half a file
 
 
 def write_png(path, ids, mode="P"):
@@ -134,24 +108,14 @@ def write_png(path, ids, mode="P"):
 
 
 # -----------------------------------------------------------------------------
-# The VIP metric: HCPLab-SYSU/ATEN evaluate/test_parsing.py (CropMAE src/eval/eval_vip.py) with numpy
-
-
-def vip_metrics(hist):
-    """From the 20x20 confusion matrix (rows ground truth): per-class IoU, mIoU = nan-mean over the 20 classes
-    (background included; a class absent from both is 0/0 = NaN and dropped), pixel accuracy, mean class
-    accuracy (nan-mean) and frequency-weighted IoU, all as fractions."""
-    correct, gt, pred = np.diag(hist), hist.sum(1), hist.sum(0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou, acc = correct / (gt + pred - correct), correct / gt
-        freq = gt / hist.sum()
-    return {"mIoU": float(np.nanmean(iou)), "IoU": iou.tolist(), "pixel_accuracy": float(correct.sum() / hist.sum()),
-            "mean_accuracy": float(np.nanmean(acc)), "fwIoU": float((freq[freq > 0] * iou[freq > 0]).sum())}
+# The metrics: VIP's, HCPLab-SYSU/ATEN evaluate/test_parsing.py (CropMAE src/eval/eval_vip.py), with numpy;
+# DAVIS's, davis2017-evaluation (semi-supervised), with torch
 
 
 def score_vip(plan, results, verbose=True):
-    """One confusion matrix pooled over every frame (frame 0 included) of every video; predictions at another
-    size are brought to the label's with PIL NEAREST, as eval_vip.py does. Returns vip_metrics."""
+    """The official metric (README) from one confusion matrix over every frame of every video, predictions at another
+    size brought to the label's with PIL NEAREST as eval_vip.py does: {IoU per class, mIoU, pixel_accuracy,
+    mean_accuracy, fwIoU} as fractions; a class absent from both prediction and truth: NaN, left out of the means."""
     results, n = Path(results), len(VIP_CLASSES)
     hist = np.zeros((n, n), np.int64)
     for video, _, anns, _ in plan:
@@ -165,20 +129,18 @@ def score_vip(plan, results, verbose=True):
                 raise BadInput(f"{res_path}: part id {res.max()}, VIP has ids 0..{n - 1}")
             valid = gt < n
             hist += np.bincount(n * gt[valid] + res[valid], minlength=n * n).reshape(n, n)
-    m = vip_metrics(hist)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        class_acc = np.diag(hist) / hist.sum(1)
+    correct, gt, pred = np.diag(hist), hist.sum(1), hist.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou, acc = correct / (gt + pred - correct), correct / gt
+        freq = gt / hist.sum()
+    m = {"mIoU": float(np.nanmean(iou)), "IoU": iou.tolist(), "pixel_accuracy": float(correct.sum() / hist.sum()),
+         "mean_accuracy": float(np.nanmean(acc)), "fwIoU": float((freq[freq > 0] * iou[freq > 0]).sum())}
     if verbose:
         print(f"{results}: VIP mIoU {m['mIoU']:.4f}, pixel accuracy {m['pixel_accuracy']:.4f}, mean accuracy "
               f"{m['mean_accuracy']:.4f}, fwIoU {m['fwIoU']:.4f}\n  {'class':15s} {'IoU':>7s} {'acc':>7s}")
         for c in range(n):
-            print(f"  {c:2d} {VIP_CLASSES[c]:12s} {m['IoU'][c]:7.4f} {class_acc[c]:7.4f}")
+            print(f"  {c:2d} {VIP_CLASSES[c]:12s} {m['IoU'][c]:7.4f} {acc[c]:7.4f}")
     return m
-
-
-# -----------------------------------------------------------------------------
-# The metric: davis2017-evaluation (semi-supervised), written with torch
 
 
 def seg2bmap(seg):
@@ -197,11 +159,9 @@ def seg2bmap(seg):
 
 
 def dilate_disk(b, r):
-    """cv2.dilate(b, skimage.morphology.disk(r)) on bool [..., H, W]: OR over offsets dx^2 + dy^2 <= r^2.
-
-    The disk is a stack of rows; row dy spans |dx| <= isqrt(r^2 - dy^2). Each row's horizontal dilation is a
-    box test on a cumulative sum (O(1) per pixel), then shifted by dy: O(r) per pixel instead of O(r^2)."""
-    W = b.shape[-1]
+    """cv2.dilate(b, skimage.morphology.disk(r)) on bool [..., H, W]: OR over offsets dx^2 + dy^2 <= r^2. Row dy of
+    the disk spans |dx| <= isqrt(r^2 - dy^2): a box test on a cumulative sum, shifted by dy (O(r) per pixel)."""
+    H, W = b.shape[-2:]
     cs = F.pad(b.to(torch.int32).cumsum(-1), (1, 0))  # cs[..., x] = number of set pixels left of x
     x = torch.arange(W, device=b.device)
     rows = {}
@@ -209,14 +169,9 @@ def dilate_disk(b, r):
         hi, lo = (x + w + 1).clamp(max=W), (x - w).clamp(min=0)
         rows[w] = (cs[..., hi] - cs[..., lo]) > 0
     out = torch.zeros_like(b)
-    H = b.shape[-2]
-    for dy in range(-r, r + 1):
-        row = rows[math.isqrt(r * r - dy * dy)]
-        if abs(dy) < H:
-            if dy >= 0:
-                out[..., :H - dy, :] |= row[..., dy:, :]
-            else:
-                out[..., -dy:, :] |= row[..., :H + dy, :]
+    for dy in range(-min(r, H - 1), min(r, H - 1) + 1):  # a shift by H rows or more leaves the image
+        up, down = max(dy, 0), max(-dy, 0)  # output row y takes row y + dy of the horizontal dilation
+        out[..., down:H - up, :] |= rows[math.isqrt(r * r - dy * dy)][..., up:H - down, :]
     return out
 
 
@@ -261,19 +216,17 @@ def db_statistics(values):
 
 
 def score(davis, results, device="cpu", verbose=True):
-    """evaluation.py DAVISEvaluation('semi-supervised', 'val').evaluate + evaluation_method.py: objects are ids
-    1..max of the first ground-truth frame (void 255 counted as background, as davis.py does), the first and
-    last frames are not scored, every object is a row, global numbers are means over all objects. Writes the
-    two CSVs into `results` and returns (global dict, [(name, J-Mean, F-Mean)])."""
+    """evaluation.py DAVISEvaluation('semi-supervised', 'val').evaluate + evaluation_method.py: objects are ids 1..max
+    of the first ground-truth frame (void 255 is background, as davis.py), first and last frames not scored, means
+    over all objects. Writes the two CSVs into `results`; returns (global dict, [(name, J-Mean, F-Mean)])."""
     results = Path(results)
     plan = read_davis(davis)
-    wanted = [(seq, a.stem) for seq, _, anns, _ in plan for a in anns[1:-1]]
-    missing = [f"{seq}/{stem}.png" for seq, stem in wanted if not (results / seq / f"{stem}.png").is_file()]
+    missing = [f"{seq}/{a.stem}.png" for seq, _, anns, _ in plan for a in anns[1:-1]
+               if not (results / seq / f"{a.stem}.png").is_file()]
     if missing:
         raise BadInput(f"{results}: {len(missing)} result frames missing: {', '.join(missing[:5])}"
                        f"{', ...' if len(missing) > 5 else ''}")
-    stats = {k: [] for k in ("JM", "JR", "JD", "FM", "FR", "FD")}
-    rows = []
+    stats, rows = {k: [] for k in ("JM", "JR", "JD", "FM", "FR", "FD")}, []
     for seq, _, anns, _ in plan:
         gt0 = read_ids(anns[0], "ground truth")
         n = int(np.where(gt0 == 255, 0, gt0).max())
@@ -304,22 +257,15 @@ def score(davis, results, device="cpu", verbose=True):
     write_csv(results / "global_results-val.csv", METRICS, [list(glob.values())])
     write_csv(results / "per-sequence_results-val.csv", ["Sequence", "J-Mean", "F-Mean"], rows)
     if verbose:
-        print(f"{results}: global results (val)\n" + table([glob]))
+        print(f"{results}: global results (val)\n  " + " ".join(f"{k:>9s}" for k in METRICS) + "\n  "
+              + " ".join(f"{glob[k]:9.3f}" for k in METRICS))
         print("per sequence\n" + "\n".join(f"  {name:30s} J {jm:.3f}  F {fm:.3f}" for name, jm, fm in rows))
     return glob, rows
 
 
-def table(rows):
-    return "\n".join(["  " + " ".join(f"{k:>9s}" for k in METRICS)] +
-                     ["  " + " ".join(f"{r[k]:9.3f}" for k in METRICS) for r in rows])
-
-
 # -----------------------------------------------------------------------------
-# JHMDB: keypoints as heatmaps, PCK
-# alexandre-eymael/CropMAE downstreams/propagation/src/: data/jhmdb.py (labels: data.jhmdb_labels),
-# utils/test_utils.py (read-out, drawing), eval/eval_pck.py (metric). Keypoints are (x, y); maps are [C, h, w]
-# with channel 0 the background.
-
+# JHMDB (alexandre-eymael/CropMAE downstreams/propagation/src/): keypoints (x, y) as heatmaps [C, h, w] with channel
+# 0 the background (data.jhmdb_labels), PCK.
 # parent of each joint in CropMAE utils/test_utils.py vis_pose: face, shoulders -> neck; neck <-> belly; hips ->
 # belly; elbows -> shoulders; wrists -> elbows; knees -> hips; ankles -> knees
 JHMDB_PARENTS = (1, 0, 0, 0, 0, 1, 1, 3, 4, 5, 6, 7, 8, 9, 10)
@@ -332,15 +278,12 @@ JHMDB_JOINTS = ("neck", "belly", "face", "r-shoulder", "l-shoulder", "r-hip", "l
 
 
 def keypoints_from_maps(maps, topk=5):
-    """float64 [T, 15, 2]: (x, y) in grid cells from propagated maps [T, 16, h, w] (torch or numpy; channel 0 is
-    the background and is dropped). CropMAE utils/test_utils.py process_pose: the top-k cells of each joint map
-    (flattened row-major; ties here go to the lower index) weighted by their values normalised to sum 1; (-1, -1)
-    where the whole map sums to 0."""
+    """float64 [T, 15, 2] (x, y) grid cells from maps [T, 16, h, w] (channel 0: background), CropMAE test_utils.py
+    process_pose: the value-weighted mean of each map's top-k cells (ties: lower index); (-1, -1) for an empty map."""
     maps = maps.detach().cpu().numpy() if torch.is_tensor(maps) else np.asarray(maps)
     T, C, h, w = maps.shape
     flat = maps[:, 1:].reshape(T, C - 1, h * w).astype(np.float64)
-    k = min(topk, h * w)
-    ids = np.argsort(-flat, axis=-1, kind='stable')[..., :k]
+    ids = np.argsort(-flat, axis=-1, kind='stable')[..., :topk]
     vals = np.take_along_axis(flat, ids, axis=-1)
     empty = flat.sum(-1) == 0
     with np.errstate(invalid='ignore', divide='ignore'):
@@ -360,17 +303,10 @@ def keypoints_to_pixels(kps, W0, H0, grid=(20, 20)):
 
 
 def pck(preds, gts, sizes, alphas=PCK_ALPHAS, grid=(20, 20)):
-    """PCK as CropMAE eval/eval_pck.py computes it, over all videos.
-
-    preds: per video [T, 15, 2] (x, y) in grid cells (keypoints_from_maps), T >= T_gt; gts: per video pos_img
-    (2, 15, T_gt) as read from the .mat (1-based; 1 is subtracted here); sizes: per video (W0, H0).
-    A joint is visible iff its predicted x >= 0; frame 0 is skipped; the reference of frame k is 0.6 x the
-    diagonal of the tight box of frame k's visible GT joints; correct iff distance / reference <= alpha
-    (a one-point box gives inf or nan: scored, never correct, as upstream).
-    Returns {'PCK@0.1': fraction, ... (mean over the 15 joints of the per-joint fraction), 'per_joint':
-    {'PCK@0.1': [15 fractions], ...}, 'count': [15 scored (joint, frame) pairs]}. A joint never scored is NaN in
-    per_joint and left out of the mean (upstream divides by zero there).
-    """
+    """PCK as CropMAE eval/eval_pck.py computes it (README), over all videos of preds (per video [T >= T_gt, 15, 2]
+    grid cells), gts (the .mat's 1-based pos_img (2, 15, T_gt)) and sizes ((W0, H0)): {'PCK@0.1': mean over the 15
+    joints, ..., 'per_joint': {'PCK@0.1': [15], ...}, 'count': [15 scored (joint, frame) pairs]}; a joint never
+    scored is NaN in per_joint and left out of the mean (upstream: 0/0); a one-point box: scored, never correct."""
     dists = [[] for _ in range(15)]
     for pred, gt, (W0, H0) in zip(preds, gts, sizes):
         gt = np.asarray(gt, dtype=np.float64).transpose(2, 1, 0) - 1.0  # [T_gt, 15, 2], 0-based
@@ -400,10 +336,9 @@ def pck(preds, gts, sizes, alphas=PCK_ALPHAS, grid=(20, 20)):
 
 
 def draw_skeleton(rgb, kps, width=4):
-    """uint8 [H, W, 3]: a copy of rgb with the 15-joint tree drawn (CropMAE utils/test_utils.py vis_pose: each
-    joint joined to its parent by a line in the joint's colour; skipped when either end has a coordinate that int()
-    makes negative, so -1 joints are not drawn). kps [15, 2] (x, y) in rgb's pixels. Upstream draws 8-px lines on
-    the 320x320 input; `width` is ours."""
+    """A copy of rgb with the 15-joint tree drawn (CropMAE utils/test_utils.py vis_pose: each joint joined to its
+    parent in the joint's colour, unless an end has a coordinate int() makes negative); kps [15, 2] (x, y) in rgb's
+    pixels. Upstream draws 8-px lines on the 320x320 input; `width` is ours."""
     image = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
     pen = ImageDraw.Draw(image)
     points = [(int(x), int(y)) for x, y in np.asarray(kps, dtype=np.float64)]
@@ -417,46 +352,22 @@ def draw_skeleton(rgb, kps, width=4):
 # -----------------------------------------------------------------------------
 # Label propagation: DINO's algorithm and CRW's (as CropMAE runs it), batched and on the device
 
-_windows = {}
-
-
-def outside_window(h, w, radius, device):
-    """Bool [N, N]: key NOT within |di|, |dj| <= radius of the query (the complement of DINO's
-    restrict_neighborhood, built with one broadcast comparison instead of four Python loops, cached per grid)."""
-    key = (h, w, radius, str(device))
-    if key not in _windows:
-        i, j = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        i, j = i.flatten(), j.flatten()
-        _windows[key] = ((i[:, None] - i[None]).abs() > radius) | ((j[:, None] - j[None]).abs() > radius)
-    return _windows[key]
-
-
-def within_radius(h, w, radius, device):
-    """Bool [N, N]: Euclidean distance between the two cells < radius (CropMAE src/utils/__init__.py
-    MaskedAttention.make: sqrt of the float squared distance, strict <)."""
+def offsets(h, w, device):
+    """[N, N] row and column offsets between the cells of an h x w grid (row-major): query cells x key cells."""
     i, j = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     i, j = i.flatten(), j.flatten()
-    return ((i[:, None] - i[None]) ** 2 + (j[:, None] - j[None]) ** 2).float() ** 0.5 < radius
+    return i[:, None] - i[None], j[:, None] - j[None]
 
 
 def chunk_scores(device):
-    """How many scores a propagation step computes at once (queries x keys): 64 MB of them on a CPU, as the CPU
-    results were checked with; 1 GB on a GPU, where each chunk costs ~20 kernel launches (ViT-S/8 at 480x880: 52
-    chunks a frame at 64 MB, 4 at 1 GB)."""
+    """How many scores (queries x keys) a propagation step computes at once: 64 MB on a CPU, as the CPU results were
+    checked with; 1 GB on a GPU, where each chunk costs ~20 kernel launches (ViT-S/8 at 480x880: 4 chunks a frame)."""
     return 1 << (24 if device.type == "cpu" else 28)
 
 
-def norm_mask(x):
-    """DINO's norm_mask on [..., K, H, W]: channels whose max is > 0 are min-max scaled to [0, 1] (a constant
-    positive channel becomes NaN there too, and torch.max then picks it)."""
-    mn, mx = x.amin((-2, -1), keepdim=True), x.amax((-2, -1), keepdim=True)
-    return torch.where(mx > 0, (x - mn) / (mx - mn), x)
-
-
 class Propagation:
-    """DINO's propagation for one video: the queue (first frame + the `context` previous soft predictions) as
-    a ring buffer of L2-normalised features and label maps on the device. Call with the next frame's features
-    [h, w, D]; returns its soft labels [K, h, w]."""
+    """DINO's propagation for one video: the queue (first frame + the `context` previous soft predictions) as a ring
+    buffer on the device. Call with the next frame's features [h, w, D]; returns its soft labels [K, h, w]."""
 
     def __init__(self, feat0, labels0, params):
         h, w, C = feat0.shape
@@ -466,7 +377,8 @@ class Propagation:
         self.labels = torch.zeros(1 + n, h * w, K, device=feat0.device)
         self.feats[0] = F.normalize(feat0.reshape(h * w, C).float(), dim=1)
         self.labels[0] = labels0.reshape(K, h * w).T
-        self.outside = outside_window(h, w, params["radius"], feat0.device) if params["radius"] > 0 else None
+        di, dj, r = *offsets(h, w, feat0.device), params["radius"]  # keys outside DINO's restrict_neighborhood
+        self.outside = ((di.abs() > r) | (dj.abs() > r)) if r > 0 else None
 
     def __call__(self, feat):
         h, w, N, K, n = self.h, self.w, self.h * self.w, self.labels.shape[2], self.feats.shape[0] - 1
@@ -499,23 +411,23 @@ def read_out(soft, params, patch, size):
     per channel, argmax. crw (CropMAE src/utils/test_utils.py dump_predictions): bilinear to the size, argmax."""
     if params["algorithm"] == "dino":
         up = F.interpolate(soft, scale_factor=patch, mode="bilinear", align_corners=False, recompute_scale_factor=False)
-        return norm_mask(up).max(1).indices
+        # DINO's norm_mask: channels whose max is > 0 min-max scaled to [0, 1] (a constant positive channel becomes
+        # NaN there too, and torch.max then picks it)
+        mn, mx = up.amin((-2, -1), keepdim=True), up.amax((-2, -1), keepdim=True)
+        return torch.where(mx > 0, (up - mn) / (mx - mn), up).max(1).indices
     return F.interpolate(soft, size=size, mode="bilinear", align_corners=False).argmax(1)
 
 
 class CRWPropagation:
     """CRW's propagation as CropMAE runs it (src/test.py test(), src/utils/test_utils.py context_index_bank and
-    mem_efficient_batched_affinity), for one video. Call with frame t's features [h, w, D], t = 1, 2, ...;
-    returns its soft labels [C, h, w], which are also fed back as the labels of frame t.
-
-    The reference pads the video with n = `context` copies of frame 0 and gives target t the first frame (the
-    long-memory slot, never spatially restricted) plus the n previous padded positions (restricted to cells at
-    Euclidean distance < radius), i.e. frame 0 appears 1 + max(0, n + 1 - t) times, and real frames
-    max(1, t - n) .. t - 1 once each. It then takes the top-k of cos / T over all those slots jointly and
-    softmaxes them. Copies of frame 0 have identical scores and labels, so here each frame is scored once: the
-    top-k of every distinct slot (frame 0 unrestricted, frame 0 within the radius carrying its n + 1 - t copies,
-    each real frame within the radius) are merged, each candidate taken min(copies, what is left of k) times, and
-    a candidate taken c times weighs c exp(s / T) in the softmax."""
+    mem_efficient_batched_affinity), for one video. Call with frame t's features [h, w, D], t = 1, 2, ...; returns
+    its soft labels [C, h, w], also fed back as frame t's labels. The reference pads the video with n = `context`
+    copies of frame 0 and gives target t the first frame (the long-memory slot, unrestricted) plus the n previous
+    padded positions (cells at Euclidean distance < radius only), so frame 0 comes 1 + max(0, n + 1 - t) times, real
+    frames max(1, t - n) .. t - 1 once each; then softmax over the top-k of cos / T of all slots jointly. Copies of
+    frame 0 score alike, so here the top-k of each distinct slot (frame 0 unrestricted, frame 0 within the radius
+    carrying its n + 1 - t copies, each real frame) are merged, each candidate taken min(copies, what is left of k)
+    times, and a candidate taken c times weighs c exp(s / T) in the softmax."""
 
     def __init__(self, feat0, labels0, params):
         h, w, D = feat0.shape
@@ -525,9 +437,11 @@ class CRWPropagation:
         self.label0 = labels0.reshape(C, N).T.float()
         self.feats = torch.zeros(n, N, D, device=feat0.device)  # ring of the n latest real frames t >= 1
         self.labels = torch.zeros(n, N, C, device=feat0.device)
-        # [queries, keys]: 0 within the radius, -inf outside (added to the scores, as the reference adds -1e10)
-        self.bias = torch.zeros(N, N, device=feat0.device).masked_fill_(
-            ~within_radius(h, w, params["radius"], feat0.device), -math.inf)
+        # [queries, keys]: 0 within the Euclidean radius, -inf outside (added to the scores, as the reference adds
+        # -1e10; CropMAE src/utils/__init__.py MaskedAttention.make: sqrt of the float squared distance, strict <)
+        di, dj = offsets(h, w, feat0.device)
+        within = (di ** 2 + dj ** 2).float() ** 0.5 < params["radius"]
+        self.bias = torch.zeros(N, N, device=feat0.device).masked_fill_(~within, -math.inf)
 
     def __call__(self, feat):
         (C, h, w), N, n, t = self.shape, self.shape[1] * self.shape[2], self.params["context"], self.t
@@ -542,18 +456,14 @@ class CRWPropagation:
         for a in range(0, N, step):
             qa, bias = q[a:a + step], self.bias[a:a + step]
             s0 = qa @ self.key0.T
-            cands = [s0.topk(kk, dim=1)]  # the long-memory slot: unrestricted, once
-            counts = [1]
+            cands = [(*s0.topk(kk, dim=1), 1)]  # (scores, key ids, copies): the long-memory slot, unrestricted, once
             if copies:
-                cands.append((s0 + bias).topk(kk, dim=1))
-                counts.append(copies)
+                cands.append((*(s0 + bias).topk(kk, dim=1), copies))
             if r:
                 vals, idx = torch.baddbmm(bias, qa.expand(r, -1, -1), self.feats[:r].transpose(1, 2)).topk(kk, dim=2)
-                cands.append((vals.permute(1, 0, 2).flatten(1), (idx + offset).permute(1, 0, 2).flatten(1)))
-                counts.append(1)
-            vals = torch.cat([v for v, _ in cands], 1)
-            idx = torch.cat([i for _, i in cands], 1)
-            count = torch.cat([torch.full_like(v, c) for (v, _), c in zip(cands, counts)], 1)
+                cands.append((vals.permute(1, 0, 2).flatten(1), (idx + offset).permute(1, 0, 2).flatten(1), 1))
+            vals, idx = torch.cat([v for v, _, _ in cands], 1), torch.cat([i for _, i, _ in cands], 1)
+            count = torch.cat([torch.full_like(v, c) for v, _, c in cands], 1)
             count = count.masked_fill(vals == -math.inf, 0)  # outside the radius: never a candidate
             vals, order = vals.topk(min(k, vals.shape[1]), dim=1)
             c, idx = count.gather(1, order), idx.gather(1, order)
@@ -569,15 +479,9 @@ class CRWPropagation:
 CORES = {"dino": Propagation, "crw": CRWPropagation}  # the propagation core of each protocol's algorithm
 
 
-def load_frame(path, size, mean, std, quantise=True):
-    """RGB frame -> normalised [3, th, tw], resized bilinearly without antialiasing. quantise: round to uint8
-    after the resize, as DINO's cv2.resize of a uint8 image does (CropMAE resizes the float image: no rounding)."""
-    x = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1).float()
-    return normalise(x, size, mean, std, quantise)
-
-
 def normalise(x, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, quantise=True):
-    """[3, H, W] float in 0..255 -> resized to `size` and (x/255 - mean) / std normalised."""
+    """[3, H, W] float in 0..255 -> resized to `size` bilinearly without antialiasing, (x/255 - mean) / std.
+    quantise: round to uint8 after the resize, as DINO's cv2.resize of a uint8 image does (CropMAE does not)."""
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
         x = x.round().clamp(0, 255) if quantise else x
@@ -585,17 +489,15 @@ def normalise(x, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, quantise=True):
 
 
 def first_labels(ann, h, w):
-    """DINO: first-frame ids -> one-hot [K, h, w] on the feature grid: PIL NEAREST resize of the id image, K = max
-    id + 1 after the resize (read_seg + to_one_hot). Void (255) is background here; DINO would make it a 256th
-    label that propagates and then fails the evaluation."""
+    """DINO's read_seg + to_one_hot: first-frame ids PIL NEAREST to the grid, one-hot [K, h, w], K = max id + 1 there.
+    Void (255) is background here; DINO would make it a 256th label that propagates and then fails the evaluation."""
     small = np.array(Image.fromarray(np.where(ann == 255, 0, ann).astype(np.uint8)).resize((w, h), Image.NEAREST))
     return F.one_hot(torch.from_numpy(small).long()).permute(2, 0, 1).float()
 
 
 def nearest_index(n_in, n_out, device="cpu"):
-    """OpenCV's INTER_NEAREST along one axis (imgproc resize.cpp resizeNN): source pixel floor(dst * (1 / (out /
-    in))) in double precision, at most in - 1. torch's 'nearest' computes in float32 and lands on the pixel before
-    wherever dst * in / out is an integer that float32 misses (1024 -> 880: columns 55, 110, 220, 440)."""
+    """OpenCV's INTER_NEAREST along one axis (imgproc resize.cpp resizeNN): source floor(dst * (1 / (out / in))) in
+    double, at most in - 1 (torch's float32 'nearest' picks the pixel before at exact integers: 1024 -> 880)."""
     i = np.minimum(np.floor(np.arange(n_out) * (1.0 / (n_out / n_in))), n_in - 1).astype(np.int64)
     return torch.from_numpy(i).to(device)
 
@@ -608,11 +510,9 @@ def nearest(ids, size):
 
 
 def crw_labels(path, ann, size, grid):
-    """CropMAE vos.py: the first-frame label resized to the processing size with OpenCV's nearest rule, one channel
-    per id present there, one-hot, then bilinearly (no antialias) down to the grid: for a factor of 16 each cell
-    is the mean of the 2x2 pixels at the patch centre. Returns (ids in channel order, labels [C, h, w]).
-    CropMAE reads labels with cv2.imread, so its channels are the distinct BGR colours sorted (np.unique): for
-    palette PNGs that is palette order, not id order; it only decides exact argmax ties, and we keep it."""
+    """CropMAE vos.py's first-frame labels (README): (ids in channel order, [C, h, w]). CropMAE reads labels with
+    cv2.imread, so its channels are the distinct BGR colours sorted (np.unique): for palette PNGs that is palette
+    order, not id order; it only decides exact argmax ties, and we keep it."""
     small = nearest(ann, size).numpy()
     with Image.open(path) as img:
         pal = np.array(img.getpalette() or [], dtype=np.int64).reshape(-1, 3) if img.mode == "P" else None
@@ -625,18 +525,15 @@ def crw_labels(path, ann, size, grid):
 
 
 def soft_maps(frames, labels0, size, embed, heads, params, device, batch_size=8):
-    """Propagate labels0 [C, h, w] through `frames` with every head: yields (t0, {name: soft labels [b, C, h, w]})
-    per batch of frames t0 .. t0 + b - 1 (frame 0's map is labels0). embed: normalised frames [B, 3, th, tw] ->
-    features [B, h, w, D]; heads: {name: module applied to those features, or None}. One encoder forward per
-    batch feeds every head."""
-    core = CORES[params["algorithm"]]
-    props = {}
+    """Propagate labels0 [C, h, w] through `frames` with every head (None: the features as they are), one forward a
+    batch for all: yields (t0, {name: soft labels [b, C, h, w]}) per batch t0 .. t0 + b - 1 (frame 0's is labels0)."""
+    core, props = CORES[params["algorithm"]], {}
     for b0 in range(0, len(frames), batch_size):
-        x = torch.stack([load_frame(f, size, params["mean"], params["std"], params["algorithm"] == "dino")
+        x = torch.stack([normalise(torch.from_numpy(np.array(load_rgb(f))).permute(2, 0, 1).float(), size,
+                                   params["mean"], params["std"], params["algorithm"] == "dino")
                          for f in frames[b0:b0 + batch_size]])
         with torch.no_grad():
-            base = embed(x.to(device))
-            out = {}
+            base, out = embed(x.to(device)), {}
             for name, head in heads.items():
                 feats = base if head is None else head(base)
                 if b0 == 0:
@@ -655,12 +552,9 @@ def grid_size(H, W, params, patch, where):
 
 
 def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overlay=False, verbose=True, vip=False):
-    """Propagate every video of `plan` (read_davis or read_vip) and write id PNGs to outs[name]/<video>/<frame>.png
-    at the annotation's size. Returns the number of frames.
-    dino: ×patch bilinear, min-max per channel, argmax, PIL NEAREST back; frame 0 is the annotation itself.
-    crw (CropMAE src/utils/test_utils.py dump_predictions): bilinear to the processing size, argmax, the id of
-    that channel; back to the annotation's size with OpenCV's nearest (DAVIS: src/eval/convert_davis.py) or PIL's
-    (VIP: src/eval/eval_vip.py); frame 0 is written too, as its grid labels come back through the same path."""
+    """Propagate every video of `plan` (read_davis or read_vip) into id PNGs outs[name]/<video>/<frame>.png at the
+    annotation's size (after read_out, dino: PIL NEAREST, frame 0 the annotation itself; crw: OpenCV's nearest for
+    DAVIS, CropMAE src/eval/convert_davis.py, PIL's for VIP, src/eval/eval_vip.py). Returns the number of frames."""
     dino, n_frames = params["algorithm"] == "dino", 0
     for seq, frames, _, first in plan:
         ann = read_ids(first, "first-frame annotation")
@@ -668,12 +562,8 @@ def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overl
         H, W = ann.shape
         th, tw = grid_size(H, W, params, patch, frames[0])
         h, w = th // patch, tw // patch
-        if dino:
-            ids, labels0 = np.arange(256, dtype=np.uint8), first_labels(ann, h, w)
-        else:
-            ids, labels0 = crw_labels(first, ann, (th, tw), (h, w))
-        lookup = torch.from_numpy(ids.astype(np.uint8)).to(device)
-        labels0 = labels0.to(device)
+        ids, labels0 = (np.arange(256), first_labels(ann, h, w)) if dino else crw_labels(first, ann, (th, tw), (h, w))
+        lookup, labels0 = torch.from_numpy(ids.astype(np.uint8)).to(device), labels0.to(device)
         show = set(np.linspace(0, len(frames) - 1, 4).round().astype(int).tolist()) if overlay else set()
         for b0, maps in soft_maps(frames, labels0, (th, tw), embed, heads, params, device, batch_size):
             for name, soft in maps.items():
@@ -687,9 +577,8 @@ def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overl
                         m = np.array(Image.fromarray(m).resize((W, H), Image.NEAREST))
                     write_png(outs[name] / seq / f"{frames[t].stem}.png", m, mode="L" if vip else "P")
                     if t in show:
-                        pic = blend(frames[t], m)
-                        write_png(outs[name] / "overlays" / seq / f"{frames[t].stem}.png",
-                                  legend(pic, m) if vip else pic, mode="RGB")
+                        write_png(outs[name] / "overlays" / seq / f"{frames[t].stem}.png", blend(frames[t], m, vip),
+                                  mode="RGB")
         n_frames += len(frames)
         if verbose:
             print(f"  {seq}: {len(frames)} frames at {tw}x{th}, {labels0.shape[0]} labels on the {w}x{h} grid")
@@ -697,11 +586,9 @@ def segment(plan, embed, heads, outs, params, patch, device, batch_size=8, overl
 
 
 def track(plan, embed, heads, outs, params, patch, device, batch_size=8, overlay=False, verbose=True):
-    """JHMDB (CropMAE src/test.py on src/data/jhmdb.py): every video's frames stretched to the processing size,
-    frame 0's joints as Gaussian maps plus a background channel, propagated, each frame's joints read out as the
-    top-5 weighted cell of their map. Writes outs[name]/<action>/<video>.npy, float (T, 15, 2) of (x, y) in
-    0-based original pixels, -1 where a map is empty; returns ({name: [keypoints in grid cells per video]},
-    number of frames)."""
+    """JHMDB (CropMAE src/test.py on src/data/jhmdb.py): frame 0's joints as maps (data.jhmdb_labels), propagated,
+    read out by keypoints_from_maps. Writes outs[name]/<action>/<video>.npy, (T, 15, 2) (x, y) in 0-based original
+    pixels (-1: empty map); returns ({name: [keypoints in grid cells per video]}, number of frames)."""
     preds, n_frames = {name: [] for name in heads}, 0
     for video, frames, pos in plan:
         H0, W0 = image_size(frames[0])
@@ -727,10 +614,11 @@ def track(plan, embed, heads, outs, params, patch, device, batch_size=8, overlay
     return preds, n_frames
 
 
-def score_jhmdb(plan, preds, grid, where, verbose=True):
-    """PCK (pck()) of the grid keypoints `preds` against the plan's ground truth, printed per joint under `where`
-    (the results folder)."""
-    m = pck(preds, [pos for _, _, pos in plan], [image_size(frames[0])[::-1] for _, frames, _ in plan], grid=grid)
+def score_jhmdb(plan, preds, params, patch, where, verbose=True):
+    """pck() of the grid keypoints `preds` against the plan's ground truth, printed under `where` (results folder)."""
+    th, tw = grid_size(*params["size"], params, patch, "JHMDB")  # a fixed size: 320x320
+    m = pck(preds, [pos for _, _, pos in plan], [image_size(frames[0])[::-1] for _, frames, _ in plan],
+            grid=(th // patch, tw // patch))
     if verbose:
         print(f"{where}: JHMDB " + ", ".join(f"PCK@{a:g} {m[f'PCK@{a:g}']:.4f}" for a in PCK_ALPHAS))
         print("  per joint PCK@0.1: " + " ".join(f"{JHMDB_JOINTS[j]} {v:.3f}"
@@ -738,18 +626,15 @@ def score_jhmdb(plan, preds, grid, where, verbose=True):
     return m
 
 
-def blend(frame, ids):
-    """The image with each label's palette colour laid over it at 50%, background untouched."""
+def blend(frame, ids, key=False):
+    """The image with each label's palette colour laid over it at 50%, background untouched; key (VIP): one swatch
+    and name per part class present, in a strip under the picture."""
     img = np.asarray(load_rgb(frame), dtype=np.float32)
-    out = np.where(ids[..., None] > 0, 0.5 * img + 0.5 * PALETTE[ids], img)
-    return out.round().astype(np.uint8)
-
-
-def legend(pic, ids):
-    """A VIP overlay with a key: one swatch and name per part class present, in a strip under the picture."""
+    pic = np.where(ids[..., None] > 0, 0.5 * img + 0.5 * PALETTE[ids], img).round().astype(np.uint8)
+    if not key:
+        return pic
     present = [int(i) for i in np.unique(ids) if 0 < i < len(VIP_CLASSES)]
-    rows = max(1, len(present))
-    out = Image.new("RGB", (pic.shape[1], pic.shape[0] + 12 * rows + 4), (255, 255, 255))
+    out = Image.new("RGB", (pic.shape[1], pic.shape[0] + 12 * max(1, len(present)) + 4), (255, 255, 255))
     out.paste(Image.fromarray(pic))
     draw = ImageDraw.Draw(out)
     for r, i in enumerate(present):
@@ -781,19 +666,12 @@ def checked(fn, what, stride=None):
 
 def run(features, stride, tasks, out_dir, heads=None, protocol="paper", device=None, batch_size=8, overlay=False,
         verbose=True, vip_size=None, jhmdb_split=1, jhmdb_order=None, **overrides):
-    """Propagate with any encoder on each task and score it: {name: {task: metrics or None, "data": {task: what
-    it was computed on (data.describe) and the settings}}}, also each head's summary.json.
-
-    features: normalised frames [B, 3, H, W] on `device` (H, W multiples of `stride`) -> float features
-    [B, H / stride, W / stride, D] on the same device. heads: {name: None (the features as they are) or a function
-    of them}, all fed by one forward; default {"model": None}. tasks: {"davis": DAVIS-2017 folder, "vip": VIP_Fine
-    folder or list file, "jhmdb": JHMDB folder (split `jhmdb_split`'s test videos) or list file (data.read_jhmdb)};
-    {"davis": None} runs on a synthetic DAVIS set in a temporary folder. `protocol` is DAVIS's (VIP and JHMDB
-    always run CropMAE's pipeline); overrides (topk, context, radius, temperature, size, mean, std) apply to every
-    task. Outputs go to out_dir, with a <name>/ level when there are several heads and a <task>/ level when there
-    are several tasks.
-    DAVIS metrics are None when the set has only first-frame annotations (test-dev): masks written, not scored.
-    device: default CUDA when there is one."""
+    """Propagate with any feature function (normalised frames [B, 3, H, W] -> [B, H / stride, W / stride, D], README
+    "Any encoder") and heads on it ({name: None or a function of the features}, one forward for all) on each task
+    ({"davis": DAVIS-2017 folder or None for a synthetic one, "vip", "jhmdb": folder or list file}); score and write
+    each head's summary.json under out_dir[/<name>][/<task>] when several. Returns {name: {task: metrics (None: DAVIS
+    with first-frame annotations only), "data": {task: data.describe and settings}}}. `protocol` is DAVIS's;
+    overrides (topk, context, radius, temperature, size, mean, std) apply to every task."""
     heads = {"model": None} if heads is None else heads
     if not callable(features) or not (isinstance(stride, int) and stride > 0):
         raise BadInput(f"run() needs a callable feature function and a positive whole stride, got "
@@ -835,9 +713,7 @@ def run(features, stride, tasks, out_dir, heads=None, protocol="paper", device=N
             print(f"{task}: {n} frames in {dt:.1f} s: {n / dt:.2f} frames/s ({len(heads)} head(s) per forward)")
         for name in heads:
             if task == "jhmdb":
-                size = grid_size(*params[task]["size"], params[task], stride, "JHMDB")  # fixed: 320x320
-                results[name][task] = score_jhmdb(plan, preds[name], (size[0] // stride, size[1] // stride),
-                                                  outs[name], verbose)
+                results[name][task] = score_jhmdb(plan, preds[name], params[task], stride, outs[name], verbose)
             elif task == "vip":
                 results[name][task] = score_vip(plan, outs[name], verbose)
             elif any(len(anns) < len(frames) for _, frames, anns, _ in plan):  # e.g. test-dev: first frames only
@@ -853,12 +729,9 @@ def run(features, stride, tasks, out_dir, heads=None, protocol="paper", device=N
     return results
 
 
-
-
 def compare(encoder, projection, tasks, out_dir, protocol="paper", **overrides):
-    """Baseline and + Co-Settle on the same frames (one encoder forward feeds both): {'baseline': {task:
-    metrics}, 'cosettle': {...}, 'difference': {task: cosettle - baseline}}, also written to out_dir/summary.json.
-    tasks: as run()'s, or a DAVIS folder (None: synthetic)."""
+    """Baseline and + Co-Settle from one encoder forward: {'baseline': {task: metrics}, 'cosettle': {...}, 'difference':
+    {task: cosettle - baseline}}, also out_dir/summary.json. tasks: run()'s, or a DAVIS folder (None: synthetic)."""
     tasks = tasks if isinstance(tasks, dict) else {"davis": tasks}
     overrides["device"] = overrides.get("device") or next(encoder.parameters()).device
     m = run(encoder_embed(encoder), encoder.patch_size, tasks, out_dir, {"baseline": None, "cosettle": projection},
@@ -867,11 +740,10 @@ def compare(encoder, projection, tasks, out_dir, protocol="paper", **overrides):
     write_json(Path(out_dir) / "summary.json", m)
     if overrides.get("verbose", True):
         print("frozen -> + Co-Settle, measured and as published (the paper's Table 1)")
-        for task in tasks:
-            if m["baseline"][task] is not None:
-                key = HEADLINE[task][1]
-                print(paper_row(encoder.family, task, (m["baseline"][task][key], m["cosettle"][task][key]),
-                                unlike(m["baseline"]["data"][task])))
+        for task in (t for t in tasks if m["baseline"][t] is not None):
+            key = HEADLINE[task][1]
+            print(paper_row(encoder.family, task, (m["baseline"][task][key], m["cosettle"][task][key]),
+                            unlike(m["baseline"]["data"][task])))
     return m
 
 
@@ -883,10 +755,9 @@ def unlike(d):
 
 
 def table_1(root, tasks, out_dir, protocol="paper", native_stats=False, device=None, **overrides):
-    """The paper's Table 1 from a folder of the authors' files as downloaded: each <family>+ours/checkpoint*.pth
-    under `root` (one '+ Ours' file holds the frozen encoder and its adapter: the base files are not needed) is
-    run frozen and + Co-Settle on `tasks` into out_dir/<family> by compare(), unless its summary.json is there
-    already. Prints the table, measured beside published, in markdown; writes out_dir/table.json."""
+    """The paper's Table 1 from the authors' files as downloaded: each <family>+ours/checkpoint*.pth under `root`
+    (frozen encoder and adapter in one file) is compare()d on `tasks` into out_dir/<family>, unless its summary.json
+    is there already. Prints the table, measured beside published, in markdown; writes out_dir/table.json."""
     found = {}
     for folder in sorted(p for p in Path(root).rglob("*+ours") if p.is_dir()):
         family, files = folder.name[:-len("+ours")], sorted(folder.glob("checkpoint*.pth"))
@@ -1060,21 +931,14 @@ def peak_memory(device, fn):
 
 
 def bench(encoder, device, n_frames=10):
-    """Seconds per frame of each pipeline, the encoder forward and the propagation apart, on the same in-memory
-    frames: the propagation is timed at its steady state (a full context: for CRW frames 21.. of a 25-frame
-    sequence whose features repeat the n encoded frames); wall clock, and CPU seconds, which do not move when other
-    processes load the machine. First, the peak memory of the paper propagation over 25 and then 75 more frames at
-    854x480, each frame's output dropped as it comes. (`python test_cosettle.py --bench-dino` times DINO's own
-    per-frame loop against ours.)"""
+    """The peak memory of the paper propagation over 25, then 75 more frames at 854x480; then seconds per frame of
+    each pipeline, the encoder and the propagation (at its steady state: a full context) apart, wall clock and CPU.
+    (`python test_cosettle.py --bench-dino` times DINO's own per-frame loop against ours.)"""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     embed, patch, a = encoder_embed(encoder), encoder.patch_size, encoder.arch
     print(f"bench: {n_frames} synthetic frames, {encoder.family} ViT width {a['embed_dim']} patch {patch}, {name}, "
           f"torch {torch.__version__}")
-
-    def timed(fn, frames):  # once, cold (a propagation has state): -> (out, (wall, cpu) per frame)
-        wall, cpu, out = timeit(fn, warmup=0, iters=1, device=device.type)
-        return out, (wall / frames, cpu / frames)
 
     with torch.no_grad():
         h, w = 480 // patch, 880 // patch
@@ -1092,7 +956,6 @@ def bench(encoder, device, n_frames=10):
               + (" (bounded in the length)" if bounded else ""))
         setups = [("DAVIS dino", PROTOCOLS["dino"], (480, 854), 3), ("DAVIS paper", PROTOCOLS["paper"], (480, 854), 3),
                   ("VIP", VIP, (720, 1280), 8), ("JHMDB", JHMDB, (240, 320), 16)]
-        results = {}
         for task, params, (H, W), K in setups:
             th, tw = grid_size(H, W, params, patch, "bench")
             video, masks = synthetic_video(0, n_frames, th, tw, n_objects=2)
@@ -1100,7 +963,10 @@ def bench(encoder, device, n_frames=10):
                                        params["std"]) for f in video]).to(device)
             labels0 = F.one_hot(torch.from_numpy(masks[0][::patch, ::patch]).long() % K, K).permute(2, 0, 1).float()
             embed(x[:2])  # warm-up
-            feats, enc = timed(lambda: torch.cat([embed(x[i:i + 8]) for i in range(0, len(x), 8)]), n_frames)
+            # each timed once, cold (a propagation has state): (wall, cpu) seconds a frame
+            *enc, feats = timeit(lambda: torch.cat([embed(x[i:i + 8]) for i in range(0, len(x), 8)]), warmup=0,
+                                 iters=1, device=device.type)
+            enc = [s / n_frames for s in enc]
             warm = params["context"] + 1
             prop = CORES[params["algorithm"]](feats[0], labels0.to(device), params)
             for t in range(1, warm):
@@ -1109,16 +975,11 @@ def bench(encoder, device, n_frames=10):
             def steady():
                 soft = torch.stack([prop(feats[t % n_frames]) for t in range(warm, warm + 4)])
                 return read_out(soft, params, patch, (th, tw)).cpu()
-            _, core_t = timed(steady, 4)
+            core_t = [s / 4 for s in timeit(steady, warmup=0, iters=1, device=device.type)[:2]]
             adds = [100 * c / e for e, c in zip(enc, core_t)]
             print(f"  {task:12s} {tw}x{th}: {1 / (enc[0] + core_t[0]):6.2f} frames/s; encoder {enc[0]:6.3f} s/frame, "
                   f"propagation + read-out {core_t[0]:6.3f} s/frame: it adds {adds[0]:.0f}% to the encoder's wall "
                   f"time ({adds[1]:.0f}% of its CPU time)")
-            results[task] = dict(encoder=enc[0], propagation=core_t[0])
-    return results
-
-
-# -----------------------------------------------------------------------------
 
 
 def size_arg(text):
@@ -1132,16 +993,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", help="encoder checkpoint (default: a seeded random ViT-S/16)")
     parser.add_argument("--family", choices=FAMILIES, help="force the checkpoint family instead of detecting it")
-    parser.add_argument("--native-stats", action="store_true",
-                        help="normalise with the family's own mean/std (CLIP, BLIP) instead of ImageNet's")
-    parser.add_argument("--ckpt", help="train.py checkpoint with the trained projection, or an official "
-                        "'+ Ours' checkpoint (its adapter)")
+    parser.add_argument("--native-stats", action="store_true", help="normalise with the family's mean/std (CLIP, BLIP)")
+    parser.add_argument("--ckpt", help="the trained projection: a train.py checkpoint, or an official '+ Ours' one")
     parser.add_argument("--davis", help="DAVIS-2017 folder (with no task given: a synthetic one, temporary)")
     parser.add_argument("--vip", help="VIP_Fine folder, or a list file of '<images dir> <labels dir>' lines")
     parser.add_argument("--jhmdb", help="JHMDB folder (Rename_Images, joint_positions, splits), or a list file of "
                         "'<mat> <frames dir>' lines (CropMAE's order; CRW's reverse order is detected)")
-    parser.add_argument("--jhmdb-split", type=int, choices=(1, 2, 3), help="the test split of a JHMDB folder "
-                        "(default 1)")
+    parser.add_argument("--jhmdb-split", type=int, choices=(1, 2, 3), help="a JHMDB folder's test split (default 1)")
     parser.add_argument("--vip-size", type=size_arg, help="HxW for VIP instead of CropMAE's long side 880 rule "
                         "(the paper's text says 480x880)")
     parser.add_argument("--out", default="results", help="where the results and summary.json go")
@@ -1164,26 +1022,23 @@ def main(argv=None):
     parser.add_argument("--bench", action="store_true", help="frames/s of each pipeline, the encoder's s/frame and "
                         "what the propagation adds to it, peak memory (--weights, or a random ViT-S/16)")
     args = parser.parse_args(argv)
-    if args.masks:
-        refuse_unused(parser, args, "--masks", {"masks", "davis", "vip"})
-    elif args.tradeoff:
-        refuse_unused(parser, args, "--tradeoff", {"tradeoff", "videos", "weights", "family", "native_stats", "ckpt",
-                                                   "batch_size"})
-    elif args.bench:
-        refuse_unused(parser, args, "--bench", {"bench", "weights", "family"})
+    given = {t: getattr(args, t) for t in ("davis", "vip", "jhmdb") if getattr(args, t)}
+    reads = {"masks": {"davis", "vip"}, "bench": {"weights", "family"},  # what each mode reads besides its flag
+             "tradeoff": {"videos", "weights", "family", "native_stats", "ckpt", "batch_size"}}
+    mode = next((m for m in reads if getattr(args, m)), None)
+    if mode:
+        refuse_unused(parser, args, f"--{mode}", reads[mode] | {mode})
     else:
-        tasks_given = {t for t in ("davis", "vip", "jhmdb") if getattr(args, t)}
-        mode = "--table" if args.table else f"evaluating {', '.join(sorted(tasks_given)) or 'DAVIS'}"
-        refuse_unused(parser, args, mode, set(vars(args)) - {"videos"}
+        refuse_unused(parser, args, "--table" if args.table else f"evaluating {', '.join(sorted(given)) or 'DAVIS'}",
+                      set(vars(args)) - {"videos"}
                       - ({"weights", "family", "ckpt", "compare"} if args.table else set())
-                      - ({"protocol"} if tasks_given and "davis" not in tasks_given else set())  # DAVIS's protocol
+                      - ({"protocol"} if given and "davis" not in given else set())  # DAVIS's protocol
                       - ({"vip_size"} if not args.vip else set())
                       - ({"jhmdb_split"} if not args.jhmdb or Path(args.jhmdb).is_file() else set()))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, tasks = torch.device("cuda" if torch.cuda.is_available() else "cpu"), given or {"davis": None}
     try:
-        tasks = {t: getattr(args, t) for t in ("davis", "vip", "jhmdb") if getattr(args, t)} or {"davis": None}
         if args.masks:
-            if tasks == {"davis": None} or len(tasks) > 1 or args.jhmdb:
+            if len(given) != 1 or args.jhmdb:
                 raise BadInput("--masks needs one of --davis or --vip (the ground truth to score against)")
             task, plan = ("vip", read_vip(args.vip)) if args.vip else ("davis", read_davis(args.davis))
             m = score_vip(plan, args.masks) if args.vip else score(args.davis, args.masks, device)[0]
@@ -1194,10 +1049,10 @@ def main(argv=None):
         if not (args.tradeoff or args.bench):
             check_out_dir(args.out)  # before the encoder loads, not after its first batch
         kw = dict(device=device, batch_size=args.batch_size, overlay=args.overlay, vip_size=args.vip_size,
-                  jhmdb_split=args.jhmdb_split or 1, topk=args.topk,
-                  context=args.context, radius=args.radius, temperature=args.temperature)
+                  jhmdb_split=args.jhmdb_split or 1, topk=args.topk, context=args.context, radius=args.radius,
+                  temperature=args.temperature)
         if args.table:
-            if tasks == {"davis": None}:
+            if not given:
                 raise BadInput("--table needs the sets to evaluate on: --davis, --vip and/or --jhmdb")
             table_1(args.table, tasks, args.out, args.protocol, args.native_stats, **kw)
             return 0
