@@ -337,9 +337,8 @@ FAMILIES = {  # name: (backbone prefix kept and stripped, key renames, architect
     "mae": ("", [], {}, IMAGENET_STATS),
     # Co-Settle trains on the momentum encoder (upstream's DeiT conversion takes base_encoder); we follow the code.
     "mocov3": ("momentum_encoder.", [], {}, IMAGENET_STATS),
-    # No CLS token: the positional table has no CLS row. The official code skips the final norm on z1 and z2 (and
-    # in its metric script) but applies it on the PEA stream; we apply it on all three, as I-JEPA's own forward
-    # does, so I-JEPA numbers may differ from the paper's.
+    # No CLS token. The official code skips the final norm on z1, z2 (and in its metric script), not on the PEA
+    # stream; we apply it on all three, as I-JEPA's own forward does, so I-JEPA numbers may differ from the paper's.
     "ijepa": ("", [], dict(cls_token=False), IMAGENET_STATS),
     "dinov2": ("", [], {}, IMAGENET_STATS),
     "clip": ("visual.", CLIP_RENAMES, dict(eps=1e-5, act="quick_gelu", ln_pre=True, patch_bias=False), CLIP_STATS),

@@ -1,13 +1,9 @@
-"""Data for Co-Settle: video folders, the frame-pair sampler, the shared crop/flip, synthetic data sets.
-
-Training pairs: two frames `int(0.15·n)` apart in a video of n frames, one random-resized crop and flip for both,
-as uint8 (the training step normalises them on the device). Where the official code (github.com/yafeng19/Co-Settle,
-util/video_datasets.py, util/video/*.py) and the paper differ we follow the code, and say so where it happens.
-Also: synthetic videos with object masks (demo, no-data evaluation), a DAVIS-2017 writer, the DAVIS, VIP and JHMDB
-readers (with a MATLAB v5 reader), result writers, and a CLI:
+"""Data for Co-Settle. Training pairs: two frames `int(0.15·n)` apart in a video of n frames, one random-resized crop
+and flip for both, resized on the device; where the official code (github.com/yafeng19/Co-Settle, util/video*) and
+the paper differ we follow the code. Also: synthetic videos with object masks, a DAVIS-2017 writer, the DAVIS, VIP
+and JHMDB readers (with a MATLAB v5 reader), result writers, and a CLI (VIP/JHMDB sets: test_cosettle.py --make-*):
     python data.py --make-davis DIR [--seqs N --frames N --height H --width W --seed S]
     python data.py --make-videos DIR [--videos N --frames N --height H --width W --seed S]
-(Synthetic VIP and JHMDB sets: `python test_cosettle.py --make-vip DIR` / `--make-jhmdb DIR`.)
 """
 
 import argparse
@@ -69,15 +65,6 @@ def list_frames(folder):
     return [Path(folder) / name for name in frame_names(folder)]
 
 
-def count_frames(folder):
-    """Number of frame files in `folder`; 0 when it is missing or unreadable (a listed folder that vanished)."""
-    try:
-        with os.scandir(folder) as entries:
-            return sum(1 for e in entries if is_frame(e.name))
-    except OSError:
-        return 0
-
-
 def find_videos(path):
     """Sorted training video folders: every folder under the directory `path` holding frames (Kinetics class/video/
     or flat video/), or those listed one a line in a .txt (relative to its folder, not the working directory as in
@@ -103,7 +90,7 @@ def find_videos(path):
         except (OSError, UnicodeDecodeError) as e:
             raise BadInput(f"{path}: cannot read the list of video folders ({e}).") from e
         folders = [path.parent / s for s in (line.strip() for line in lines) if s and not s.startswith('#')]
-        found = [(folder, count_frames(folder)) for folder in folders]
+        found = [(folder, len(frame_names(folder)) if folder.is_dir() else 0) for folder in folders]
     else:
         raise BadInput(f"{path}: expected a folder of video folders or a .txt list of them.")
     if not found:
@@ -163,16 +150,10 @@ def load_rgb(path, draft_size=None):
         raise BadInput(f"{path}: cannot decode the image ({e}).") from e
 
 
-def to_tensor(img):
-    """RGB PIL image (or uint8 H×W×3 array) -> uint8 tensor [3, H, W]."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
-
-
 def bicubic_weights(n, lo, hi, out):
-    """Pillow's BICUBIC resize of the span [lo, hi) of an n-pixel axis to `out` pixels, as src/libImaging/Resample.c
-    precompute_coeffs and normalize_coeffs_8bpc compute it (float32 box edges, filter widened by the downscale, rows
-    normalised, 22-bit fixed point) -> (first source pixel used, m source pixels used, each output's first tap
-    [out] counted from there, tap weights [out, K]): a banded [out, m] matrix, a few kB instead of ~300."""
+    """Pillow's BICUBIC resize of [lo, hi) on an n-pixel axis to `out` pixels as src/libImaging/Resample.c computes it
+    (float32 box, filter widened by the downscale, rows normalised, 22-bit fixed point) -> (first source pixel, m
+    pixels used, each output's first tap from there [out], tap weights [out, K]): a banded [out, m] matrix."""
     lo, hi = np.float32(lo), np.float32(hi)
     scale = float(hi - lo) / out
     stretch = max(scale, 1.0)
@@ -196,9 +177,8 @@ def banded(first, taps, m):
 
 
 def resample(pixels, wy, wx):
-    """uint8 pixels [B, 3, h, w] and banded weights wy = (first [B, S], taps [B, S, K]) and wx likewise ->
-    float32 [B, 3, S, S] in 0..255, where they are: Pillow's two passes, each rounded to 8 bits as Pillow does, so
-    Image.resize(BICUBIC, box) but for float32 rounding, ~1 pixel in 70,000 off by one level (keep TF32 off)."""
+    """uint8 [B, 3, h, w], banded wy = (first [B, S], taps [B, S, K]), wx alike -> float32 [B, 3, S, S] in 0..255:
+    Pillow's two passes, each rounded to 8 bits; float32 moves ~1 pixel in 70,000 by a level (keep TF32 off)."""
     B, _, h, w = pixels.shape
     wy, wx = banded(*wy, h), banded(*wx, w)
     S = wx.shape[1]
@@ -266,10 +246,9 @@ class FramePairs(torch.utils.data.Dataset):
         return i, j, box, rng.random() < 0.5  # the flip
 
     def crop(self, img, box, flip, weights):
-        """The relative window at the frame's own resolution and the banded Pillow-bicubic weights that resize it
-        to size×size, the flip folded into wx: -> (uint8 [3, h, w], wy, wx). The official code resamples twice
-        (frame, then crop, to 224×224); one resample shows the same window without that loss. `weights` keeps
-        them by frame size: both frames of a clip share them."""
+        """-> (uint8 window [3, h, w] at the frame's resolution, wy, wx: the weights that resize it to size×size, flip
+        in wx, kept in `weights` by frame size for the clip's other frame). The official code resamples twice (frame,
+        then crop, to 224×224); one resample shows the same window without that loss."""
         W, H = img.size
         left, top, w, h = box
         if img.size not in weights:
@@ -277,7 +256,8 @@ class FramePairs(torch.utils.data.Dataset):
             weights[img.size] = bicubic_weights(H, top * H, (top + h) * H, self.size), \
                 wx[:2] + ((wx[2].flip(0), wx[3].flip(0)) if flip else wx[2:])
         (y0, n, *wy), (x0, m, *wx) = weights[img.size]
-        return to_tensor(img.crop((x0, y0, x0 + m, y0 + n))), tuple(wy), tuple(wx)
+        pixels = np.asarray(img.crop((x0, y0, x0 + m, y0 + n))).transpose(2, 0, 1)
+        return torch.from_numpy(pixels.copy()), tuple(wy), tuple(wx)
 
     def load(self, idx):
         names = frame_names(self.videos[idx])  # a Path per frame of a 300-frame video would cost ~1 ms a clip

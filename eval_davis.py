@@ -33,10 +33,9 @@ from data import (VIP_CLASSES, atomic, check_out_dir, davis_palette, describe, f
                   list_frames, load_rgb, make_davis, read_davis, read_ids, read_jhmdb, read_vip, save_npy,
                   synthetic_video, write_csv, write_json)
 
-# Two protocols for DAVIS (the README details both). paper, behind Table 1: CRWPropagation, CropMAE's label
-# propagation (alexandre-eymael/CropMAE downstreams/propagation, its util.py defaults) as the authors' T-CoRe runs it
-# (yafeng19/T-CORE scripts/eval.sh). dino: Propagation, facebookresearch/dino eval_video_segmentation.py exactly.
-# Sizes: a (height, width) pair is fixed; one number is a rule (target_size).
+# DAVIS's two protocols (README). paper, behind Table 1: CRWPropagation, alexandre-eymael/CropMAE downstreams/
+# propagation (util.py defaults) as the authors' T-CoRe runs it (yafeng19/T-CORE scripts/eval.sh). dino: Propagation,
+# facebookresearch/dino eval_video_segmentation.py exactly. Sizes: (height, width) is fixed; one number is a rule.
 PROTOCOLS = {"paper": dict(algorithm="crw", size=(480, 880), mean=IMAGENET_MEAN, std=IMAGENET_STD, topk=7, context=20,
                            radius=20, temperature=0.7),
              "dino": dict(algorithm="dino", size=480, mean=IMAGENET_MEAN, std=(0.228, 0.224, 0.225), topk=5,
@@ -108,8 +107,7 @@ def write_png(path, ids, mode="P"):
 
 
 # -----------------------------------------------------------------------------
-# The metrics: VIP's, HCPLab-SYSU/ATEN evaluate/test_parsing.py (CropMAE src/eval/eval_vip.py), with numpy;
-# DAVIS's, davis2017-evaluation (semi-supervised), with torch
+# The metrics: VIP's, HCPLab-SYSU/ATEN evaluate/test_parsing.py; DAVIS's, davis2017-evaluation (semi-supervised)
 
 
 def score_vip(plan, results, verbose=True):
@@ -264,10 +262,8 @@ def score(davis, results, device="cpu", verbose=True):
 
 
 # -----------------------------------------------------------------------------
-# JHMDB (alexandre-eymael/CropMAE downstreams/propagation/src/): keypoints (x, y) as heatmaps [C, h, w] with channel
-# 0 the background (data.jhmdb_labels), PCK.
-# parent of each joint in CropMAE utils/test_utils.py vis_pose: face, shoulders -> neck; neck <-> belly; hips ->
-# belly; elbows -> shoulders; wrists -> elbows; knees -> hips; ankles -> knees
+# JHMDB (alexandre-eymael/CropMAE downstreams/propagation/src/): keypoints (x, y) as heatmaps [C, h, w], channel 0
+# the background (data.jhmdb_labels), PCK. Each joint's parent, as utils/test_utils.py vis_pose draws the skeleton:
 JHMDB_PARENTS = (1, 0, 0, 0, 0, 1, 1, 3, 4, 5, 6, 7, 8, 9, 10)
 JHMDB_COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
                  (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255),
@@ -1000,8 +996,7 @@ def main(argv=None):
     parser.add_argument("--jhmdb", help="JHMDB folder (Rename_Images, joint_positions, splits), or a list file of "
                         "'<mat> <frames dir>' lines (CropMAE's order; CRW's reverse order is detected)")
     parser.add_argument("--jhmdb-split", type=int, choices=(1, 2, 3), help="a JHMDB folder's test split (default 1)")
-    parser.add_argument("--vip-size", type=size_arg, help="HxW for VIP instead of CropMAE's long side 880 rule "
-                        "(the paper's text says 480x880)")
+    parser.add_argument("--vip-size", type=size_arg, help="VIP's HxW (default: CropMAE's long side 880 rule)")
     parser.add_argument("--out", default="results", help="where the results and summary.json go")
     parser.add_argument("--masks", help="score this results folder of --davis or --vip only (no propagation)")
     parser.add_argument("--protocol", default="paper", choices=list(PROTOCOLS), help="DAVIS's protocol")
@@ -1010,17 +1005,15 @@ def main(argv=None):
     parser.add_argument("--radius", type=at_least(0), help="in patches: the square window's half-size (dino; 0: "
                         "no window) or the Euclidean reach of the short-term slots (paper, VIP, JHMDB; 0: none)")
     parser.add_argument("--temperature", type=positive(float))
-    parser.add_argument("--compare", action="store_true", help="baseline and + Co-Settle in one run (needs --ckpt, "
-                        "or --weights an official '+ Ours' checkpoint)")
+    parser.add_argument("--compare", action="store_true", help="frozen and + Co-Settle (--ckpt, or a '+ Ours' file)")
     parser.add_argument("--overlay", action="store_true", help="also write a few blended frames per sequence")
     parser.add_argument("--batch-size", type=positive(), default=8, help="frames per encoder forward")
     parser.add_argument("--tradeoff", action="store_true", help="label-free trade-off metrics on --videos")
-    parser.add_argument("--videos", help="for --tradeoff: a list of frame folders, one a line (cal_metric.py's "
-                        "--sample_csv_path), or a folder of frame folders")
+    parser.add_argument("--videos", help="--tradeoff's list of frame folders (a .csv/.txt) or folder of them")
     parser.add_argument("--table", metavar="DIR", help="the paper's Table 1: every <family>+ours/checkpoint*.pth "
                         "under DIR (the authors' files as downloaded), frozen and + Co-Settle, on the tasks given")
-    parser.add_argument("--bench", action="store_true", help="frames/s of each pipeline, the encoder's s/frame and "
-                        "what the propagation adds to it, peak memory (--weights, or a random ViT-S/16)")
+    parser.add_argument("--bench", action="store_true", help="frames/s of each pipeline, what propagation adds to "
+                        "the encoder, peak memory")
     args = parser.parse_args(argv)
     given = {t: getattr(args, t) for t in ("davis", "vip", "jhmdb") if getattr(args, t)}
     reads = {"masks": {"davis", "vip"}, "bench": {"weights", "family"},  # what each mode reads besides its flag

@@ -6,9 +6,8 @@
     python train.py --bench [--weights W.pth] [--batch-size 8]              # training clips/s and TFLOP/s
     python train.py --bench-data [--videos DIR] [--workers N]               # loader clips/s
 
-The defaults are the official recipe, the flags yafeng19/Co-Settle scripts/train.sh passes to main_pretrain.py
-(--epochs 5 --warmup_epochs 1 --batch_size 128 per process --blr 1e-4 --weight_decay 0.05; lr = blr * global_batch
-/ 256); main_pretrain.py itself fixes AdamW (0.9, 0.95), the decay on the linear weight only and the schedule.
+Defaults: yafeng19/Co-Settle scripts/train.sh's flags (--epochs 5 --warmup_epochs 1 --batch_size 128 a process
+--blr 1e-4 --weight_decay 0.05; lr = blr * global batch / 256); main_pretrain.py fixes AdamW (0.9, 0.95), schedule.
 """
 import argparse
 import contextlib
@@ -361,10 +360,8 @@ def epoch_loader(data, epoch, skip, steps_per_epoch, args, rank, world, device):
 def demo(args):
     """No --weights and no --videos: synthetic videos, a seeded random ViT-S/16, a short run, before vs after."""
     print(f"No --weights and no --videos: embedded demo (--blr {args.blr:g}, not the official 1e-4: its few steps "
-          f"would barely move the projection). It writes synthetic videos (data.py) under {args.out}, trains the "
-          f"projection on a randomly initialised ViT-S/16 (seed {args.seed}), NOT on pretrained weights, and reports "
-          "cycle accuracy and DAVIS-style J&F on synthetic sequences before and after. Expect small numbers: the "
-          "point is the mechanics.")
+          f"would barely move the projection) on synthetic videos under {args.out} and a RANDOM ViT-S/16 (seed "
+          f"{args.seed}, not pretrained): cycle accuracy and J&F before and after show the mechanics only.")
     check_out_dir(args.out)
     args.videos = os.path.join(args.out, "synthetic_videos")
     write_synthetic_videos(args.videos, n_videos=64, n_frames=16, seed=args.seed)
