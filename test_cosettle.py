@@ -32,6 +32,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import warnings
 import zlib
 from collections import OrderedDict
@@ -335,11 +336,31 @@ def test_normalise_batch_numbers():
     assert np.allclose(clip_white, (1 - np.array(CLIP_STATS[0])) / CLIP_STATS[1], atol=1e-5)
 
 
+def normalising_loader(ds, idx):
+    """The loader before the crop-resize moved to the device, the reference: item idx of FramePairs `ds` drawn as ds
+    draws it, each frame JPEG-drafted, PIL bicubic box-resized, flipped and normalised in float32 numpy in the
+    worker -> (the two frames [3, size, size], their DCT draft scales)."""
+    folder, S = ds.videos[idx], ds.size
+    names = data.frame_names(folder)
+    i, j, (left, top, w, h), flip = ds.draw(idx, len(names))
+    frames, scales = [], []
+    for t in (i, j):
+        with Image.open(folder / names[t]) as img:
+            width = img.width
+            img.draft('RGB', (math.ceil(S / w), math.ceil(S / h)))
+            img = img.convert('RGB')
+        x = img.resize((S, S), Image.BICUBIC, box=(left * img.width, top * img.height, (left + w) * img.width,
+                                                   (top + h) * img.height))
+        x = np.asarray(x.transpose(Image.FLIP_LEFT_RIGHT) if flip else x, dtype=np.float32)
+        frames.append(((x / 255.0 - MEAN.astype(np.float32)) / STD.astype(np.float32)).transpose(2, 0, 1))
+        scales.append(width // img.width)
+    return frames, scales
+
+
 def test_frame_pairs_equal_the_normalising_loader_at_real_sizes(tmp_path):
     """FramePairs ships the crop window and its resize weights, and the step resamples and normalises, against the
-    loader that did it all in the worker (its path written out here: the same draws, draft, PIL bicubic box resize
-    and flip, then float32 numpy normalisation), on 340x256 JPEGs (Kinetics frames: never drafted) and 1280x720
-    ones (drafted), through collate_crops and model_input. float32 rounding may move a pixel by one level."""
+    loader that did it all in the worker (normalising_loader), on 340x256 JPEGs (Kinetics frames: never drafted)
+    and 1280x720 ones (drafted), through collate_crops and model_input. float32 rounding may move a pixel a level."""
     drafted, diffs = [], []
     big = write_video(tmp_path / "big", [noise_frame(9, 1000, 1000)] * 2, '.png')[0].parent  # its crops pad ours
     big = data.FramePairs([big], size=224, clip_gap=cosettle.CLIP_GAP)[0]
@@ -352,24 +373,17 @@ def test_frame_pairs_equal_the_normalising_loader_at_real_sizes(tmp_path):
             rng = random.Random(f"3-{epoch}-0")  # the draws, as the normalising loader made them
             i, j = data.sample_pair(8, cosettle.CLIP_GAP, rng)
             left, top, w, h = (v / 224 for v in data.random_resized_crop_box(224, 224, rng))
-            flip = rng.random() < 0.5
-            assert ds.draw(0, 8) == (i, j, (left, top, w, h), flip)
+            assert ds.draw(0, 8) == (i, j, (left, top, w, h), rng.random() < 0.5)
             batch = data.collate_crops([ds[0], big])
             assert batch[0][0].shape[-1] > ds[0][0][0].shape[-1]  # ds[0]'s crop was padded
-            for k, t in enumerate((i, j)):
+            refs, scales = normalising_loader(ds, 0)
+            for k, (ref, s) in enumerate(zip(refs, scales)):
                 x = data.model_input(batch[k], "cpu")
-                with Image.open(folder / f"{t:05d}.jpg") as img:
-                    img.draft('RGB', (math.ceil(224 / w), math.ceil(224 / h)))
-                    img = img.convert('RGB')
-                s = W // img.width  # the DCT scale: the smallest whose crop still covers 224 x 224
-                assert s == 1 or (w * img.width >= 224 and h * img.height >= 224)
+                # the DCT scale: the smallest whose crop still covers 224 x 224
+                assert s == 1 or (w * W / s >= 224 and h * H / s >= 224)
                 assert s == 8 or w * W / (2 * s) < 224 or h * H / (2 * s) < 224
                 drafted.append(s > 1)
-                ref = img.resize((224, 224), Image.BICUBIC, box=(left * img.width, top * img.height,
-                                                                 (left + w) * img.width, (top + h) * img.height))
-                ref = np.asarray(ref.transpose(Image.FLIP_LEFT_RIGHT) if flip else ref, dtype=np.float32)
-                ref = (ref / 255.0 - MEAN.astype(np.float32)) / STD.astype(np.float32)
-                diffs.append((x[0].numpy() - ref.transpose(2, 0, 1)) * STD[:, None, None] * 255)  # in levels
+                diffs.append((x[0].numpy() - ref) * STD[:, None, None] * 255)  # in levels
     assert not any(drafted[:16]) and any(drafted[16:])
     diffs = np.abs(np.stack(diffs))
     assert diffs.max() < 1 + 1e-3 and (diffs < 1e-3).mean() > 0.9999
@@ -3933,6 +3947,19 @@ def bench_loss(batch):
               f"(x{t[0] / t[1]:.1f})")
 
 
+def bench_loader(n=512):
+    """Clips/s in one process over 64 synthetic videos of 16 JPEG frames at 340x256: the loader before
+    (normalising_loader: resize and normalise in the worker) against FramePairs (decode only)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = data.FramePairs(data.write_synthetic_videos(tmp, 64, 16, 256, 340), 224, cosettle.CLIP_GAP)
+        rates = []
+        for name, item in (("before, resize + normalise in the worker", lambda k: normalising_loader(ds, k)),
+                           ("FramePairs, decode only", ds.__getitem__)):
+            rates.append(n / cosettle.timeit(lambda: [item(k % 64) for k in range(n)], warmup=1, iters=1)[0])
+            print(f"{name:42s} {rates[-1]:7.1f} clips/s ({1e3 / rates[-1]:.2f} ms a clip)")
+        print(f"x{rates[1] / rates[0]:.2f} a process")
+
+
 def bench_step(weights, batch):
     """A whole training step: train.py --bench's, then the official one (three separate fp32 forwards, SDPA's math
     backend, i.e. softmax(q k^T) v spelled out, the eager official loss) on the same encoder and clips."""
@@ -3981,6 +4008,7 @@ def cli(argv=None):
     what.add_argument("--bench-loss", action="store_true", help="the official eager loss vs ours fused")
     what.add_argument("--bench-step", action="store_true", help="the official training step vs ours")
     what.add_argument("--bench-dino", action="store_true", help="DINO's per-frame propagation loop vs ours")
+    what.add_argument("--bench-loader", action="store_true", help="the loader before vs FramePairs, one process")
     what.add_argument("--make-vip", metavar="DIR", help="write a synthetic VIP_Fine folder")
     what.add_argument("--make-jhmdb", metavar="DIR", help="write a synthetic JHMDB folder (320x240, .mat, splits)")
     p.add_argument("--weights", help="encoder checkpoint for --bench-step / --bench-dino (default a random ViT-S/16)")
@@ -3988,8 +4016,10 @@ def cli(argv=None):
     p.add_argument("--videos", type=cosettle.positive(), help="VIP videos (default 2), JHMDB videos per action (3)")
     p.add_argument("--frames", type=cosettle.positive(), help="frames per video (default 6 VIP, 12 JHMDB)")
     args = p.parse_args(argv)
-    mode = next(k for k in ("bench_loss", "bench_step", "bench_dino", "make_vip", "make_jhmdb") if getattr(args, k))
+    mode = next(k for k in ("bench_loss", "bench_step", "bench_dino", "bench_loader", "make_vip", "make_jhmdb")
+                if getattr(args, k))
     used = {"bench_loss": {"batch_size"}, "bench_step": {"weights", "batch_size"}, "bench_dino": {"weights"},
+            "bench_loader": set(),
             "make_vip": {"videos", "frames"}, "make_jhmdb": {"videos", "frames"}}[mode]
     cosettle.refuse_unused(p, args, "--" + mode.replace("_", "-"), used | {mode})
     sizes = {k: v for k, v in (("n_videos", args.videos), ("n_frames", args.frames)) if v is not None}
@@ -4000,6 +4030,8 @@ def cli(argv=None):
             bench_step(args.weights, args.batch_size or 8)
         elif mode == "bench_dino":
             bench_dino(args.weights)
+        elif mode == "bench_loader":
+            bench_loader()
         else:
             print(f"wrote {(make_vip if args.make_vip else make_jhmdb)(args.make_vip or args.make_jhmdb, **sizes)}")
     except BadInput as e:
