@@ -3845,8 +3845,9 @@ def test_official_ours_compare_prints_the_paper_row(official, tmp_path, capsys):
 
 def test_table_evaluates_every_family_found_and_prints_table_1(official, tmp_path, capsys, monkeypatch):
     """--table over the authors' files as downloaded (ckpts/ours/<family>+ours/..., base files beside them): seven
-    of the eight families, frozen and + Co-Settle each; the table beside the published one; a second run reads
-    the results back instead of rerunning, and the CLI refuses flags --table does not use."""
+    of the eight families, frozen and + Co-Settle each, the eighth named as not found; the table beside the
+    published one; a second run with all eight runs only the new one, and the CLI refuses flags --table does not
+    use."""
     root = tmp_path / "ckpts"
     for i, family in enumerate(f for f in ed.PUBLISHED if f != "blip"):
         folder = root / "ours" / f"{family}+ours"
@@ -3875,11 +3876,16 @@ def test_table_evaluates_every_family_found_and_prints_table_1(official, tmp_pat
     saved = json.loads((tmp_path / "out" / "table.json").read_text())
     assert saved["not_found"] == ["blip"] and saved["measured"]["dino"]["cosettle"]["davis"] == \
         cells["dino"]["cosettle"]["davis"]
-    monkeypatch.setattr(ed, "compare", lambda *a, **k: pytest.fail("a family with results was run again"))
+    (root / "ours" / "blip+ours").mkdir()  # the eighth family arrives: it alone runs, the seven are read back
+    shutil.copy(official("blip")[0], root / "ours" / "blip+ours" / "checkpoint-4.pth")
+    compare, ran = ed.compare, []
+    monkeypatch.setattr(ed, "compare", lambda enc, *a, **k: ran.append(enc.family) or compare(enc, *a, **k))
     assert ed.main(["--table", str(root), "--davis", str(davis), "--out", str(tmp_path / "out")]) == 0
-    again = capsys.readouterr().out
-    assert again.count("results already in") == 7 and json.loads((tmp_path / "out" / "table.json").read_text()) \
-        == saved
+    again, table = capsys.readouterr().out, json.loads((tmp_path / "out" / "table.json").read_text())
+    assert ran == ["blip"] and again.count("results already in") == 7 and "not found" not in again
+    assert table["not_found"] == [] and table["measured"]["blip"]["cosettle"]["davis"] is not None
+    assert {f: c for f, c in table["measured"].items() if f != "blip"} == \
+        {f: c for f, c in saved["measured"].items() if f != "blip"}
     with pytest.raises(SystemExit):
         ed.main(["--table", str(root), "--weights", "x.pth", "--davis", str(davis)])
     assert "--table does not use --weights" in capsys.readouterr().err

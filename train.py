@@ -423,7 +423,7 @@ def bench_data(args):
         data = FramePairs(videos, SIZE, CLIP_GAP)
         order = [k % len(data) for k in range(512)]
         print(f"loader: {len(order)} clips of {len(videos)} videos, two {SIZE}-px crops a clip")
-        rate = len(order) / timeit(lambda: [data[k] for k in order], warmup=0, iters=1)[0]
+        rate = len(order) / timeit(lambda: [data[k] for k in order], warmup=1, iters=1)[0]
         print(f"  1 process, no DataLoader   {rate:7.1f} clips/s  ({1e3 / rate:.2f} ms a clip)")
         loader = torch.utils.data.DataLoader(data, batch_size=128, sampler=order, num_workers=args.workers,
                                              collate_fn=collate_crops, pin_memory=torch.cuda.is_available())
