@@ -178,7 +178,7 @@ def banded(first, taps, m):
 
 def resample(pixels, wy, wx):
     """uint8 [B, 3, h, w], banded wy = (first [B, S], taps [B, S, K]), wx alike -> float32 [B, 3, S, S] in 0..255:
-    Pillow's two passes, each rounded to 8 bits; float32 moves ~1 pixel in 70,000 by a level (keep TF32 off)."""
+    Pillow's 8-bit passes, horizontal first (Pillow 13 begins some portrait crops vertically), in fp32 (TF32 off)."""
     B, _, h, w = pixels.shape
     wy, wx = banded(*wy, h), banded(*wx, w)
     S = wx.shape[1]
