@@ -204,7 +204,7 @@ def collate_crops(items):
 
 def model_input(crops, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """A collated batch (pixels, wy, wx) -> normalised float32 [B, 3, S, S] on the device: copied as uint8 pixels and
-    banded weights (pinned by the DataLoader on CUDA, so the copy is queued), then resampled there."""
+    banded weights (queued, not waited for, where the DataLoader pinned them), then resampled there."""
     pixels, wy, wx = crops
     to = lambda t: t.to(device, non_blocking=True)
     return normalise_batch(resample(to(pixels), tuple(map(to, wy)), tuple(map(to, wx))), mean, std)
